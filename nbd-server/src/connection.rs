@@ -1,0 +1,524 @@
+//! One client connection: the handshake's I/O, then the transmission phase.
+//!
+//! In transmission a reader loop parses requests and spawns one task per request; tasks run
+//! concurrently and hand their replies to a writer task, which sends whatever is ready in one
+//! vectored write. So replies leave in completion order, many requests are in flight, and a
+//! payload is never copied on its way out. A byte budget bounds the memory of requests in flight.
+
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, error, warn};
+
+use crate::backend::{BlockBackend, Extent, ZeroError, ZeroMode};
+use crate::handshake::{self, Agreement, Negotiation, Outcome};
+use crate::proto::*;
+use crate::reply::{self, Header, StatusExtent};
+use crate::request::{self, Command, Limits, RequestHeader};
+use crate::server::Export;
+
+/// Bytes of request and reply payloads one connection may hold at once.
+const IN_FLIGHT_BUDGET_BYTES: usize = 2 * MAX_PAYLOAD_BYTES as usize;
+/// Every request also costs this much of the budget, which bounds the request count.
+const REQUEST_COST_BYTES: usize = 4096;
+/// Reads at least this long, without DF, are answered with holes as OFFSET_HOLE chunks.
+const HOLE_SCAN_MIN_BYTES: u32 = 64 * 1024;
+/// At most this many extents per BLOCK_STATUS reply or per split read.
+const MAX_EXTENTS: usize = 1024;
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+
+/// A stream that splits into independently owned halves (no lock between reader and writer).
+pub trait SplitStream: Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn split(self) -> (Self::Read, Self::Write);
+}
+
+impl SplitStream for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn split(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl SplitStream for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn split(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+/// Serves one connection until the client disconnects, breaks the protocol, or `shutdown`
+/// turns true (then requests already read are finished and answered, and the socket closes).
+pub async fn serve<S: SplitStream, B: BlockBackend>(
+    stream: S,
+    exports: Arc<[Export<B>]>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let (read, mut write) = stream.split();
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
+    let infos: Vec<handshake::ExportInfo> = exports.iter().map(|e| e.info.clone()).collect();
+    let agreement = tokio::select! {
+        biased;
+        _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        agreed = negotiate(&mut reader, &mut write, &infos) => agreed?,
+    };
+    let Some(agreement) = agreement else {
+        return Ok(());
+    };
+    let export = &exports[agreement.export_index];
+    debug!(export = %export.info.name, structured = agreement.structured_replies, "transmission");
+    let limits = Limits {
+        size_bytes: export.info.size_bytes,
+        flags: agreement.flags,
+        structured_replies: agreement.structured_replies,
+        base_allocation: agreement.base_allocation,
+    };
+    transmit(reader, write, export.backend.clone(), limits, shutdown).await
+}
+
+/// Runs the option haggling; `None` when the client went away or aborted.
+async fn negotiate<R, W>(
+    reader: &mut R,
+    write: &mut W,
+    exports: &[handshake::ExportInfo],
+) -> io::Result<Option<Agreement>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    write.write_all(&handshake::greeting()).await?;
+    let mut flags = [0u8; 4];
+    reader.read_exact(&mut flags).await?;
+    let client = handshake::parse_client_flags(flags).map_err(invalid)?;
+    let mut negotiation = Negotiation::new(client);
+    let mut out = Vec::new();
+    let mut data = Vec::new();
+    loop {
+        let mut header = [0u8; 16];
+        match reader.read_exact(&mut header).await {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            r => r?,
+        };
+        let (option, len) = handshake::parse_option_header(&header).map_err(invalid)?;
+        out.clear();
+        let outcome = if len > MAX_OPTION_BYTES {
+            discard(reader, u64::from(len)).await?;
+            Negotiation::too_big(option, &mut out)
+        } else {
+            data.resize(len as usize, 0);
+            reader.read_exact(&mut data).await?;
+            negotiation.handle(option, &data, exports, &mut out)
+        };
+        write.write_all(&out).await?;
+        match outcome {
+            Outcome::Continue => continue,
+            Outcome::Abort | Outcome::Close => return Ok(None),
+            Outcome::Transmission(agreement) => return Ok(Some(agreement)),
+        }
+    }
+}
+
+fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<()> {
+    let copied = tokio::io::copy(&mut reader.take(len), &mut tokio::io::sink()).await?;
+    if copied < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// One reply on its way to the writer: header(s) and the data they announce.
+struct Reply {
+    pieces: Vec<Piece>,
+    data: Vec<u8>,
+    /// Budget held until the reply is on the wire.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+enum Piece {
+    Header(Header),
+    /// A range of `Reply::data`.
+    Data(std::ops::Range<usize>),
+    Bytes(Vec<u8>),
+}
+
+impl Reply {
+    fn header(header: Header) -> Reply {
+        Reply {
+            pieces: vec![Piece::Header(header)],
+            data: Vec::new(),
+            _permit: None,
+        }
+    }
+    fn bytes(bytes: Vec<u8>) -> Reply {
+        Reply {
+            pieces: vec![Piece::Bytes(bytes)],
+            data: Vec::new(),
+            _permit: None,
+        }
+    }
+    fn error(cookie: u64, structured: bool, errno: Errno, message: &str) -> Reply {
+        if structured {
+            Reply::bytes(reply::error_chunk(cookie, errno, message))
+        } else {
+            Reply::header(reply::simple(cookie, Some(errno)))
+        }
+    }
+    fn slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) {
+        for piece in &self.pieces {
+            let bytes = match piece {
+                Piece::Header(h) => h.as_bytes(),
+                Piece::Data(range) => &self.data[range.clone()],
+                Piece::Bytes(b) => b,
+            };
+            out.push(IoSlice::new(bytes));
+        }
+    }
+}
+
+async fn transmit<R, W, B>(
+    mut reader: BufReader<R>,
+    write: W,
+    backend: Arc<B>,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+    B: BlockBackend,
+{
+    let (replies, queue) = mpsc::unbounded_channel::<Reply>();
+    let writer = tokio::spawn(write_replies(write, queue));
+    let budget = Arc::new(Semaphore::new(IN_FLIGHT_BUDGET_BYTES));
+    let structured = limits.structured_replies;
+    let result = loop {
+        let mut bytes = [0u8; REQUEST_HEADER_LEN];
+        let read = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break Ok(()),
+            _ = replies.closed() => break Ok(()),
+            read = reader.read_exact(&mut bytes) => read,
+        };
+        match read {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+            Err(e) => break Err(e),
+        }
+        let header = match RequestHeader::parse(&bytes) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!("closing connection: {e}");
+                break Ok(());
+            }
+        };
+        let command = match request::validate(&header, &limits) {
+            Ok(command) => command,
+            Err(e) => {
+                debug!(cookie = header.cookie, "refused request: {e}");
+                if let Err(e) = discard(&mut reader, u64::from(header.payload_len())).await {
+                    break Err(e);
+                }
+                let _ = replies.send(Reply::error(
+                    header.cookie,
+                    structured,
+                    e.errno(),
+                    &e.to_string(),
+                ));
+                continue;
+            }
+        };
+        if command == Command::Disconnect {
+            break Ok(());
+        }
+        let cost = REQUEST_COST_BYTES + buffer_len(&command);
+        let permit = match budget.clone().acquire_many_owned(cost as u32).await {
+            Ok(permit) => permit,
+            Err(_) => break Ok(()),
+        };
+        let mut payload = Vec::new();
+        if let Command::Write { length, .. } = command {
+            payload.resize(length as usize, 0);
+            if let Err(e) = reader.read_exact(&mut payload).await {
+                break Err(e);
+            }
+        }
+        let backend = backend.clone();
+        let replies = replies.clone();
+        tokio::spawn(async move {
+            let mut reply = execute(&*backend, command, header.cookie, payload, structured).await;
+            reply._permit = Some(permit);
+            let _ = replies.send(reply);
+        });
+    };
+    // Requests already read finish and are answered before the socket closes.
+    drop(replies);
+    let written = writer.await.map_err(io::Error::other)?;
+    result.and(written)
+}
+
+/// Bytes of buffer a command holds while in flight.
+fn buffer_len(command: &Command) -> usize {
+    match *command {
+        Command::Read { length, .. } | Command::Write { length, .. } => length as usize,
+        _ => 0,
+    }
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut write: W,
+    mut queue: mpsc::UnboundedReceiver<Reply>,
+) -> io::Result<()> {
+    const MAX_SLICES: usize = 512;
+    let mut batch = Vec::with_capacity(64);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        let mut pieces = batch[0].pieces.len();
+        while pieces < MAX_SLICES {
+            match queue.try_recv() {
+                Ok(reply) => {
+                    pieces += reply.pieces.len();
+                    batch.push(reply);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut slices = Vec::with_capacity(pieces);
+        batch.iter().for_each(|r| r.slices(&mut slices));
+        let written = write_all_vectored(&mut write, &mut slices).await;
+        drop(slices);
+        batch.clear();
+        if let Err(e) = written {
+            // The client is gone; dropping the queue tells the reader to stop.
+            debug!("writing replies failed: {e}");
+            return Err(e);
+        }
+    }
+    write.shutdown().await.or_else(|e| {
+        if e.kind() == io::ErrorKind::NotConnected {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    while !slices.is_empty() {
+        let n = write.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// Carries out one validated command and builds its reply.
+async fn execute<B: BlockBackend>(
+    backend: &B,
+    command: Command,
+    cookie: u64,
+    payload: Vec<u8>,
+    structured: bool,
+) -> Reply {
+    let done = |result: io::Result<()>, what: &str| match result {
+        Ok(()) => Reply::header(reply::simple(cookie, None)),
+        Err(e) => io_failure(cookie, structured, what, &e),
+    };
+    match command {
+        Command::Read { offset, length, df } => {
+            read(
+                backend,
+                cookie,
+                offset,
+                length,
+                structured && !df,
+                structured,
+            )
+            .await
+        }
+        Command::Write { offset, fua, .. } => {
+            done(backend.write(offset, &payload, fua).await, "write")
+        }
+        Command::Flush => done(backend.flush().await, "flush"),
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => done(backend.trim(offset, u64::from(length), fua).await, "trim"),
+        Command::Cache { offset, length } => {
+            done(backend.cache(offset, u64::from(length)).await, "cache")
+        }
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+            no_hole,
+            fast,
+        } => {
+            let mode = ZeroMode {
+                no_hole,
+                fast_only: fast,
+            };
+            match backend
+                .write_zeroes(offset, u64::from(length), mode, fua)
+                .await
+            {
+                Err(ZeroError::NotFast) => Reply::error(
+                    cookie,
+                    structured,
+                    Errno::NotSup,
+                    "zeroing would not be fast",
+                ),
+                Err(ZeroError::Io(e)) => io_failure(cookie, structured, "write zeroes", &e),
+                Ok(()) => Reply::header(reply::simple(cookie, None)),
+            }
+        }
+        Command::BlockStatus {
+            offset,
+            length,
+            req_one,
+        } => {
+            let mut extents = Vec::new();
+            let max = if req_one { 1 } else { MAX_EXTENTS };
+            match backend
+                .extents(offset, u64::from(length), max, &mut extents)
+                .await
+            {
+                Ok(()) => Reply::bytes(reply::block_status(
+                    cookie,
+                    META_BASE_ALLOCATION_ID,
+                    &status_extents(&extents, length),
+                )),
+                Err(e) => io_failure(cookie, structured, "block status", &e),
+            }
+        }
+        Command::Disconnect => unreachable!("handled by the reader"),
+    }
+}
+
+fn io_failure(cookie: u64, structured: bool, what: &str, e: &io::Error) -> Reply {
+    error!(cookie, "{what} failed: {e}");
+    Reply::error(
+        cookie,
+        structured,
+        Errno::from_io(e),
+        &format!("{what} failed: {e}"),
+    )
+}
+
+/// Backend extents as `base:allocation` extents, cut to the requested length.
+fn status_extents(extents: &[Extent], length: u32) -> Vec<StatusExtent> {
+    let mut left = u64::from(length);
+    let mut out = Vec::with_capacity(extents.len());
+    for e in extents {
+        if left == 0 {
+            break;
+        }
+        let len = e.length.min(left);
+        left -= len;
+        let flags = if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
+        match out.last_mut() {
+            Some(StatusExtent { length, flags: f }) if *f == flags => *length += len as u32,
+            _ => out.push(StatusExtent {
+                length: len as u32,
+                flags,
+            }),
+        }
+    }
+    out
+}
+
+/// A READ: one data chunk (or a simple reply), or, when `split` allows, data and hole chunks.
+async fn read<B: BlockBackend>(
+    backend: &B,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    split: bool,
+    structured: bool,
+) -> Reply {
+    let mut extents = Vec::new();
+    if split && length >= HOLE_SCAN_MIN_BYTES {
+        if let Err(e) = backend
+            .extents(offset, u64::from(length), MAX_EXTENTS, &mut extents)
+            .await
+        {
+            return io_failure(cookie, structured, "read", &e);
+        }
+        // Cover whatever the extents left out (at most MAX_EXTENTS were asked for) as data.
+        let covered: u64 = extents.iter().map(|e| e.length).sum();
+        if covered < u64::from(length) {
+            extents.push(Extent {
+                length: u64::from(length) - covered,
+                hole: false,
+                zero: false,
+            });
+        }
+    }
+    if !extents.iter().any(|e| e.zero) {
+        let mut data = vec![0u8; length as usize];
+        if let Err(e) = backend.read(offset, &mut data).await {
+            return io_failure(cookie, structured, "read", &e);
+        }
+        let header = match (structured, length) {
+            (false, _) => reply::simple(cookie, None),
+            (true, 0) => reply::done(cookie),
+            (true, _) => reply::offset_data(cookie, true, offset, length),
+        };
+        return Reply {
+            pieces: vec![Piece::Header(header), Piece::Data(0..length as usize)],
+            data,
+            _permit: None,
+        };
+    }
+    // Data runs are read into one buffer at their place; holes are sent as OFFSET_HOLE.
+    let mut data = vec![0u8; length as usize];
+    let mut pieces = Vec::with_capacity(extents.len() * 2 + 1);
+    let mut at = 0usize;
+    for e in &extents {
+        let len = (e.length as usize).min(length as usize - at);
+        if len == 0 {
+            break;
+        }
+        let chunk_offset = offset + at as u64;
+        if e.zero {
+            pieces.push(Piece::Header(reply::offset_hole(
+                cookie,
+                false,
+                chunk_offset,
+                len as u32,
+            )));
+        } else {
+            if let Err(e) = backend.read(chunk_offset, &mut data[at..at + len]).await {
+                return io_failure(cookie, structured, "read", &e);
+            }
+            pieces.push(Piece::Header(reply::offset_data(
+                cookie,
+                false,
+                chunk_offset,
+                len as u32,
+            )));
+            pieces.push(Piece::Data(at..at + len));
+        }
+        at += len;
+    }
+    pieces.push(Piece::Header(reply::done(cookie)));
+    Reply {
+        pieces,
+        data,
+        _permit: None,
+    }
+}

@@ -1,0 +1,17 @@
+//! NBD server library: the protocol as pure parsing and encoding (`proto`, `handshake`,
+//! `request`, `reply`), and an async server (`server`, `connection`) generic over a
+//! [`BlockBackend`], so the same code serves the proxy's images and restore's point-in-time views.
+
+pub mod backend;
+pub mod connection;
+pub mod file;
+pub mod handshake;
+pub mod listen;
+pub mod proto;
+pub mod reply;
+pub mod request;
+pub mod server;
+
+pub use backend::{BlockBackend, Capabilities, Extent, ZeroError, ZeroMode};
+pub use file::FileBackend;
+pub use server::{run, Export, Listener};

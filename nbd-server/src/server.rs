@@ -1,0 +1,156 @@
+//! Accepts connections on any number of listeners and serves a fixed set of exports until a
+//! shutdown future resolves; then stops accepting, lets every connection finish the requests it
+//! has read, flushes every export, and returns.
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, error, info_span, warn, Instrument};
+
+use crate::backend::BlockBackend;
+use crate::connection::{self, SplitStream};
+use crate::handshake::ExportInfo;
+use crate::proto::*;
+
+/// One export: its name and description as listed to clients, and what serves its blocks.
+#[derive(Debug)]
+pub struct Export<B> {
+    pub info: ExportInfo,
+    pub backend: Arc<B>,
+}
+
+impl<B: BlockBackend> Export<B> {
+    pub fn new(name: &str, description: &str, backend: Arc<B>) -> Export<B> {
+        let caps = backend.capabilities();
+        let mut flags = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA;
+        for (on, flag) in [
+            (caps.read_only, FLAG_READ_ONLY),
+            (caps.rotational, FLAG_ROTATIONAL),
+            (caps.trim && !caps.read_only, FLAG_SEND_TRIM),
+            (caps.write_zeroes && !caps.read_only, FLAG_SEND_WRITE_ZEROES),
+            (
+                caps.fast_zero && caps.write_zeroes && !caps.read_only,
+                FLAG_SEND_FAST_ZERO,
+            ),
+            (caps.multi_conn, FLAG_CAN_MULTI_CONN),
+            (caps.cache, FLAG_SEND_CACHE),
+        ] {
+            if on {
+                flags |= flag;
+            }
+        }
+        let info = ExportInfo {
+            name: name.to_owned(),
+            description: description.to_owned(),
+            size_bytes: backend.size_bytes(),
+            flags,
+        };
+        Export { info, backend }
+    }
+}
+
+/// A socket the server accepts connections on.
+#[derive(Debug)]
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// Serves `exports` on `listeners` until `shutdown` resolves, then drains and flushes.
+pub async fn run<B: BlockBackend>(
+    listeners: Vec<Listener>,
+    exports: Vec<Export<B>>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let exports: Arc<[Export<B>]> = exports.into();
+    let (stop, stopped) = watch::channel(false);
+    let mut accepting = JoinSet::new();
+    for listener in listeners {
+        accepting.spawn(accept_loop(listener, exports.clone(), stopped.clone()));
+    }
+    shutdown.await;
+    let _ = stop.send(true);
+    while accepting.join_next().await.is_some() {}
+    let mut result = Ok(());
+    for export in exports.iter() {
+        if let Err(e) = export.backend.flush().await {
+            error!(export = %export.info.name, "flush at shutdown failed: {e}");
+            result = Err(e);
+        }
+    }
+    result
+}
+
+static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
+
+async fn accept_loop<B: BlockBackend>(
+    listener: Listener,
+    exports: Arc<[Export<B>]>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = accept(&listener) => accepted,
+        };
+        while connections.try_join_next().is_some() {}
+        match accepted {
+            Ok(Accepted::Unix(s)) => spawn_connection(&mut connections, s, &exports, &stop),
+            Ok(Accepted::Tcp(s)) => spawn_connection(&mut connections, s, &exports, &stop),
+            Err(e) => {
+                // Out of descriptors or memory: wait a little rather than spin.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+enum Accepted {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+async fn accept(listener: &Listener) -> io::Result<Accepted> {
+    match listener {
+        Listener::Unix(l) => Ok(Accepted::Unix(l.accept().await?.0)),
+        Listener::Tcp(l) => {
+            let (stream, _) = l.accept().await?;
+            stream.set_nodelay(true)?;
+            Ok(Accepted::Tcp(stream))
+        }
+    }
+}
+
+fn spawn_connection<S: SplitStream, B: BlockBackend>(
+    connections: &mut JoinSet<()>,
+    stream: S,
+    exports: &Arc<[Export<B>]>,
+    stop: &watch::Receiver<bool>,
+) {
+    let id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("conn", id);
+    let serving = connection::serve(stream, exports.clone(), stop.clone());
+    connections.spawn(
+        async move {
+            debug!("connected");
+            match serving.await {
+                Ok(()) => debug!("closed"),
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    warn!("closed: protocol error: {e}")
+                }
+                Err(e) => debug!("closed: {e}"),
+            }
+        }
+        .instrument(span),
+    );
+}

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the demo, the tests and the benchmarks use, when any is missing.
+# Idempotent and quiet when everything is already there. Needs root (or sudo) for apt-get.
+set -euo pipefail
+
+# Program -> Debian package that provides it.
+declare -A want=(
+  [qemu-system-x86_64]=qemu-system-x86
+  [qemu-img]=qemu-utils
+  [qemu-io]=qemu-utils
+  [qemu-nbd]=qemu-utils
+  [nbdkit]=nbdkit
+  [nbdinfo]=libnbd-bin
+  [nbdcopy]=libnbd-bin
+  [fio]=fio
+  [mkfs.ext4]=e2fsprogs
+  [debugfs]=e2fsprogs
+  [cpio]=cpio
+)
+missing=()
+for prog in "${!want[@]}"; do
+  command -v "$prog" >/dev/null 2>&1 || missing+=("${want[$prog]}")
+done
+[ -x /bin/busybox ] || missing+=(busybox-static)
+python3_nbd() { /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; }
+python3_nbd || missing+=(python3-libnbd)
+
+# QEMU's system emulator and its utilities must come from the same release: Debian 12 ships
+# qemu-system-x86 7.2, and a newer qemu-utils (from backports) would otherwise stay installed
+# beside it. Check the versions even when every program exists.
+qemu_ver() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
+if [ -n "$(qemu_ver qemu-system-x86)" ] && [ "$(qemu_ver qemu-system-x86)" != "$(qemu_ver qemu-utils)" ]; then
+  missing+=(qemu-utils)
+fi
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+echo "setup: installing Debian packages: ${missing[*]}"
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "setup: need root (or sudo) to apt-get install ${missing[*]}" >&2; exit 1; }
+  sudo=sudo
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+pkgs=()
+for p in "${missing[@]}"; do
+  case "$p" in
+    qemu-system-x86|qemu-utils) ;;
+    *) pkgs+=("$p") ;;
+  esac
+done
+if printf '%s\n' "${missing[@]}" | grep -qE '^qemu-(system-x86|utils)$'; then
+  # Pin both to the candidate of qemu-system-x86 so they match (this may downgrade qemu-utils).
+  v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+  pkgs+=("qemu-system-x86=$v" "qemu-utils=$v")
+fi
+$sudo apt-get install -y -qq --allow-downgrades --no-install-recommends "${pkgs[@]}"
+echo "setup: done"
