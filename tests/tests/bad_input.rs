@@ -1,0 +1,268 @@
+//! Malformed input sent as raw bytes: each case gets the spec's reply (or a closed connection
+//! where the spec allows no reply), and neither the server nor other connections suffer.
+
+use tests::raw::*;
+use tests::{make_image, pattern, read_file, Proxy};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 16 * MIB;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    image: std::path::PathBuf,
+    proxy: Proxy,
+}
+
+fn fixture(extra: &[&str]) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    make_image(&image, SIZE, &[(0, &pattern(9, 4096))]).unwrap();
+    let disk = format!("disk={}", image.display());
+    let mut args = vec!["--disk", disk.as_str()];
+    args.extend_from_slice(extra);
+    let proxy = Proxy::start(&dir.path().join("nbd.sock"), &args).unwrap();
+    Fixture {
+        _dir: dir,
+        image,
+        proxy,
+    }
+}
+
+/// A connection in transmission (simple replies unless `structured`).
+fn connect(f: &Fixture, structured: bool) -> RawClient {
+    let mut c = RawClient::connect(&f.proxy.socket);
+    let (size, _) = c.go("disk", structured, structured);
+    assert_eq!(size, SIZE);
+    c
+}
+
+/// A good read still works: the connection (or the server) is alive.
+fn assert_serves(c: &mut RawClient) {
+    c.request(CMD_READ, 0, 777, 0, 4096, &[]);
+    assert_eq!(c.simple_reply(), (0, 777));
+    assert_eq!(c.read(4096), pattern(9, 4096));
+}
+
+#[test]
+fn out_of_range_requests_get_einval_or_enospc_and_the_connection_continues() {
+    let mut f = fixture(&[]);
+    let before = read_file(&f.image);
+    let mut c = connect(&f, false);
+    c.request(CMD_READ, 0, 1, SIZE - 4096, 8192, &[]);
+    assert_eq!(c.simple_reply(), (EINVAL, 1));
+    c.request(CMD_READ, 0, 2, u64::MAX - 10, 4096, &[]);
+    assert_eq!(c.simple_reply(), (EINVAL, 2));
+    c.request(CMD_BLOCK_STATUS, 0, 3, 0, 4096, &[]);
+    assert_eq!(
+        c.simple_reply(),
+        (EINVAL, 3),
+        "block status without a negotiated context"
+    );
+    // A write beyond the end is ENOSPC (the spec's SHOULD), and its payload is skipped.
+    c.request(CMD_WRITE, 0, 4, SIZE, 4096, &[0xee; 4096]);
+    assert_eq!(c.simple_reply(), (ENOSPC, 4));
+    assert_serves(&mut c);
+    f.proxy.stop().unwrap();
+    assert!(
+        read_file(&f.image) == before,
+        "a refused write reached the image"
+    );
+}
+
+#[test]
+fn unknown_command_and_unknown_flags_get_einval() {
+    let mut f = fixture(&[]);
+    let mut c = connect(&f, false);
+    c.request(42, 0, 5, 0, 0, &[]);
+    assert_eq!(c.simple_reply(), (EINVAL, 5));
+    c.request(CMD_READ, 1 << 12, 6, 0, 512, &[]);
+    assert_eq!(c.simple_reply(), (EINVAL, 6));
+    assert_serves(&mut c);
+    f.proxy.stop().unwrap();
+}
+
+#[test]
+fn oversized_write_is_refused_without_allocating_its_length() {
+    let mut f = fixture(&[]);
+    let mut c = connect(&f, false);
+    let rss_before = f.proxy.peak_rss_bytes().unwrap();
+    // 96 MiB: three times the maximum payload. The server must stream it away, not buffer it.
+    let len = 96 * MIB as u32;
+    c.send(&request_bytes(CMD_WRITE, 0, 8, 0, len));
+    let chunk = vec![0x5a; MIB as usize];
+    for _ in 0..96 {
+        c.send(&chunk);
+    }
+    assert_eq!(c.simple_reply(), (EINVAL, 8));
+    assert_serves(&mut c);
+    let grown = f.proxy.peak_rss_bytes().unwrap().saturating_sub(rss_before);
+    assert!(
+        grown < 24 * MIB,
+        "peak RSS grew by {grown} bytes for a refused 96 MiB write"
+    );
+    f.proxy.stop().unwrap();
+    assert_eq!(&read_file(&f.image)[..4096], &pattern(9, 4096)[..]);
+}
+
+#[test]
+fn structured_errors_for_reads_carry_a_message() {
+    let mut f = fixture(&[]);
+    let mut c = connect(&f, true);
+    c.request(CMD_READ, 0, 9, SIZE, 1, &[]);
+    let chunk = c.chunk();
+    assert_eq!(
+        (chunk.cookie, chunk.flags, chunk.kind),
+        (9, 1, 0x8001),
+        "{chunk:?}"
+    );
+    assert_eq!(be32(&chunk.payload[..4]), EINVAL);
+    let msg_len = be16(&chunk.payload[4..6]) as usize;
+    assert!(String::from_utf8_lossy(&chunk.payload[6..6 + msg_len]).contains("outside the export"));
+    // A good structured read: one OFFSET_DATA chunk with DONE.
+    c.request(CMD_READ, 0, 10, 0, 4096, &[]);
+    let chunk = c.chunk();
+    assert_eq!((chunk.flags, chunk.kind), (1, 1));
+    assert_eq!(&chunk.payload[8..], &pattern(9, 4096)[..]);
+    // Block status with the context negotiated.
+    c.request(CMD_BLOCK_STATUS, 0, 11, 0, 2 * MIB as u32, &[]);
+    let chunk = c.chunk();
+    assert_eq!((chunk.flags, chunk.kind), (1, 5));
+    assert_eq!(be32(&chunk.payload[0..4]), 1, "context id");
+    assert_eq!(be32(&chunk.payload[8..12]), 0, "first extent is data");
+    f.proxy.stop().unwrap();
+}
+
+#[test]
+fn bad_request_magic_closes_only_that_connection() {
+    let mut f = fixture(&[]);
+    let mut bystander = connect(&f, false);
+    let mut c = connect(&f, false);
+    let mut bad = request_bytes(CMD_READ, 0, 1, 0, 512);
+    bad[0] = 0xde;
+    c.send(&bad);
+    assert!(
+        c.closed(),
+        "the server must close a connection that sent a bad magic"
+    );
+    assert_serves(&mut bystander);
+    let mut fresh = connect(&f, false);
+    assert_serves(&mut fresh);
+    f.proxy.stop().unwrap();
+}
+
+#[test]
+fn truncated_header_closes_that_connection_and_the_server_serves_on() {
+    let mut f = fixture(&[]);
+    {
+        let mut c = connect(&f, false);
+        c.send(&request_bytes(CMD_READ, 0, 1, 0, 512)[..11]);
+        c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(c.closed());
+    }
+    {
+        // Truncated in the middle of a write payload.
+        let mut c = connect(&f, false);
+        c.send(&request_bytes(CMD_WRITE, 0, 2, 0, 8192));
+        c.send(&[1u8; 100]);
+        c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(c.closed());
+    }
+    let mut fresh = connect(&f, false);
+    assert_serves(&mut fresh);
+    f.proxy.stop().unwrap();
+}
+
+#[test]
+fn unknown_export_names() {
+    let mut f = fixture(&[]);
+    // NBD_OPT_GO: an error reply, and negotiation continues.
+    let mut c = RawClient::connect(&f.proxy.socket);
+    c.send(&3u32.to_be_bytes());
+    let mut d = name_data("nope");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    c.option(OPT_GO, &d);
+    let (opt, kind, msg) = c.option_reply();
+    assert_eq!((opt, kind), (OPT_GO, REP_ERR_UNKNOWN));
+    assert!(
+        String::from_utf8_lossy(&msg).contains("disk"),
+        "the error names the exports"
+    );
+    c.option(0x1234, &[1, 2, 3]);
+    assert_eq!(c.option_reply().1, REP_ERR_UNSUP);
+    c.option(5, &[]); // STARTTLS in a server without TLS
+    assert_eq!(c.option_reply().1, REP_ERR_UNSUP);
+    let mut d = name_data("disk");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    c.option(OPT_GO, &d);
+    while c.option_reply().1 != REP_ACK {}
+    assert_serves(&mut c);
+    // NBD_OPT_EXPORT_NAME can carry no error: the server closes.
+    let mut c = RawClient::connect(&f.proxy.socket);
+    c.send(&3u32.to_be_bytes());
+    c.option(OPT_EXPORT_NAME, b"nope");
+    assert!(c.closed());
+    f.proxy.stop().unwrap();
+}
+
+#[test]
+fn oversized_option_and_bad_option_magic() {
+    let mut f = fixture(&[]);
+    let mut c = RawClient::connect(&f.proxy.socket);
+    c.send(&3u32.to_be_bytes());
+    c.option(OPT_GO, &vec![0u8; 1 << 20]);
+    assert_eq!(c.option_reply().1, REP_ERR_TOO_BIG);
+    let mut d = name_data("disk");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    c.option(OPT_GO, &d);
+    while c.option_reply().1 != REP_ACK {}
+    assert_serves(&mut c);
+
+    let mut c = RawClient::connect(&f.proxy.socket);
+    c.send(&3u32.to_be_bytes());
+    c.send(b"NOTANOPT\0\0\0\x07\0\0\0\0");
+    assert!(c.closed());
+    let mut c = RawClient::connect(&f.proxy.socket);
+    c.send(&0x8000_0000u32.to_be_bytes()); // unknown client flags
+    assert!(c.closed());
+    f.proxy.stop().unwrap();
+}
+
+#[test]
+fn read_only_export_answers_eperm() {
+    let mut f = fixture(&["--read-only"]);
+    let mut c = connect(&f, false);
+    c.request(CMD_WRITE, 0, 3, 0, 512, &[1; 512]);
+    assert_eq!(c.simple_reply(), (EPERM, 3));
+    assert_serves(&mut c);
+    f.proxy.stop().unwrap();
+}
+
+#[test]
+fn disconnect_after_pipelined_writes_answers_them_all_first() {
+    let mut f = fixture(&[]);
+    let mut c = connect(&f, false);
+    let mut burst = Vec::new();
+    for i in 0..64u64 {
+        burst.extend_from_slice(&request_bytes(CMD_WRITE, 0, 100 + i, MIB + i * 4096, 4096));
+        burst.extend_from_slice(&pattern(i, 4096));
+    }
+    burst.extend_from_slice(&request_bytes(CMD_FLUSH, 0, 1000, 0, 0));
+    burst.extend_from_slice(&request_bytes(CMD_DISC, 0, 1001, 0, 0));
+    c.send(&burst);
+    let mut cookies: Vec<u64> = (0..65)
+        .map(|_| c.simple_reply())
+        .map(|(err, cookie)| {
+            assert_eq!(err, 0);
+            cookie
+        })
+        .collect();
+    cookies.sort();
+    assert_eq!(cookies, (100..164).chain([1000]).collect::<Vec<_>>());
+    assert!(c.closed());
+    f.proxy.stop().unwrap();
+    let img = read_file(&f.image);
+    for i in 0..64u64 {
+        let at = (MIB + i * 4096) as usize;
+        assert_eq!(&img[at..at + 4096], &pattern(i, 4096)[..]);
+    }
+}
