@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, warn};
 
 use crate::backend::{BlockBackend, Extent, ZeroError, ZeroMode};
+use crate::buffer::Buffer;
 use crate::handshake::{self, Agreement, Negotiation, Outcome};
 use crate::proto::*;
 use crate::reply::{self, Header, StatusExtent};
@@ -20,7 +21,7 @@ use crate::request::{self, Command, Limits, RequestHeader};
 use crate::server::Export;
 
 /// Bytes of request and reply payloads one connection may hold at once.
-const IN_FLIGHT_BUDGET_BYTES: usize = 2 * MAX_PAYLOAD_BYTES as usize;
+const IN_FLIGHT_BUDGET_BYTES: usize = MAX_PAYLOAD_BYTES as usize + (1 << 20);
 /// Every request also costs this much of the budget, which bounds the request count.
 const REQUEST_COST_BYTES: usize = 4096;
 /// Reads at least this long, without DF, are answered with holes as OFFSET_HOLE chunks.
@@ -138,7 +139,7 @@ async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<(
 /// One reply on its way to the writer: header(s) and the data they announce.
 struct Reply {
     pieces: Vec<Piece>,
-    data: Vec<u8>,
+    data: Buffer,
     /// Budget held until the reply is on the wire.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -154,14 +155,14 @@ impl Reply {
     fn header(header: Header) -> Reply {
         Reply {
             pieces: vec![Piece::Header(header)],
-            data: Vec::new(),
+            data: Buffer::default(),
             _permit: None,
         }
     }
     fn bytes(bytes: Vec<u8>) -> Reply {
         Reply {
             pieces: vec![Piece::Bytes(bytes)],
-            data: Vec::new(),
+            data: Buffer::default(),
             _permit: None,
         }
     }
@@ -244,9 +245,9 @@ where
             Ok(permit) => permit,
             Err(_) => break Ok(()),
         };
-        let mut payload = Vec::new();
+        let mut payload = Buffer::default();
         if let Command::Write { length, .. } = command {
-            payload.resize(length as usize, 0);
+            payload = Buffer::take(length as usize);
             if let Err(e) = reader.read_exact(&mut payload).await {
                 break Err(e);
             }
@@ -330,7 +331,7 @@ async fn execute<B: BlockBackend>(
     backend: &B,
     command: Command,
     cookie: u64,
-    payload: Vec<u8>,
+    payload: Buffer,
     structured: bool,
 ) -> Reply {
     let done = |result: io::Result<()>, what: &str| match result {
@@ -469,7 +470,7 @@ async fn read<B: BlockBackend>(
         }
     }
     if !extents.iter().any(|e| e.zero) {
-        let mut data = vec![0u8; length as usize];
+        let mut data = Buffer::take(length as usize);
         if let Err(e) = backend.read(offset, &mut data).await {
             return io_failure(cookie, structured, "read", &e);
         }
@@ -485,7 +486,7 @@ async fn read<B: BlockBackend>(
         };
     }
     // Data runs are read into one buffer at their place; holes are sent as OFFSET_HOLE.
-    let mut data = vec![0u8; length as usize];
+    let mut data = Buffer::take(length as usize);
     let mut pieces = Vec::with_capacity(extents.len() * 2 + 1);
     let mut at = 0usize;
     for e in &extents {

@@ -3,6 +3,7 @@
 //! [`BlockBackend`], so the same code serves the proxy's images and restore's point-in-time views.
 
 pub mod backend;
+pub mod buffer;
 pub mod connection;
 pub mod file;
 pub mod handshake;

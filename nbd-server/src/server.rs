@@ -120,12 +120,23 @@ enum Accepted {
     Tcp(tokio::net::TcpStream),
 }
 
+/// Socket send buffer asked for: large enough that one vectored write hands a 1 MiB read reply
+/// to the kernel whole, rather than waking the writer for every 200 KiB (the default). The kernel
+/// caps it at net.core.wmem_max.
+const SEND_BUFFER_BYTES: usize = 4 << 20;
+
 async fn accept(listener: &Listener) -> io::Result<Accepted> {
+    use nix::sys::socket::{setsockopt, sockopt::SndBuf};
     match listener {
-        Listener::Unix(l) => Ok(Accepted::Unix(l.accept().await?.0)),
+        Listener::Unix(l) => {
+            let (stream, _) = l.accept().await?;
+            let _ = setsockopt(&stream, SndBuf, &SEND_BUFFER_BYTES);
+            Ok(Accepted::Unix(stream))
+        }
         Listener::Tcp(l) => {
             let (stream, _) = l.accept().await?;
             stream.set_nodelay(true)?;
+            let _ = setsockopt(&stream, SndBuf, &SEND_BUFFER_BYTES);
             Ok(Accepted::Tcp(stream))
         }
     }
