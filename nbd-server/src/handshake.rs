@@ -275,7 +275,7 @@ impl Negotiation {
             return unknown_export(out, option, name, exports);
         };
         let selects = if setting {
-            queries.iter().any(|q| *q == META_BASE_ALLOCATION)
+            queries.contains(&META_BASE_ALLOCATION)
         } else {
             // Listing: no query lists everything; "base:" is the namespace wildcard.
             queries.is_empty()

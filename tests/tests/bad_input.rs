@@ -1,6 +1,8 @@
 //! Malformed input sent as raw bytes: each case gets the spec's reply (or a closed connection
 //! where the spec allows no reply), and neither the server nor other connections suffer.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use tests::raw::*;
 use tests::{make_image, pattern, read_file, Proxy};
 
@@ -265,4 +267,42 @@ fn disconnect_after_pipelined_writes_answers_them_all_first() {
         let at = (MIB + i * 4096) as usize;
         assert_eq!(&img[at..at + 4096], &pattern(i, 4096)[..]);
     }
+}
+
+#[test]
+fn structured_reads_send_holes_as_offset_hole_and_df_as_one_chunk() {
+    let mut f = fixture(&[]);
+    let mut c = connect(&f, true);
+    // 0..4096 is data, the rest of the first MiB a hole.
+    c.request(CMD_READ, 0, 20, 0, MIB as u32, &[]);
+    let mut chunks = Vec::new();
+    loop {
+        let chunk = c.chunk();
+        let done = chunk.flags & 1 != 0;
+        chunks.push(chunk);
+        if done {
+            break;
+        }
+    }
+    let kinds: Vec<u16> = chunks.iter().map(|c| c.kind).collect();
+    assert_eq!(kinds, [1, 2, 0], "OFFSET_DATA, OFFSET_HOLE, NONE");
+    assert_eq!(&chunks[0].payload[..8], &0u64.to_be_bytes());
+    assert_eq!(&chunks[0].payload[8..], &pattern(9, 4096)[..]);
+    assert_eq!(
+        &chunks[1].payload,
+        &[
+            &4096u64.to_be_bytes()[..],
+            &(MIB as u32 - 4096).to_be_bytes()
+        ]
+        .concat()
+    );
+    // With DF: exactly one content chunk, zeroes included.
+    c.request(CMD_READ, 1 << 2, 21, 0, 65536, &[]);
+    let chunk = c.chunk();
+    assert_eq!(
+        (chunk.flags, chunk.kind, chunk.payload.len()),
+        (1, 1, 8 + 65536)
+    );
+    assert!(chunk.payload[8 + 4096..].iter().all(|&b| b == 0));
+    f.proxy.stop().unwrap();
 }

@@ -1,6 +1,8 @@
 //! nbd-proxy with real third-party clients: nbdinfo, qemu-img, qemu-io, nbdcopy, fio, the `nbd`
 //! crate; over a unix socket, TCP and socket activation.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::Path;
 
 use serde_json::Value;
@@ -395,7 +397,6 @@ fn independent_rust_client_with_export_name_and_padding() {
     client.seek(SeekFrom::Start(32 * MIB)).unwrap();
     client.write_all(&[7u8; 4096]).unwrap();
     client.flush().unwrap();
-    drop(client);
     drop(stream);
     assert_eq!(
         &read_file(&image)[32 << 20..(32 << 20) + 4096],

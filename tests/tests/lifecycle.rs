@@ -1,6 +1,8 @@
 //! Stopping and restarting nbd-proxy: SIGTERM drains what was read and exits 0; QEMU's NBD
 //! client with `reconnect-delay` rides over a restart (graceful or kill -9) losing no I/O.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use tests::qmp::Qemu;

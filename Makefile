@@ -1,0 +1,49 @@
+# The two commands a newcomer needs are `make demo` and `make test`; each sets itself up.
+# Everything else is here for the people working on the code.
+
+CARGO ?= cargo
+BENCH_ARGS ?=
+
+.PHONY: all setup build test lint check demo bench vm-image clean help
+
+all: build
+
+help:
+	@echo "make demo      boot a VM through nbd-proxy and show it survive a proxy restart"
+	@echo "make test      run every test (unit, property, end-to-end with real clients, VM)"
+	@echo "make bench     nbd-proxy vs nbdkit vs qemu-nbd, side by side (see BENCHMARKS.md)"
+	@echo "make setup     install the Debian packages and build in release mode"
+	@echo "make vm-image  build the small test guest (kernel, initramfs, disk image)"
+	@echo "make check     lint (rustfmt, clippy) and test"
+
+# Installs missing Debian packages (needs root), then builds the release binaries.
+setup:
+	@bash scripts/setup.sh
+	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs) first" >&2; exit 1; }
+	$(CARGO) build --release --bins
+
+build:
+	$(CARGO) build --release --bins
+
+vm-image:
+	@bash vm-images/build.sh
+
+test: setup vm-image
+	$(CARGO) test --release --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+
+check: lint test
+
+demo: setup vm-image
+	@bash scripts/demo.sh
+
+bench: setup
+	@mkdir -p target/bench
+	python3 scripts/bench.py --out target/bench/nbd-proxy.md $(BENCH_ARGS)
+
+clean:
+	$(CARGO) clean
+	rm -rf vm-images/out
