@@ -6,6 +6,7 @@
 
 pub mod qmp;
 pub mod raw;
+pub mod vm;
 
 use std::fs::File;
 use std::io::Read;
