@@ -88,6 +88,22 @@ pub fn wait_for<T>(
     }
 }
 
+/// Connects to a unix socket that `child` is about to create; fails with the child's exit status
+/// (as `Ok(Err(status))`) if it dies first.
+pub fn connect_while_alive(
+    what: &str,
+    child: &mut Child,
+    socket: &Path,
+    timeout: Duration,
+) -> anyhow::Result<Result<UnixStream, std::process::ExitStatus>> {
+    wait_for(what, timeout, || {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(Err(status));
+        }
+        UnixStream::connect(socket).ok().map(Ok)
+    })
+}
+
 /// A raw image of `size` bytes: sparse, with `data` written at each given offset.
 pub fn make_image(path: &Path, size: u64, data: &[(u64, &[u8])]) -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt;
@@ -154,15 +170,13 @@ impl Proxy {
             .spawn()
             .context("spawn nbd-proxy")?;
         self.child = Some(child);
-        let socket = self.socket.clone();
         let child = self.child.as_mut().expect("just spawned");
-        let ready = wait_for("nbd-proxy to listen", Duration::from_secs(20), || {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(Err(status));
-            }
-            UnixStream::connect(&socket).ok().map(|_| Ok(()))
-        })?;
-        if let Err(status) = ready {
+        if let Err(status) = connect_while_alive(
+            "nbd-proxy to listen",
+            child,
+            &self.socket,
+            Duration::from_secs(20),
+        )? {
             bail!(
                 "nbd-proxy exited ({status}) before listening; log:\n{}",
                 self.log_text()

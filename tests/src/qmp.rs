@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::{require, wait_for};
+use crate::{connect_while_alive, require, wait_for};
 
 #[derive(Debug)]
 pub struct Qemu {
@@ -39,13 +39,13 @@ impl Qemu {
             .stderr(logf)
             .spawn()
             .context("start qemu")?;
-        let stream = wait_for("QEMU's QMP socket", Duration::from_secs(30), || {
-            if let Ok(Some(_)) = child.try_wait() {
-                return Some(None);
-            }
-            UnixStream::connect(&qmp).ok().map(Some)
-        })?;
-        let Some(stream) = stream else {
+        let Ok(stream) = connect_while_alive(
+            "QEMU's QMP socket",
+            &mut child,
+            &qmp,
+            Duration::from_secs(30),
+        )?
+        else {
             bail!(
                 "qemu exited early: {}",
                 std::fs::read_to_string(&log).unwrap_or_default()

@@ -110,9 +110,7 @@ impl RawClient {
             assert_eq!(self.option_reply().1, REP_META_CONTEXT);
             assert_eq!(self.option_reply().1, REP_ACK);
         }
-        let mut d = name_data(export);
-        d.extend_from_slice(&0u16.to_be_bytes());
-        self.option(OPT_GO, &d);
+        self.option(OPT_GO, &go_data(export));
         let mut export_info = None;
         loop {
             let (_, kind, data) = self.option_reply();
@@ -185,6 +183,13 @@ pub fn request_bytes(kind: u16, flags: u16, cookie: u64, offset: u64, length: u3
     b.extend_from_slice(&offset.to_be_bytes());
     b.extend_from_slice(&length.to_be_bytes());
     b
+}
+
+/// NBD_OPT_GO (or INFO) data asking for no particular information.
+pub fn go_data(name: &str) -> Vec<u8> {
+    let mut d = name_data(name);
+    d.extend_from_slice(&0u16.to_be_bytes());
+    d
 }
 
 pub fn name_data(name: &str) -> Vec<u8> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::{require, wait_for};
+use crate::{connect_while_alive, require, wait_for};
 
 /// The repository's root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
@@ -69,13 +69,12 @@ impl Guest {
             .stderr(log)
             .spawn()
             .context("boot.sh")?;
-        let serial = wait_for("the guest's serial socket", Duration::from_secs(60), || {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(Err(status));
-            }
-            UnixStream::connect(&serial_path).ok().map(Ok)
-        })?;
-        let serial = match serial {
+        let serial = match connect_while_alive(
+            "the guest's serial socket",
+            &mut child,
+            &serial_path,
+            Duration::from_secs(60),
+        )? {
             Ok(s) => s,
             Err(status) => bail!(
                 "QEMU exited ({status}) before the console came up: {}",
@@ -110,6 +109,8 @@ impl Guest {
         let from = self.seen_lines;
         let found = wait_for(&format!("{needle:?} on the guest console"), timeout, || {
             let text = std::fs::read_to_string(&console).ok()?;
+            // QEMU writes the console a byte at a time: match finished lines only.
+            let text = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
             let lines: Vec<&str> = text.lines().collect();
             lines
                 .iter()

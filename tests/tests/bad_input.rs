@@ -180,9 +180,7 @@ fn unknown_export_names() {
     // NBD_OPT_GO: an error reply, and negotiation continues.
     let mut c = RawClient::connect(&f.proxy.socket);
     c.send(&3u32.to_be_bytes());
-    let mut d = name_data("nope");
-    d.extend_from_slice(&0u16.to_be_bytes());
-    c.option(OPT_GO, &d);
+    c.option(OPT_GO, &go_data("nope"));
     let (opt, kind, msg) = c.option_reply();
     assert_eq!((opt, kind), (OPT_GO, REP_ERR_UNKNOWN));
     assert!(
@@ -193,9 +191,7 @@ fn unknown_export_names() {
     assert_eq!(c.option_reply().1, REP_ERR_UNSUP);
     c.option(5, &[]); // STARTTLS in a server without TLS
     assert_eq!(c.option_reply().1, REP_ERR_UNSUP);
-    let mut d = name_data("disk");
-    d.extend_from_slice(&0u16.to_be_bytes());
-    c.option(OPT_GO, &d);
+    c.option(OPT_GO, &go_data("disk"));
     while c.option_reply().1 != REP_ACK {}
     assert_serves(&mut c);
     // NBD_OPT_EXPORT_NAME can carry no error: the server closes.
@@ -213,9 +209,7 @@ fn oversized_option_and_bad_option_magic() {
     c.send(&3u32.to_be_bytes());
     c.option(OPT_GO, &vec![0u8; 1 << 20]);
     assert_eq!(c.option_reply().1, REP_ERR_TOO_BIG);
-    let mut d = name_data("disk");
-    d.extend_from_slice(&0u16.to_be_bytes());
-    c.option(OPT_GO, &d);
+    c.option(OPT_GO, &go_data("disk"));
     while c.option_reply().1 != REP_ACK {}
     assert_serves(&mut c);
 

@@ -242,6 +242,7 @@ fn fio_verify(uri: &str, jobs: u32) {
             &jobs_arg,
             "--verify=crc32c",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--verify_fatal=1",
             "--output-format=json",
         ],
