@@ -4,7 +4,7 @@
 CARGO ?= cargo
 BENCH_ARGS ?=
 
-.PHONY: all setup build test lint check demo bench vm-image clean help
+.PHONY: all setup build test lint check demo bench vm-image vm-selftest clean help
 
 all: build
 
@@ -14,6 +14,7 @@ help:
 	@echo "make bench     nbd-proxy vs nbdkit vs qemu-nbd, side by side (see BENCHMARKS.md)"
 	@echo "make setup     install the Debian packages and build in release mode"
 	@echo "make vm-image  build the small test guest (kernel, initramfs, disk image)"
+	@echo "make vm-selftest  boot the guest on qemu-nbd and check its commands"
 	@echo "make check     lint (rustfmt, clippy) and test"
 
 # Installs missing Debian packages (needs root), then builds the release binaries.
@@ -24,6 +25,9 @@ setup:
 
 build:
 	$(CARGO) build --release --bins
+
+vm-selftest: vm-image
+	@bash vm-images/selftest.sh
 
 vm-image:
 	@bash vm-images/build.sh
