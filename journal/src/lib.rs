@@ -1,0 +1,21 @@
+//! The formats of continuous data protection: records (one change each), journal segments and
+//! their indexes, the wire protocol between nbd-proxy and the replicator, and the store layout
+//! that the replicator writes and restore reads.
+//!
+//! `record`, `segment` and `wire` do no I/O and are tested on bytes; `store` is the thin layer
+//! that puts them in files.
+
+pub mod record;
+pub mod segment;
+pub mod store;
+pub mod wire;
+
+pub use record::{Encoded, Header, Kind, RecordRef};
+
+/// Nanoseconds since the Unix epoch, as records carry them.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,342 @@
+//! One change as bytes: a fixed 56-byte header and a payload, the same on the wire and in
+//! journal segments.
+//!
+//! ```text
+//!  0 magic u32 "CDPR"   4 kind u8   5 flags u8   6 disk u16
+//!  8 seq u64           16 time_ns u64 (unix)    24 offset u64   32 length u64
+//! 40 stored_len u32    44 data_crc u32 (crc32c of the payload before compression)
+//! 48 reserved u32 = 0  52 crc u32 = crc32c(stored payload, then header bytes 0..52)
+//! ```
+//!
+//! The record crc covers the stored payload first, so it can be computed before the seq is known
+//! (outside the sequencing lock) and finished over the header afterwards. Integers are
+//! little-endian. Nothing here does I/O.
+
+use std::borrow::Cow;
+
+pub const HEADER_LEN: usize = 56;
+pub const MAGIC: u32 = u32::from_le_bytes(*b"CDPR");
+/// Largest stored payload accepted (a 32 MiB NBD write, incompressible, plus lz4's overhead).
+pub const MAX_STORED: u32 = 33 * 1024 * 1024;
+const FLAG_LZ4: u8 = 1;
+
+/// What a record does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[repr(u8)]
+pub enum Kind {
+    /// Data written by the guest at `offset`; the payload is the data.
+    Write = 1,
+    /// `offset..offset+length` reads as zeroes (WRITE_ZEROES).
+    Zero = 2,
+    /// `offset..offset+length` was discarded; the proxy's image reads it as zeroes, so replay does too.
+    Trim = 3,
+    /// A FLUSH completed: every earlier record is on the proxy's disk (a crash-consistent point).
+    Flush = 4,
+    /// A named recovery point; the payload is the name. Always placed after a flush.
+    Bookmark = 5,
+    /// Start of a seed or resync: points from here to the matching `SyncEnd` are not consistent.
+    /// The payload says why ("seed", "resync", "delta").
+    SyncBegin = 6,
+    /// Current content of a range, read by a seed or resync; replays like `Write`.
+    SyncData = 7,
+    /// End of a seed or resync: from here on, points are consistent again.
+    SyncEnd = 8,
+}
+
+impl Kind {
+    pub fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Write,
+            2 => Kind::Zero,
+            3 => Kind::Trim,
+            4 => Kind::Flush,
+            5 => Kind::Bookmark,
+            6 => Kind::SyncBegin,
+            7 => Kind::SyncData,
+            8 => Kind::SyncEnd,
+            _ => return None,
+        })
+    }
+
+    /// Whether the record changes a disk's bytes at `offset..offset+length`.
+    pub fn changes_data(self) -> bool {
+        matches!(self, Kind::Write | Kind::Zero | Kind::Trim | Kind::SyncData)
+    }
+
+    /// Whether replaying the record writes its payload (rather than zeroes).
+    pub fn carries_data(self) -> bool {
+        matches!(self, Kind::Write | Kind::SyncData)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Write => "write",
+            Kind::Zero => "zero",
+            Kind::Trim => "trim",
+            Kind::Flush => "flush",
+            Kind::Bookmark => "bookmark",
+            Kind::SyncBegin => "sync-begin",
+            Kind::SyncData => "sync-data",
+            Kind::SyncEnd => "sync-end",
+        }
+    }
+}
+
+/// A record that does not decode. Each names what is wrong; callers add where it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("bad record magic {0:#010x}")]
+    Magic(u32),
+    #[error("unknown record kind {0}")]
+    Kind(u8),
+    #[error("unknown record flags {0:#04x}")]
+    Flags(u8),
+    #[error("stored payload of {0} bytes is larger than the limit")]
+    TooLarge(u32),
+    #[error("record fields are inconsistent: {0}")]
+    Inconsistent(&'static str),
+    #[error("record checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("payload checksum mismatch after decompression")]
+    DataChecksum,
+    #[error("payload does not decompress: {0}")]
+    Decompress(String),
+}
+
+/// The decoded header of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    pub compressed: bool,
+    pub disk: u16,
+    pub seq: u64,
+    pub time_ns: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub stored_len: u32,
+    pub data_crc: u32,
+    pub crc: u32,
+}
+
+impl Header {
+    /// Bytes the whole record takes (header + stored payload).
+    pub fn record_len(&self) -> usize {
+        HEADER_LEN + self.stored_len as usize
+    }
+
+    /// Decodes and sanity-checks a header; the checksum needs the payload ([`verify`]).
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Header, FormatError> {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        let magic = u32_at(0);
+        if magic != MAGIC {
+            return Err(FormatError::Magic(magic));
+        }
+        let kind = Kind::from_u8(b[4]).ok_or(FormatError::Kind(b[4]))?;
+        let flags = b[5];
+        if flags & !FLAG_LZ4 != 0 {
+            return Err(FormatError::Flags(flags));
+        }
+        let h = Header {
+            kind,
+            compressed: flags & FLAG_LZ4 != 0,
+            disk: u16::from_le_bytes([b[6], b[7]]),
+            seq: u64_at(8),
+            time_ns: u64_at(16),
+            offset: u64_at(24),
+            length: u64_at(32),
+            stored_len: u32_at(40),
+            data_crc: u32_at(44),
+            crc: u32_at(52),
+        };
+        if u32_at(48) != 0 {
+            return Err(FormatError::Inconsistent("reserved field is not zero"));
+        }
+        if h.stored_len > MAX_STORED {
+            return Err(FormatError::TooLarge(h.stored_len));
+        }
+        if h.kind.carries_data() {
+            if h.length == 0 || h.length > u64::from(MAX_STORED) {
+                return Err(FormatError::Inconsistent("data length out of range"));
+            }
+            if !h.compressed && u64::from(h.stored_len) != h.length {
+                return Err(FormatError::Inconsistent(
+                    "uncompressed payload length differs from the record length",
+                ));
+            }
+        } else if h.compressed {
+            return Err(FormatError::Inconsistent(
+                "only data records are compressed",
+            ));
+        }
+        if h.kind.changes_data() && h.offset.checked_add(h.length).is_none() {
+            return Err(FormatError::Inconsistent("offset + length overflows"));
+        }
+        Ok(h)
+    }
+}
+
+/// A record whose checksum has been verified, borrowing its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordRef<'a> {
+    pub header: Header,
+    pub stored: &'a [u8],
+}
+
+impl<'a> RecordRef<'a> {
+    /// The payload as written by the guest (decompressed and checked against `data_crc`).
+    pub fn payload(&self) -> Result<Cow<'a, [u8]>, FormatError> {
+        let h = &self.header;
+        let data: Cow<'a, [u8]> = if h.compressed {
+            let raw = lz4_flex::block::decompress(self.stored, h.length as usize)
+                .map_err(|e| FormatError::Decompress(e.to_string()))?;
+            if raw.len() as u64 != h.length {
+                return Err(FormatError::Decompress("wrong decompressed length".into()));
+            }
+            Cow::Owned(raw)
+        } else {
+            Cow::Borrowed(self.stored)
+        };
+        if crc32c::crc32c(&data) != h.data_crc {
+            return Err(FormatError::DataChecksum);
+        }
+        Ok(data)
+    }
+
+    /// The payload read as text (bookmark names, sync reasons).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(self.stored).into_owned()
+    }
+}
+
+/// Parses the record at the start of `buf`: `Ok(None)` when `buf` holds only part of it.
+pub fn parse(buf: &[u8]) -> Result<Option<RecordRef<'_>>, FormatError> {
+    let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let header = Header::decode(head)?;
+    let Some(stored) = buf.get(HEADER_LEN..header.record_len()) else {
+        return Ok(None);
+    };
+    verify(head, stored)?;
+    Ok(Some(RecordRef { header, stored }))
+}
+
+/// Checks a record's checksum.
+pub fn verify(head: &[u8; HEADER_LEN], stored: &[u8]) -> Result<(), FormatError> {
+    let stored_crc = u32::from_le_bytes([head[52], head[53], head[54], head[55]]);
+    let computed = crc32c::crc32c_append(crc32c::crc32c(stored), &head[..52]);
+    if stored_crc != computed {
+        return Err(FormatError::Checksum {
+            stored: stored_crc,
+            computed,
+        });
+    }
+    Ok(())
+}
+
+/// A record being built: payload compressed and summed before it has a seq, so that the
+/// expensive part runs outside the sequencing lock. [`Encoded::seal`] finishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    bytes: Vec<u8>,
+    payload_crc: u32,
+}
+
+impl Encoded {
+    /// A data record (`Write` or `SyncData`); `compress` tries lz4 and keeps it when smaller.
+    pub fn data(kind: Kind, disk: u16, offset: u64, data: &[u8], compress: bool) -> Encoded {
+        debug_assert!(kind.carries_data() && !data.is_empty());
+        let data_crc = crc32c::crc32c(data);
+        let mut bytes = vec![0u8; HEADER_LEN];
+        let mut compressed = false;
+        if compress {
+            let bound = lz4_flex::block::get_maximum_output_size(data.len());
+            bytes.resize(HEADER_LEN + bound, 0);
+            if let Ok(n) = lz4_flex::block::compress_into(data, &mut bytes[HEADER_LEN..]) {
+                if n < data.len() {
+                    bytes.truncate(HEADER_LEN + n);
+                    compressed = true;
+                }
+            }
+        }
+        if !compressed {
+            bytes.truncate(HEADER_LEN);
+            bytes.extend_from_slice(data);
+        }
+        Encoded::finish_fields(
+            bytes,
+            kind,
+            compressed,
+            disk,
+            offset,
+            data.len() as u64,
+            data_crc,
+        )
+    }
+
+    /// A record without data: zero, trim (with a range) or flush, bookmark, sync markers (with a
+    /// text payload such as a bookmark's name).
+    pub fn control(kind: Kind, disk: u16, offset: u64, length: u64, text: &str) -> Encoded {
+        debug_assert!(!kind.carries_data());
+        let mut bytes = vec![0u8; HEADER_LEN];
+        bytes.extend_from_slice(text.as_bytes());
+        let crc = crc32c::crc32c(text.as_bytes());
+        Encoded::finish_fields(bytes, kind, false, disk, offset, length, crc)
+    }
+
+    fn finish_fields(
+        mut bytes: Vec<u8>,
+        kind: Kind,
+        compressed: bool,
+        disk: u16,
+        offset: u64,
+        length: u64,
+        data_crc: u32,
+    ) -> Encoded {
+        let stored_len = (bytes.len() - HEADER_LEN) as u32;
+        bytes[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        bytes[4] = kind as u8;
+        bytes[5] = if compressed { FLAG_LZ4 } else { 0 };
+        bytes[6..8].copy_from_slice(&disk.to_le_bytes());
+        bytes[24..32].copy_from_slice(&offset.to_le_bytes());
+        bytes[32..40].copy_from_slice(&length.to_le_bytes());
+        bytes[40..44].copy_from_slice(&stored_len.to_le_bytes());
+        bytes[44..48].copy_from_slice(&data_crc.to_le_bytes());
+        let payload_crc = crc32c::crc32c(&bytes[HEADER_LEN..]);
+        Encoded { bytes, payload_crc }
+    }
+
+    /// Gives the record its place in the stream and finishes the checksum.
+    pub fn seal(mut self, seq: u64, time_ns: u64) -> Vec<u8> {
+        self.bytes[8..16].copy_from_slice(&seq.to_le_bytes());
+        self.bytes[16..24].copy_from_slice(&time_ns.to_le_bytes());
+        let crc = crc32c::crc32c_append(self.payload_crc, &self.bytes[..52]);
+        self.bytes[52..56].copy_from_slice(&crc.to_le_bytes());
+        self.bytes
+    }
+
+    /// Bytes the sealed record will take.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Reads the seq of a sealed record without decoding the rest.
+pub fn seq_of(sealed: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&sealed[8..16]);
+    u64::from_le_bytes(a)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,411 @@
+//! The stream between nbd-proxy and the replicator, as bytes.
+//!
+//! Every message is a frame: a 16-byte header and a body.
+//!
+//! ```text
+//! 0 magic "CDPW"  4 type u8  5 reserved [u8; 3] = 0  8 body_len u32  12 crc u32 = crc32c(body)
+//! ```
+//!
+//! The conversation:
+//!
+//! ```text
+//! proxy                                   replicator
+//! Hello {protocol, group, volumes,  ───▶
+//!        want_hashes}
+//!                                   ◀───  Welcome {protocol, known, durable_seq}
+//!                                   ◀───  Hashes {disk, first_chunk, xxh3-128 per chunk} ...
+//!                                   ◀───  HashesDone            (only if want_hashes)
+//! Batch {sealed records, seq order} ───▶
+//!                                   ◀───  Ack {durable_seq}     (after fsync)
+//! ...                                     Error {text} either way, then close
+//! ```
+//!
+//! Hello and Welcome bodies are JSON so they can grow fields; the hot frames are binary.
+//! Records inside a batch carry their own checksums ([`crate::record`]).
+
+use serde::{Deserialize, Serialize};
+
+pub const FRAME_HEADER_LEN: usize = 16;
+pub const MAGIC: u32 = u32::from_le_bytes(*b"CDPW");
+pub const PROTOCOL: u32 = 1;
+/// Largest frame body accepted.
+pub const MAX_BODY: u32 = 64 * 1024 * 1024;
+/// Bytes of disk each hash in a `Hashes` frame covers.
+pub const HASH_CHUNK: u64 = 256 * 1024;
+/// Hashes per `Hashes` frame.
+pub const HASHES_PER_FRAME: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    Hello = 1,
+    Welcome = 2,
+    Hashes = 3,
+    HashesDone = 4,
+    Batch = 5,
+    Ack = 6,
+    Error = 7,
+}
+
+impl FrameType {
+    fn from_u8(v: u8) -> Option<FrameType> {
+        Some(match v {
+            1 => FrameType::Hello,
+            2 => FrameType::Welcome,
+            3 => FrameType::Hashes,
+            4 => FrameType::HashesDone,
+            5 => FrameType::Batch,
+            6 => FrameType::Ack,
+            7 => FrameType::Error,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("bad frame magic {0:#010x} (is the peer a CDP proxy or replicator?)")]
+    Magic(u32),
+    #[error("unknown frame type {0}")]
+    Type(u8),
+    #[error("frame body of {0} bytes is larger than the limit")]
+    TooLarge(u32),
+    #[error("frame checksum mismatch")]
+    Checksum,
+    #[error("malformed {what} frame: {detail}")]
+    Malformed { what: &'static str, detail: String },
+    #[error("expected a {expected} frame, got {got:?}")]
+    Unexpected {
+        expected: &'static str,
+        got: FrameType,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub kind: FrameType,
+    pub body: &'a [u8],
+}
+
+/// Parses the frame header at the start of `buf`: the type and body length, checked.
+pub fn parse_header(buf: &[u8; FRAME_HEADER_LEN]) -> Result<(FrameType, u32, u32), WireError> {
+    let le32 = |i: usize| u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+    if le32(0) != MAGIC {
+        return Err(WireError::Magic(le32(0)));
+    }
+    let kind = FrameType::from_u8(buf[4]).ok_or(WireError::Type(buf[4]))?;
+    if buf[5..8] != [0, 0, 0] {
+        return Err(WireError::Malformed {
+            what: "frame",
+            detail: "reserved header bytes are not zero".into(),
+        });
+    }
+    let len = le32(8);
+    if len > MAX_BODY {
+        return Err(WireError::TooLarge(len));
+    }
+    Ok((kind, len, le32(12)))
+}
+
+/// Checks a body against the crc from its header.
+pub fn check_body(crc: u32, body: &[u8]) -> Result<(), WireError> {
+    if crc32c::crc32c(body) != crc {
+        return Err(WireError::Checksum);
+    }
+    Ok(())
+}
+
+/// Parses a whole frame at the start of `buf`; `Ok(None)` if `buf` holds only part of one.
+pub fn parse(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, WireError> {
+    let Some(head) = buf.first_chunk::<FRAME_HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let (kind, len, crc) = parse_header(head)?;
+    let end = FRAME_HEADER_LEN + len as usize;
+    let Some(body) = buf.get(FRAME_HEADER_LEN..end) else {
+        return Ok(None);
+    };
+    check_body(crc, body)?;
+    Ok(Some((Frame { kind, body }, end)))
+}
+
+/// A frame header for `body`.
+pub fn header(kind: FrameType, body: &[u8]) -> [u8; FRAME_HEADER_LEN] {
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4] = kind as u8;
+    h[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    h[12..16].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    h
+}
+
+/// A whole frame (header + body) in one buffer.
+pub fn frame(kind: FrameType, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
+    out.extend_from_slice(&header(kind, body));
+    out.extend_from_slice(body);
+    out
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub name: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    pub group: String,
+    pub volumes: Vec<Volume>,
+    /// Send hashes of the latest image (the proxy does not know what the replicator holds).
+    pub want_hashes: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol: u32,
+    /// The replicator already had this group (else it was just created, empty).
+    pub known: bool,
+    /// Highest seq the replicator holds durably; the proxy sends what follows.
+    pub durable_seq: u64,
+}
+
+fn json<T: Serialize>(kind: FrameType, v: &T) -> Vec<u8> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    frame(kind, &body)
+}
+
+fn from_json<'a, T: Deserialize<'a>>(
+    frame: &Frame<'a>,
+    kind: FrameType,
+    what: &'static str,
+) -> Result<T, WireError> {
+    if frame.kind != kind {
+        return Err(unexpected(frame, what));
+    }
+    serde_json::from_slice(frame.body).map_err(|e| WireError::Malformed {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+/// The error for a frame that is not the one the conversation expects. An `Error` frame from
+/// the peer is reported with its text.
+pub fn unexpected(frame: &Frame<'_>, expected: &'static str) -> WireError {
+    if frame.kind == FrameType::Error {
+        return WireError::Malformed {
+            what: expected,
+            detail: format!("peer said: {}", String::from_utf8_lossy(frame.body)),
+        };
+    }
+    WireError::Unexpected {
+        expected,
+        got: frame.kind,
+    }
+}
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        json(FrameType::Hello, self)
+    }
+    pub fn decode(frame: &Frame<'_>) -> Result<Hello, WireError> {
+        let h: Hello = from_json(frame, FrameType::Hello, "hello")?;
+        if h.group.is_empty() || h.volumes.is_empty() || h.volumes.len() > usize::from(u16::MAX) {
+            return Err(WireError::Malformed {
+                what: "hello",
+                detail: "a group needs a name and 1 to 65535 volumes".into(),
+            });
+        }
+        Ok(h)
+    }
+}
+
+impl Welcome {
+    pub fn encode(&self) -> Vec<u8> {
+        json(FrameType::Welcome, self)
+    }
+    pub fn decode(frame: &Frame<'_>) -> Result<Welcome, WireError> {
+        from_json(frame, FrameType::Welcome, "welcome")
+    }
+}
+
+pub fn ack(durable_seq: u64) -> Vec<u8> {
+    frame(FrameType::Ack, &durable_seq.to_le_bytes())
+}
+
+pub fn decode_ack(frame: &Frame<'_>) -> Result<u64, WireError> {
+    if frame.kind != FrameType::Ack {
+        return Err(unexpected(frame, "ack"));
+    }
+    let b: [u8; 8] = frame.body.try_into().map_err(|_| WireError::Malformed {
+        what: "ack",
+        detail: format!("body is {} bytes, not 8", frame.body.len()),
+    })?;
+    Ok(u64::from_le_bytes(b))
+}
+
+pub fn error(text: &str) -> Vec<u8> {
+    frame(FrameType::Error, text.as_bytes())
+}
+
+/// Hashes of chunks `first_chunk..` of one disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hashes {
+    pub disk: u16,
+    pub first_chunk: u64,
+    pub hashes: Vec<u128>,
+}
+
+impl Hashes {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(10 + 16 * self.hashes.len());
+        body.extend_from_slice(&self.disk.to_le_bytes());
+        body.extend_from_slice(&self.first_chunk.to_le_bytes());
+        for h in &self.hashes {
+            body.extend_from_slice(&h.to_le_bytes());
+        }
+        frame(FrameType::Hashes, &body)
+    }
+
+    pub fn decode(frame: &Frame<'_>) -> Result<Hashes, WireError> {
+        if frame.kind != FrameType::Hashes {
+            return Err(unexpected(frame, "hashes"));
+        }
+        let b = frame.body;
+        if b.len() < 10 || (b.len() - 10) % 16 != 0 {
+            return Err(WireError::Malformed {
+                what: "hashes",
+                detail: format!("body of {} bytes", b.len()),
+            });
+        }
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&b[2..10]);
+        let hashes = b[10..]
+            .chunks_exact(16)
+            .map(|c| {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(c);
+                u128::from_le_bytes(a)
+            })
+            .collect();
+        Ok(Hashes {
+            disk: u16::from_le_bytes([b[0], b[1]]),
+            first_chunk: u64::from_le_bytes(first),
+            hashes,
+        })
+    }
+}
+
+/// The hash both sides compute over a chunk's bytes (the last chunk of a disk may be short).
+pub fn chunk_hash(bytes: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(bytes)
+}
+
+/// Splits a batch body into its records, checking each one.
+pub fn batch_records(
+    body: &[u8],
+) -> impl Iterator<Item = Result<crate::record::RecordRef<'_>, WireError>> {
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        match crate::record::parse(rest) {
+            Ok(Some(r)) => {
+                rest = &rest[r.header.record_len()..];
+                Some(Ok(r))
+            }
+            Ok(None) => {
+                rest = &[];
+                Some(Err(WireError::Malformed {
+                    what: "batch",
+                    detail: "a record is cut short".into(),
+                }))
+            }
+            Err(e) => {
+                rest = &[];
+                Some(Err(WireError::Malformed {
+                    what: "batch",
+                    detail: e.to_string(),
+                }))
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Encoded, Kind};
+
+    #[test]
+    fn hello_welcome_ack_round_trip() {
+        let hello = Hello {
+            protocol: PROTOCOL,
+            group: "web".into(),
+            volumes: vec![Volume {
+                name: "root".into(),
+                size: 1 << 30,
+            }],
+            want_hashes: true,
+        };
+        let bytes = hello.encode();
+        let (f, used) = parse(&bytes).unwrap().unwrap();
+        assert_eq!(used, bytes.len());
+        assert_eq!(Hello::decode(&f).unwrap(), hello);
+        assert!(parse(&bytes[..bytes.len() - 1]).unwrap().is_none());
+        let a = ack(42);
+        let (f, _) = parse(&a).unwrap().unwrap();
+        assert_eq!(decode_ack(&f), Ok(42));
+        assert!(matches!(
+            Welcome::decode(&f),
+            Err(WireError::Unexpected { .. })
+        ));
+    }
+
+    #[test]
+    fn corruption_and_foreign_bytes_are_refused() {
+        let mut a = ack(1);
+        a[17] ^= 1;
+        assert_eq!(parse(&a), Err(WireError::Checksum));
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Err(WireError::Magic(_))
+        ));
+        let mut big = ack(1);
+        big[8..12].copy_from_slice(&(MAX_BODY + 1).to_le_bytes());
+        assert_eq!(parse(&big), Err(WireError::TooLarge(MAX_BODY + 1)));
+        let e = error("no such group");
+        let (f, _) = parse(&e).unwrap().unwrap();
+        let err = Welcome::decode(&f).unwrap_err().to_string();
+        assert!(err.contains("no such group"), "{err}");
+    }
+
+    #[test]
+    fn hashes_and_batches_round_trip() {
+        let h = Hashes {
+            disk: 3,
+            first_chunk: 77,
+            hashes: vec![1, u128::MAX, chunk_hash(b"abc")],
+        };
+        let bytes = h.encode();
+        let (f, _) = parse(&bytes).unwrap().unwrap();
+        assert_eq!(Hashes::decode(&f).unwrap(), h);
+
+        let mut body = Vec::new();
+        for seq in 1..=3u64 {
+            body.extend(
+                Encoded::data(Kind::Write, 0, seq * 512, &[seq as u8; 512], true).seal(seq, 0),
+            );
+        }
+        let seqs: Vec<u64> = batch_records(&body)
+            .map(|r| r.unwrap().header.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+        let cut = &body[..body.len() - 5];
+        let results: Vec<_> = batch_records(cut).collect();
+        assert_eq!(results.len(), 3);
+        assert!(results[2].is_err());
+    }
+}
