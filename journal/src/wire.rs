@@ -273,7 +273,7 @@ impl Hashes {
             return Err(unexpected(frame, "hashes"));
         }
         let b = frame.body;
-        if b.len() < 10 || (b.len() - 10) % 16 != 0 {
+        if b.len() < 10 || !(b.len() - 10).is_multiple_of(16) {
             return Err(WireError::Malformed {
                 what: "hashes",
                 detail: format!("body of {} bytes", b.len()),
