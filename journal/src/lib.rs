@@ -8,6 +8,7 @@
 pub mod record;
 pub mod segment;
 pub mod store;
+pub mod units;
 pub mod wire;
 
 pub use record::{Encoded, Header, Kind, RecordRef};

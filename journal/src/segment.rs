@@ -7,13 +7,13 @@
 //! 32 reserved (28 bytes, zero)          60 crc u32 = crc32c(bytes 0..60)
 //! ```
 //!
-//! A sealed segment has an index next to it: a 32-byte header, one 40-byte entry per record
+//! A sealed segment has an index next to it: a 32-byte header, one 48-byte entry per record
 //! (where it is, what it covers, without its payload), and a crc32c of everything before it:
 //!
 //! ```text
 //! header:  0 magic "CDPJIDX1"  8 version u32  12 count u32  16 segment_len u64  24 first_seq u64
-//! entry:   0 seq u64  8 offset u64  16 length u64  24 pos u64  32 stored_len u32  36 kind u8
-//!         37 flags u8 38 disk u16
+//! entry:   0 seq u64  8 time_ns u64  16 offset u64  24 length u64  32 pos u64
+//!         40 stored_len u32  44 kind u8  45 flags u8  46 disk u16
 //! trailer: crc u32
 //! ```
 //!
@@ -26,7 +26,7 @@ pub const SEGMENT_MAGIC: &[u8; 8] = b"CDPJSEG1";
 pub const INDEX_MAGIC: &[u8; 8] = b"CDPJIDX1";
 pub const VERSION: u32 = 1;
 const INDEX_HEADER_LEN: usize = 32;
-pub const INDEX_ENTRY_LEN: usize = 40;
+pub const INDEX_ENTRY_LEN: usize = 48;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
@@ -84,6 +84,7 @@ impl SegmentHeader {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexEntry {
     pub seq: u64,
+    pub time_ns: u64,
     pub offset: u64,
     pub length: u64,
     /// Position of the record's header in the segment file.
@@ -98,6 +99,7 @@ impl IndexEntry {
     pub fn from_header(h: &Header, pos: u64) -> IndexEntry {
         IndexEntry {
             seq: h.seq,
+            time_ns: h.time_ns,
             offset: h.offset,
             length: h.length,
             pos,
@@ -115,6 +117,7 @@ impl IndexEntry {
 
     fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.time_ns.to_le_bytes());
         out.extend_from_slice(&self.offset.to_le_bytes());
         out.extend_from_slice(&self.length.to_le_bytes());
         out.extend_from_slice(&self.pos.to_le_bytes());
@@ -169,16 +172,17 @@ pub fn decode_index(b: &[u8], segment_len: u64) -> Result<Vec<IndexEntry>, Segme
     let mut entries = Vec::with_capacity(count);
     let mut prev_end = SEGMENT_HEADER_LEN as u64;
     for e in body[INDEX_HEADER_LEN..].chunks_exact(INDEX_ENTRY_LEN) {
-        let kind = Kind::from_u8(e[36]).ok_or(SegmentError::Index("unknown kind"))?;
+        let kind = Kind::from_u8(e[44]).ok_or(SegmentError::Index("unknown kind"))?;
         let entry = IndexEntry {
             seq: le64(&e[0..8]),
-            offset: le64(&e[8..16]),
-            length: le64(&e[16..24]),
-            pos: le64(&e[24..32]),
-            stored_len: le32(&e[32..36]),
+            time_ns: le64(&e[8..16]),
+            offset: le64(&e[16..24]),
+            length: le64(&e[24..32]),
+            pos: le64(&e[32..40]),
+            stored_len: le32(&e[40..44]),
             kind,
-            compressed: e[37] != 0,
-            disk: u16::from_le_bytes([e[38], e[39]]),
+            compressed: e[45] != 0,
+            disk: u16::from_le_bytes([e[46], e[47]]),
         };
         if entry.pos != prev_end || entry.end() > segment_len {
             return Err(SegmentError::Index("entries do not tile the segment"));

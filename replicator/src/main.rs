@@ -1,14 +1,128 @@
-//! replicator: receives change streams from nbd-proxy and makes them durable (not built yet).
+//! replicator: receives change streams from nbd-proxy and keeps them durable (base images plus
+//! an append-only journal), acknowledges what is durable, and applies retention.
 
-use clap::Parser;
+mod group;
+mod inspect;
+mod retention;
+mod serve;
 
-/// Receives the write streams of protected disks and keeps them as a base image plus a
-/// checksummed journal. Not implemented yet: this binary only reserves the name.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use journal::units::{parse_duration, parse_size};
+use tracing::info;
+
+/// Keep every write of protected VM disks: receive change streams from nbd-proxy, store them
+/// durably as base images plus a checksummed journal, acknowledge what is on disk.
 #[derive(Parser, Debug)]
-#[command(version)]
-struct Cli {}
+#[command(version, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Accept proxies on --listen and store their groups under --store.
+    Serve {
+        /// Address to listen on for proxies, e.g. 127.0.0.1:7070.
+        #[arg(long, value_name = "ADDR")]
+        listen: SocketAddr,
+        /// Store directory (created if missing); one subdirectory per group.
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+        /// Keep this much history (e.g. 24h, 7d); older records are folded into the base.
+        #[arg(long, value_name = "AGE", value_parser = parse_duration)]
+        retention: Option<Duration>,
+        /// Fold older history, even inside the retention window, to keep each group's store
+        /// under this size (e.g. 20GiB). Status and the log say when this shortens history.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_store_size: Option<u64>,
+        /// Seal journal segments at this size.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB")]
+        segment_size: u64,
+        /// How often retention runs.
+        #[arg(long, value_name = "AGE", value_parser = parse_duration, default_value = "10s")]
+        retention_interval: Duration,
+    },
+    /// Show each group's durable seq, history covered, store size and link state.
+    Status {
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every checksum in the store; report the first bad place of each segment.
+    /// Exit status 1 when anything is wrong.
+    Check {
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+    },
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  replicator serve --listen 127.0.0.1:7070 --store /srv/cdp --retention 24h --max-store-size 200GiB
+  nbd-proxy --disk root=/vms/web.img --socket /run/web.sock --group web --replicate 127.0.0.1:7070
+  replicator status --store /srv/cdp
+  replicator check --store /srv/cdp
+
+Records are acknowledged to the proxy only after they are fsynced; a restart loses nothing that
+was acknowledged, and a torn tail left by a crash is cut off (with a log line) at start-up.";
 
 fn main() -> anyhow::Result<()> {
-    Cli::parse();
-    anyhow::bail!("replicator is not implemented yet (see the open issues)")
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Command::Serve {
+            listen,
+            store,
+            retention,
+            max_store_size,
+            segment_size,
+            retention_interval,
+        } => {
+            std::fs::create_dir_all(&store)
+                .with_context(|| format!("create store {}", store.display()))?;
+            let listener = std::net::TcpListener::bind(listen)
+                .with_context(|| format!("listen on {listen}"))?;
+            info!(
+                "replicator listening on {} with store {}",
+                listener.local_addr()?,
+                store.display()
+            );
+            serve::serve(
+                listener,
+                serve::Options {
+                    store,
+                    segment_size: segment_size.max(1 << 20),
+                    retention: retention::Retention {
+                        max_age: retention,
+                        max_size: max_store_size,
+                        interval: retention_interval,
+                    },
+                },
+            )
+        }
+        Command::Status { store, json } => inspect::status(&store, json),
+        Command::Check { store } => {
+            let problems = inspect::check(&store)?;
+            if problems > 0 {
+                eprintln!("{problems} problem(s) found");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+    }
 }

@@ -1,0 +1,323 @@
+//! One group's store, open for writing: the journal's append end, the head images kept at the
+//! durable seq, and the checks every incoming record passes before it is stored.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use anyhow::{bail, Context};
+use journal::record::{Kind, RecordRef};
+use journal::store::{self, GroupDir, GroupMeta, JournalWriter, SeqMark};
+use journal::wire::{self, Volume};
+use tracing::{info, warn};
+
+/// A record checked and appended, waiting for the fsync that makes it durable before it is
+/// applied to the head images.
+#[derive(Debug)]
+struct Pending {
+    disk: u16,
+    kind: Kind,
+    offset: u64,
+    length: u64,
+    data: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct Group {
+    pub dir: GroupDir,
+    pub meta: GroupMeta,
+    journal: JournalWriter,
+    heads: Vec<File>,
+    pending: Vec<Pending>,
+    pending_bytes: usize,
+    /// Highest seq made durable (fsynced) in the journal.
+    pub durable_seq: u64,
+    pub durable_time_ns: u64,
+    pub records_in: u64,
+    pub bytes_in: u64,
+    pub stored_in: u64,
+}
+
+/// Raw bytes held for the head images before a commit is forced.
+pub const PENDING_LIMIT: usize = 64 << 20;
+
+impl Group {
+    /// Opens a group's store, or creates it for `volumes`. An existing group must have the same
+    /// volumes (names and sizes, in order).
+    pub fn open(
+        dir: GroupDir,
+        name: &str,
+        volumes: &[Volume],
+        segment_limit: u64,
+    ) -> anyhow::Result<(Group, bool)> {
+        let known = dir.exists();
+        if !known {
+            info!(group = name, "new group: creating its store at {}", dir.path.display());
+            dir.create(&GroupMeta {
+                format: store::FORMAT,
+                name: name.to_owned(),
+                volumes: volumes.to_vec(),
+                created_ns: journal::now_ns(),
+            })
+            .with_context(|| format!("create group store {}", dir.path.display()))?;
+        }
+        let meta = dir.meta()?;
+        if meta.volumes != volumes {
+            bail!(
+                "group {name} was stored with volumes {} but the proxy sends {}; \
+                 use another group name or remove {}",
+                describe(&meta.volumes),
+                describe(volumes),
+                dir.path.display()
+            );
+        }
+        let base = dir.mark("base")?;
+        let (journal, report) = JournalWriter::open(&dir, base.seq, segment_limit)
+            .with_context(|| format!("open journal of group {name}"))?;
+        if let Some((path, at, cut, why)) = &report.truncated {
+            warn!(
+                group = name,
+                "journal tail cut at start-up: {} at byte {at}, {cut} bytes removed ({why}); \
+                 nothing acknowledged is lost (records are acknowledged after fsync)",
+                path.display()
+            );
+        }
+        let mut heads = Vec::new();
+        for v in &meta.volumes {
+            let path = dir.image("head", &v.name);
+            heads.push(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .with_context(|| format!("open head image {}", path.display()))?,
+            );
+        }
+        let mut group = Group {
+            dir,
+            meta,
+            journal,
+            heads,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            durable_seq: report.last_seq,
+            durable_time_ns: report.last_time_ns,
+            records_in: 0,
+            bytes_in: 0,
+            stored_in: 0,
+        };
+        group.catch_up_heads()?;
+        Ok((group, known))
+    }
+
+    /// Replays durable records the head images may lack (after a crash) onto them.
+    fn catch_up_heads(&mut self) -> anyhow::Result<()> {
+        let head = self.dir.mark("head")?;
+        if head.seq >= self.durable_seq {
+            return Ok(());
+        }
+        let from = head.seq + 1;
+        info!(
+            group = %self.meta.name,
+            "bringing head images from seq {} to {}", head.seq, self.durable_seq
+        );
+        let mut buf = Vec::new();
+        for seg in self.dir.segments()? {
+            let (entries, _) = seg.load_index()?;
+            if entries.last().is_none_or(|e| e.seq < from) {
+                continue;
+            }
+            let file = File::open(&seg.path)?;
+            for e in entries.iter().filter(|e| e.seq >= from && e.seq <= self.durable_seq) {
+                store::read_record(&file, e, &mut buf)?;
+                let Ok(Some(r)) = journal::record::parse(&buf) else {
+                    bail!("record seq {} in {} does not parse", e.seq, seg.path.display());
+                };
+                let data = if r.header.kind.carries_data() {
+                    r.payload()
+                        .with_context(|| format!("seq {} in {}", e.seq, seg.path.display()))?
+                        .into_owned()
+                } else {
+                    Vec::new()
+                };
+                self.apply(&Pending {
+                    disk: r.header.disk,
+                    kind: r.header.kind,
+                    offset: r.header.offset,
+                    length: r.header.length,
+                    data,
+                })?;
+            }
+        }
+        self.sync_heads()?;
+        Ok(())
+    }
+
+    /// Checks a batch and appends its new records to the journal (not yet durable). Records at
+    /// or below the durable seq are duplicates of a resent stream and are skipped.
+    pub fn ingest(&mut self, body: &[u8]) -> anyhow::Result<()> {
+        let mut accepted: Vec<RecordRef<'_>> = Vec::new();
+        let mut next = self.journal.last_seq() + 1;
+        for r in wire::batch_records(body) {
+            let r = r?;
+            let h = r.header;
+            if h.seq < next {
+                continue;
+            }
+            if h.seq != next {
+                bail!("seq {} arrived when {} was expected: the stream has a gap", h.seq, next);
+            }
+            let Some(volume) = self.meta.volumes.get(usize::from(h.disk)) else {
+                bail!("record seq {} names disk {} of {}", h.seq, h.disk, self.meta.volumes.len());
+            };
+            if h.kind.changes_data() && h.offset + h.length > volume.size {
+                bail!(
+                    "record seq {} covers {}..{} past the end of {} ({} bytes)",
+                    h.seq,
+                    h.offset,
+                    h.offset + h.length,
+                    volume.name,
+                    volume.size
+                );
+            }
+            let data = if h.kind.carries_data() {
+                r.payload()
+                    .with_context(|| format!("record seq {}", h.seq))?
+                    .into_owned()
+            } else {
+                Vec::new()
+            };
+            self.pending_bytes += data.len();
+            self.bytes_in += if h.kind.carries_data() { h.length } else { 0 };
+            self.stored_in += h.record_len() as u64;
+            self.pending.push(Pending {
+                disk: h.disk,
+                kind: h.kind,
+                offset: h.offset,
+                length: h.length,
+                data,
+            });
+            accepted.push(r);
+            next += 1;
+        }
+        self.records_in += accepted.len() as u64;
+        self.journal.append(&accepted).context("append to journal")?;
+        Ok(())
+    }
+
+    /// Whether enough is pending that the caller should commit before reading more.
+    pub fn should_commit(&self) -> bool {
+        self.pending_bytes >= PENDING_LIMIT
+    }
+
+    /// Makes what was ingested durable (fsync), then applies it to the head images. Returns the
+    /// durable seq to acknowledge.
+    pub fn commit(&mut self) -> anyhow::Result<u64> {
+        if self.journal.last_seq() == self.durable_seq {
+            return Ok(self.durable_seq);
+        }
+        let before = self.journal.current_segment().first_seq;
+        self.journal.sync().context("fsync journal")?;
+        self.durable_seq = self.journal.last_seq();
+        self.durable_time_ns = self.journal.last_time_ns();
+        for p in std::mem::take(&mut self.pending) {
+            self.apply(&p)?;
+        }
+        self.pending_bytes = 0;
+        if self.journal.current_segment().first_seq != before {
+            // A segment was sealed: a good moment to checkpoint the head images.
+            self.sync_heads()?;
+        }
+        Ok(self.durable_seq)
+    }
+
+    fn apply(&self, p: &Pending) -> io::Result<()> {
+        let file = &self.heads[usize::from(p.disk)];
+        match p.kind {
+            Kind::Write | Kind::SyncData => file.write_all_at(&p.data, p.offset),
+            Kind::Zero | Kind::Trim => punch(file, p.offset, p.length),
+            _ => Ok(()),
+        }
+    }
+
+    /// Flushes the head images and records the seq they hold.
+    pub fn sync_heads(&mut self) -> anyhow::Result<()> {
+        for f in &self.heads {
+            f.sync_data()?;
+        }
+        self.dir.set_mark(
+            "head",
+            SeqMark {
+                seq: self.durable_seq,
+                time_ns: self.durable_time_ns,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Hashes of the head image of `disk`, one per [`wire::HASH_CHUNK`].
+    pub fn head_hashes(&self, disk: usize) -> io::Result<Vec<u128>> {
+        let size = self.meta.volumes[disk].size;
+        let file = &self.heads[disk];
+        let chunk = wire::HASH_CHUNK;
+        let zero_hash = wire::chunk_hash(&vec![0u8; chunk as usize]);
+        let mut out = Vec::with_capacity(size.div_ceil(chunk) as usize);
+        let mut buf = vec![0u8; chunk as usize];
+        let mut next_data = 0u64;
+        let mut off = 0u64;
+        while off < size {
+            let len = chunk.min(size - off) as usize;
+            if next_data < off {
+                next_data = seek_data(file, off)?.unwrap_or(u64::MAX);
+            }
+            if next_data >= off + len as u64 && len as u64 == chunk {
+                out.push(zero_hash);
+            } else {
+                file.read_exact_at(&mut buf[..len], off)?;
+                out.push(wire::chunk_hash(&buf[..len]));
+            }
+            off += len as u64;
+        }
+        Ok(out)
+    }
+}
+
+fn describe(volumes: &[Volume]) -> String {
+    volumes
+        .iter()
+        .map(|v| format!("{} ({} bytes)", v.name, v.size))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Zeroes a range by punching a hole; writes zeroes where the file system cannot.
+pub fn punch(file: &File, offset: u64, length: u64) -> io::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags as F};
+    let mode = F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE;
+    if fallocate(file.as_raw_fd(), mode, offset as i64, length as i64).is_ok() {
+        return Ok(());
+    }
+    let zeroes = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < length {
+        let n = (length - done).min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// The next offset at or after `off` that holds data, or None when only a hole follows.
+fn seek_data(file: &File, off: u64) -> io::Result<Option<u64>> {
+    // SAFETY: lseek on a valid descriptor owned by `file`; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Ok(Some(off)),
+        };
+    }
+    Ok(Some(r as u64))
+}
