@@ -338,5 +338,12 @@ pub fn seq_of(sealed: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// Reads the time of a sealed record without decoding the rest.
+pub fn time_of(sealed: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&sealed[16..24]);
+    u64::from_le_bytes(a)
+}
+
 #[cfg(test)]
 mod tests;

@@ -115,6 +115,19 @@ pub fn check_body(crc: u32, body: &[u8]) -> Result<(), WireError> {
     Ok(())
 }
 
+/// Reads one frame from a blocking stream, checked: the only I/O in this module, shared by
+/// both ends.
+pub fn read_frame(r: &mut impl std::io::Read) -> std::io::Result<(FrameType, Vec<u8>)> {
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    r.read_exact(&mut head)?;
+    let invalid = |e: WireError| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let (kind, len, crc) = parse_header(&head).map_err(invalid)?;
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)?;
+    check_body(crc, &body).map_err(invalid)?;
+    Ok((kind, body))
+}
+
 /// Parses a whole frame at the start of `buf`; `Ok(None)` if `buf` holds only part of one.
 pub fn parse(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, WireError> {
     let Some(head) = buf.first_chunk::<FRAME_HEADER_LEN>() else {

@@ -1,12 +1,21 @@
-//! nbd-proxy: serves VM disk images over NBD. Flags are parsed and sockets bound here, before
-//! any thread starts; serving is `nbd_server::run`.
+//! nbd-proxy: serves VM disk images over NBD and, with --replicate, captures every change and
+//! ships it to a replicator. Flags are parsed and sockets bound here, before any thread starts;
+//! serving is `nbd_server::run`, capture is `capture`, shipping is `ship`.
+
+mod capture;
+mod control;
+mod rangelock;
+mod resync;
+mod ship;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use journal::units::{parse_duration, parse_size};
 use nbd_server::listen::{self, Inherited};
 use nbd_server::{BlockBackend, Export, FileBackend, Listener};
 use tracing::{info, warn};
@@ -18,11 +27,22 @@ use tracing::{info, warn};
 /// The proxy stops cleanly on SIGTERM or SIGINT: it stops accepting, finishes the requests it has
 /// read, flushes the disks, and exits 0; QEMU attached with reconnect-delay waits and reconnects
 /// to a restarted proxy without losing guest I/O.
+///
+/// With --replicate, every write, zeroing, trim and flush is also recorded in order and sent to
+/// a replicator, which keeps the whole history (continuous data protection).
 #[derive(Parser, Debug)]
-#[command(version, after_help = EXAMPLES)]
+#[command(
+    version,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// A disk to serve, as NAME=PATH: the export name clients ask for, and a raw image file or
-    /// block device. Repeat for several disks.
+    /// block device. Repeat for several disks (of one VM: they replicate as one group).
     #[arg(long = "disk", value_name = "NAME=PATH", required = true, value_parser = parse_disk)]
     disks: Vec<Disk>,
 
@@ -42,6 +62,58 @@ struct Cli {
     /// Worker threads serving requests [default: one per CPU].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+
+    /// Replicate every change to the replicator at HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Replication")]
+    replicate: Option<String>,
+
+    /// Name of this VM's group at the replicator: its disks share one sequence, so any point
+    /// is consistent across them [default: the first disk's file name without extension].
+    #[arg(long, value_name = "NAME", help_heading = "Replication")]
+    group: Option<String>,
+
+    /// async: reply to the guest after the local write (RPO: the lag, usually milliseconds).
+    /// sync: reply only once the replicator has the write on disk (RPO 0; writes wait while
+    /// the replicator is away).
+    #[arg(long, value_enum, default_value = "async", help_heading = "Replication")]
+    mode: capture::Mode,
+
+    /// Memory for changes not yet acknowledged by the replicator.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256MiB", help_heading = "Replication")]
+    log_capacity: u64,
+
+    /// What to do when the change log is full: bitmap (keep the guest at full speed, track
+    /// dirty chunks, resync them later) or block (make guest writes wait).
+    #[arg(long, value_enum, default_value = "bitmap", help_heading = "Replication")]
+    on_full: capture::OnFull,
+
+    /// Unix socket for `nbd-proxy status` and `nbd-proxy bookmark`.
+    #[arg(long, value_name = "CTLSOCK", help_heading = "Replication")]
+    control: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show a running proxy's replication state: link, lag, log fill, resync progress.
+    Status {
+        /// The proxy's --control socket.
+        #[arg(long, value_name = "CTLSOCK")]
+        control: PathBuf,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Flush every disk, then place a named recovery point in the stream (for example before
+    /// an upgrade); waits until the replicator has it on disk.
+    Bookmark {
+        #[arg(long, value_name = "CTLSOCK")]
+        control: PathBuf,
+        /// How long to wait for the replicator's acknowledgement.
+        #[arg(long, value_name = "AGE", value_parser = parse_duration, default_value = "30s")]
+        timeout: Duration,
+        /// The bookmark's name, as `restore --at bookmark:NAME` will use it.
+        name: String,
+    },
 }
 
 const EXAMPLES: &str = "\
@@ -51,6 +123,12 @@ Examples:
     -blockdev driver=nbd,node-name=d0,server.type=unix,server.path=/run/web.sock,export=root,reconnect-delay=10 \\
     -device virtio-blk-pci,drive=d0
   nbdinfo 'nbd+unix:///root?socket=/run/web.sock'
+
+Protect a VM: replicate every change to a replicator, with a control socket:
+  nbd-proxy --disk root=/vms/web.img --disk data=/vms/web-data.img --socket /run/web.sock \
+    --group web --replicate 127.0.0.1:7070 --control /run/web.ctl
+  nbd-proxy status --control /run/web.ctl
+  nbd-proxy bookmark --control /run/web.ctl before-upgrade
 
 Socket activation (LISTEN_FDS, as systemd or `nbdinfo -- [ nbd-proxy --disk ... ]` pass it) is used
 when present, in place of --socket and --listen.
@@ -87,10 +165,63 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    match &cli.command {
+        Some(Command::Status { control, json }) => {
+            let reply = control::request(control, &control::Request::Status)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&reply)?);
+            } else {
+                let status: control::Status =
+                    serde_json::from_value(reply).context("read the proxy's status")?;
+                control::print_status(&status);
+            }
+            return Ok(());
+        }
+        Some(Command::Bookmark {
+            control,
+            timeout,
+            name,
+        }) => {
+            let reply = control::request(
+                control,
+                &control::Request::Bookmark {
+                    name: name.clone(),
+                    timeout_ms: timeout.as_millis() as u64,
+                },
+            )?;
+            if reply["ok"] != serde_json::Value::Bool(true) {
+                bail!("bookmark refused: {}", reply["error"].as_str().unwrap_or("?"));
+            }
+            let seq = reply["seq"].as_u64().unwrap_or(0);
+            if reply["durable"] == serde_json::Value::Bool(true) {
+                println!("bookmark {name} placed at seq {seq}, durable at the replicator");
+            } else {
+                println!(
+                    "bookmark {name} placed at seq {seq}; the replicator has not acknowledged it within {}s yet",
+                    timeout.as_secs()
+                );
+            }
+            return Ok(());
+        }
+        None => {}
+    }
+    if cli.replicate.is_none() && cli.control.is_some() {
+        bail!("--control needs --replicate (it reports and bookmarks replication)");
+    }
+    if cli.replicate.is_some() && cli.read_only {
+        bail!("--read-only disks never change: there is nothing to replicate");
+    }
 
-    let exports = open_disks(&cli)?;
+    let files = open_disks(&cli)?;
     // Sockets are bound before the runtime starts threads (socket activation edits the environment).
     let (listeners, socket_file) = bind(&cli)?;
+    let control_listener = cli
+        .control
+        .as_ref()
+        .map(|p| {
+            listen::bind_unix(p).with_context(|| format!("listen on control socket {}", p.display()))
+        })
+        .transpose()?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cli.threads {
         runtime.worker_threads(n.max(1));
@@ -99,14 +230,28 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    let served = runtime.block_on(async {
-        let listeners = listeners
-            .into_iter()
-            .map(into_tokio)
-            .collect::<std::io::Result<Vec<_>>>()?;
-        nbd_server::run(listeners, exports, shutdown_signal()).await
-    });
-    if let Some(path) = socket_file {
+    let served = match &cli.replicate {
+        None => {
+            let exports = files
+                .into_iter()
+                .map(|(disk, backend)| export(&disk, backend))
+                .collect();
+            serve(&runtime, listeners, exports)
+        }
+        Some(addr) => {
+            let replication = start_replication(&cli, addr, files, &runtime, control_listener)?;
+            let exports = replication
+                .disks
+                .iter()
+                .zip(&cli.disks)
+                .map(|(b, disk)| Export::new(&disk.name, &disk.path.display().to_string(), b.clone()))
+                .collect();
+            let served = serve(&runtime, listeners, exports);
+            replication.drain(&runtime);
+            served
+        }
+    };
+    for path in socket_file.iter().chain(cli.control.iter()) {
         let _ = std::fs::remove_file(path);
     }
     served.context("serve")?;
@@ -114,10 +259,149 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn open_disks(cli: &Cli) -> anyhow::Result<Vec<Export<FileBackend>>> {
-    let mut exports: Vec<Export<FileBackend>> = Vec::new();
+fn serve<B: BlockBackend>(
+    runtime: &tokio::runtime::Runtime,
+    listeners: Vec<StdListener>,
+    exports: Vec<Export<B>>,
+) -> std::io::Result<()> {
+    runtime.block_on(async {
+        let listeners = listeners
+            .into_iter()
+            .map(into_tokio)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        nbd_server::run(listeners, exports, shutdown_signal()).await
+    })
+}
+
+fn export(disk: &Disk, backend: FileBackend) -> Export<FileBackend> {
+    let description = disk.path.display().to_string();
+    Export::new(&disk.name, &description, Arc::new(backend))
+}
+
+/// The capture side of a replicated group, running.
+struct Replication {
+    disks: Vec<Arc<capture::CaptureBackend>>,
+    capture: Arc<capture::Capture>,
+}
+
+impl Replication {
+    /// At a clean stop, gives the replicator a few seconds to acknowledge what is still in the
+    /// log (a restarted proxy would otherwise compare every chunk by hash).
+    fn drain(&self, runtime: &tokio::runtime::Runtime) {
+        let last = self.capture.last_seq();
+        if *self.capture.acked.borrow() >= last || !self.capture.is_live() {
+            return;
+        }
+        info!("waiting up to 10 s for the replicator to acknowledge seq {last}");
+        let done = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), self.capture.durable(last)).await
+        });
+        if done.is_err() {
+            warn!(
+                "the replicator has seq {} of {last}; the next start compares the disks by hash",
+                *self.capture.acked.borrow()
+            );
+        }
+    }
+}
+
+fn start_replication(
+    cli: &Cli,
+    addr: &str,
+    files: Vec<(Disk, FileBackend)>,
+    runtime: &tokio::runtime::Runtime,
+    control_listener: Option<std::os::unix::net::UnixListener>,
+) -> anyhow::Result<Replication> {
+    let group = match &cli.group {
+        Some(g) => g.clone(),
+        None => default_group(&cli.disks[0]),
+    };
+    if !journal::store::valid_group_name(&group) {
+        bail!("group name {group:?} is not allowed: use letters, digits, '-', '_' and '.'");
+    }
+    let sizes = files.iter().map(|(_, f)| f.size_bytes()).collect();
+    let (capture, rx) = capture::Capture::new(sizes, cli.log_capacity.max(1 << 20), cli.mode, cli.on_full);
+    let disks: Vec<Arc<capture::CaptureBackend>> = files
+        .iter()
+        .enumerate()
+        .map(|(i, (_, file))| -> anyhow::Result<_> {
+            Ok(Arc::new(capture::CaptureBackend {
+                file: FileBackend::open(file.path(), false)?,
+                locks: Default::default(),
+                capture: capture.clone(),
+                disk: i as u16,
+            }))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let volumes = files
+        .iter()
+        .map(|(d, f)| journal::wire::Volume {
+            name: d.name.clone(),
+            size: f.size_bytes(),
+        })
+        .collect();
+    let link = Arc::new(Mutex::new(ship::LinkInfo::default()));
+    let shipper = ship::Shipper {
+        addr: addr.to_owned(),
+        group: group.clone(),
+        volumes,
+        capture: capture.clone(),
+        disks: disks.clone(),
+        runtime: runtime.handle().clone(),
+        link: link.clone(),
+    };
+    std::thread::Builder::new()
+        .name("shipper".into())
+        .spawn(move || shipper.run(rx))?;
+    info!(
+        "replicating group {group} to {addr} (mode {:?}, change log {}, on full: {:?})",
+        cli.mode,
+        journal::units::human_bytes(cli.log_capacity),
+        cli.on_full
+    );
+    if let Some(l) = control_listener {
+        l.set_nonblocking(true)?;
+        let control = Arc::new(control::Control {
+            group,
+            replicator: addr.to_owned(),
+            capture: capture.clone(),
+            disks: files
+                .iter()
+                .zip(&disks)
+                .map(|((d, _), b)| (d.name.clone(), d.path.display().to_string(), b.clone()))
+                .collect(),
+            link,
+        });
+        let _guard = runtime.enter();
+        let listener = tokio::net::UnixListener::from_std(l)?;
+        runtime.spawn(control::serve(listener, control));
+    }
+    Ok(Replication { disks, capture })
+}
+
+/// The first disk's file name without its extension, made into a valid group name.
+fn default_group(disk: &Disk) -> String {
+    let stem = disk
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let cleaned: String = stem
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .collect();
+    let cleaned = cleaned.trim_start_matches('.').to_owned();
+    if cleaned.is_empty() {
+        disk.name.clone()
+    } else {
+        cleaned
+    }
+}
+
+fn open_disks(cli: &Cli) -> anyhow::Result<Vec<(Disk, FileBackend)>> {
+    let mut out: Vec<(Disk, FileBackend)> = Vec::new();
     for disk in &cli.disks {
-        if exports.iter().any(|e| e.info.name == disk.name) {
+        if out.iter().any(|(d, _)| d.name == disk.name) {
             bail!("export name {:?} is given twice", disk.name);
         }
         let backend = FileBackend::open(&disk.path, cli.read_only)
@@ -125,10 +409,9 @@ fn open_disks(cli: &Cli) -> anyhow::Result<Vec<Export<FileBackend>>> {
         if backend.size_bytes() == 0 {
             warn!(export = %disk.name, "disk {} is empty", disk.path.display());
         }
-        let description = disk.path.display().to_string();
-        exports.push(Export::new(&disk.name, &description, Arc::new(backend)));
+        out.push((disk.clone(), backend));
     }
-    Ok(exports)
+    Ok(out)
 }
 
 enum StdListener {

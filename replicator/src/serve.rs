@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use crossbeam_channel::{bounded, Receiver, TryRecvError};
 use journal::store::{self, GroupDir};
-use journal::wire::{self, FrameType, Hello, Welcome, FRAME_HEADER_LEN};
+use journal::wire::{self, FrameType, Hello, Welcome};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -64,15 +64,8 @@ pub fn serve(listener: TcpListener, opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads one frame (header and body), checked.
-pub fn read_frame(r: &mut impl Read) -> anyhow::Result<(FrameType, Vec<u8>)> {
-    let mut head = [0u8; FRAME_HEADER_LEN];
-    r.read_exact(&mut head)?;
-    let (kind, len, crc) = wire::parse_header(&head)?;
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body)?;
-    wire::check_body(crc, &body)?;
-    Ok((kind, body))
+fn read_frame(r: &mut impl Read) -> anyhow::Result<(FrameType, Vec<u8>)> {
+    Ok(wire::read_frame(r)?)
 }
 
 fn handle(mut stream: TcpStream, peer: &str, slots: &Slots, opts: &Options) -> anyhow::Result<()> {

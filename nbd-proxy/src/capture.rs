@@ -1,0 +1,546 @@
+//! Capture: every change the guest makes becomes a record, in an order that replays to the
+//! image (invariant 1), held in a change log bounded by bytes (invariant 5) until the
+//! replicator acknowledges it durable.
+//!
+//! A write takes a range lock, is applied to the image, and is given its seq while the lock is
+//! still held; so of two overlapping writes, the one applied last has the higher seq. Records
+//! are compressed and summed before the lock (the expensive part runs in parallel); the
+//! sequencer's mutex only numbers them and hands them to the shipper through a crossbeam
+//! channel, in seq order.
+//!
+//! When the log is full (or before the first contact with the replicator) the proxy stops
+//! queueing records and marks dirty chunks instead (`--on-full bitmap`), or makes the guest
+//! wait (`--on-full block`). A resync ([`crate::resync`]) later sends the current content of
+//! the dirty chunks between `SyncBegin` and `SyncEnd` records.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use journal::record::{Encoded, Kind};
+use journal::wire::HASH_CHUNK;
+use nbd_server::{BlockBackend, Capabilities, Extent, FileBackend, ZeroError, ZeroMode};
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+use tracing::warn;
+
+use crate::rangelock::RangeLocks;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Reply to the guest after the local write; replication follows (seconds of RPO at most).
+    Async,
+    /// Reply to the guest only after the replicator has the write durably (RPO 0).
+    Sync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFull {
+    /// Keep serving the guest at full speed; remember which chunks changed and resynchronize
+    /// them when the replicator catches up (those points are not consistent until then).
+    Bitmap,
+    /// Make guest writes wait until the replicator frees room in the log.
+    Block,
+}
+
+/// A sealed record on its way to the replicator.
+#[derive(Debug)]
+pub struct Sealed {
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+    pub at: Instant,
+}
+
+/// Chunks of one disk that changed without a record in the log.
+#[derive(Debug, Clone, Default)]
+pub struct Dirty {
+    bits: Vec<u64>,
+    count: u64,
+}
+
+impl Dirty {
+    fn new(size: u64) -> Dirty {
+        Dirty {
+            bits: vec![0; size.div_ceil(HASH_CHUNK).div_ceil(64) as usize],
+            count: 0,
+        }
+    }
+
+    pub fn mark(&mut self, offset: u64, length: u64) {
+        if length == 0 {
+            return;
+        }
+        let first = offset / HASH_CHUNK;
+        let last = (offset + length - 1) / HASH_CHUNK;
+        for c in first..=last {
+            let (w, b) = ((c / 64) as usize, c % 64);
+            if let Some(word) = self.bits.get_mut(w) {
+                if *word & (1 << b) == 0 {
+                    *word |= 1 << b;
+                    self.count += 1;
+                }
+            }
+        }
+    }
+
+    pub fn mark_all(&mut self, size: u64) {
+        self.mark(0, size);
+    }
+
+    pub fn chunks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bits.iter().enumerate().flat_map(|(w, &word)| {
+            (0..64)
+                .filter(move |b| word & (1u64 << b) != 0)
+                .map(move |b| w as u64 * 64 + b)
+        })
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+#[derive(Debug)]
+struct SeqState {
+    next_seq: u64,
+    /// Records are being queued (else changes only mark `dirty`).
+    live: bool,
+    dirty: Vec<Dirty>,
+    /// The replicator's copy is of unknown relation to ours: compare hashes of everything.
+    full_sync_needed: bool,
+    warned_full: bool,
+}
+
+/// Outcome of handing a record to the log.
+enum Pushed {
+    Queued(u64),
+    Dirty,
+    Full,
+}
+
+/// The replication state shared by every disk of a group.
+#[derive(Debug)]
+pub struct Capture {
+    state: Mutex<SeqState>,
+    tx: crossbeam_channel::Sender<Sealed>,
+    pub log_bytes: AtomicU64,
+    pub capacity: u64,
+    space: Notify,
+    pub acked: watch::Sender<u64>,
+    pub mode: Mode,
+    pub on_full: OnFull,
+    pub sizes: Vec<u64>,
+    pub syncing: AtomicBool,
+    pub stats: Stats,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub records: AtomicU64,
+    pub dirty_marked: AtomicU64,
+    pub sync_chunks_total: AtomicU64,
+    pub sync_chunks_done: AtomicU64,
+    pub sync_bytes_sent: AtomicU64,
+    pub sync_chunks_skipped: AtomicU64,
+    pub syncs_completed: AtomicU64,
+    /// Capture time of the oldest record not yet durable (0: none).
+    pub oldest_unacked_ns: AtomicU64,
+    /// Replication lag samples in microseconds (record sealed → durable ack), most recent last.
+    pub lag_us: Mutex<VecDeque<u64>>,
+}
+
+impl Capture {
+    pub fn new(
+        sizes: Vec<u64>,
+        capacity: u64,
+        mode: Mode,
+        on_full: OnFull,
+    ) -> (Arc<Capture>, crossbeam_channel::Receiver<Sealed>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let dirty = sizes.iter().map(|&s| Dirty::new(s)).collect();
+        let capture = Capture {
+            state: Mutex::new(SeqState {
+                next_seq: 1,
+                live: false,
+                dirty,
+                full_sync_needed: true,
+                warned_full: false,
+            }),
+            tx,
+            log_bytes: AtomicU64::new(0),
+            capacity,
+            space: Notify::new(),
+            acked: watch::channel(0).0,
+            mode,
+            on_full,
+            sizes,
+            syncing: AtomicBool::new(false),
+            stats: Stats::default(),
+        };
+        (Arc::new(capture), rx)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, SeqState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn try_push(&self, enc: Encoded, disk: u16, range: Option<(u64, u64)>, force: bool) -> (Pushed, Option<Encoded>) {
+        let mut st = self.state();
+        if !st.live {
+            if let Some((off, len)) = range {
+                st.dirty[usize::from(disk)].mark(off, len);
+                self.stats.dirty_marked.fetch_add(1, Ordering::Relaxed);
+            }
+            return (Pushed::Dirty, None);
+        }
+        let len = enc.len() as u64;
+        if !force && self.log_bytes.load(Ordering::Acquire) + len > self.capacity {
+            match self.on_full {
+                OnFull::Block => return (Pushed::Full, Some(enc)),
+                OnFull::Bitmap => {
+                    st.live = false;
+                    if let Some((off, len)) = range {
+                        st.dirty[usize::from(disk)].mark(off, len);
+                        self.stats.dirty_marked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if !st.warned_full {
+                        st.warned_full = true;
+                        warn!(
+                            "change log full ({} bytes): tracking dirty chunks until the replicator catches up",
+                            self.capacity
+                        );
+                    }
+                    return (Pushed::Dirty, None);
+                }
+            }
+        }
+        (Pushed::Queued(self.queue(&mut st, enc)), None)
+    }
+
+    /// Numbers a record and hands it to the shipper; the caller holds the sequencer lock.
+    fn queue(&self, st: &mut SeqState, enc: Encoded) -> u64 {
+        let len = enc.len() as u64;
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let bytes = enc.seal(seq, journal::now_ns());
+        self.log_bytes.fetch_add(len, Ordering::AcqRel);
+        self.stats.records.fetch_add(1, Ordering::Relaxed);
+        // The shipper holds the receiver for the life of the process.
+        let _ = self.tx.send(Sealed {
+            seq,
+            bytes,
+            at: Instant::now(),
+        });
+        seq
+    }
+
+    /// Hands a change to the log: its seq, or None when it was recorded as a dirty chunk.
+    /// With `--on-full block` (or `wait`), waits for room.
+    async fn push(&self, mut enc: Encoded, disk: u16, range: Option<(u64, u64)>, wait: bool) -> Option<u64> {
+        let wait = wait || self.on_full == OnFull::Block;
+        loop {
+            let room = self.space.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let (pushed, back) = if wait {
+                self.try_push_waiting(enc, disk, range)
+            } else {
+                self.try_push(enc, disk, range, false)
+            };
+            match pushed {
+                Pushed::Queued(seq) => return Some(seq),
+                Pushed::Dirty => return None,
+                Pushed::Full => {
+                    enc = back?;
+                    room.await;
+                }
+            }
+        }
+    }
+
+    fn try_push_waiting(&self, enc: Encoded, disk: u16, range: Option<(u64, u64)>) -> (Pushed, Option<Encoded>) {
+        let len = enc.len() as u64;
+        let full = self.log_bytes.load(Ordering::Acquire) + len > self.capacity
+            && self.log_bytes.load(Ordering::Acquire) > 0;
+        if full && self.state().live {
+            return (Pushed::Full, Some(enc));
+        }
+        self.try_push(enc, disk, range, true)
+    }
+
+    /// A chunk read by a sync: waits for room in the log rather than dropping it.
+    pub async fn push_sync(&self, enc: Encoded, disk: u16, offset: u64, length: u64) -> Option<u64> {
+        self.push(enc, disk, Some((offset, length)), true).await
+    }
+
+    /// A small record (flush, bookmark, sync marker): queued past the byte budget when live.
+    pub fn push_control(&self, enc: Encoded) -> Option<u64> {
+        match self.try_push(enc, 0, None, true).0 {
+            Pushed::Queued(seq) => Some(seq),
+            _ => None,
+        }
+    }
+
+    /// Called by the shipper when records up to `seq` are durable.
+    pub fn release(&self, bytes: u64, seq: u64) {
+        self.log_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        self.acked.send_if_modified(|a| {
+            if seq > *a {
+                *a = seq;
+                true
+            } else {
+                false
+            }
+        });
+        self.space.notify_waiters();
+    }
+
+    /// Waits until the replicator has `seq` durably.
+    pub async fn durable(&self, seq: u64) {
+        let mut rx = self.acked.subscribe();
+        let _ = rx.wait_for(|a| *a >= seq).await;
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.state().live
+    }
+
+    /// Highest seq handed out so far.
+    pub fn last_seq(&self) -> u64 {
+        self.state().next_seq - 1
+    }
+
+    pub fn dirty_chunks(&self) -> u64 {
+        self.state().dirty.iter().map(Dirty::count).sum()
+    }
+
+    pub fn full_sync_needed(&self) -> bool {
+        self.state().full_sync_needed
+    }
+
+    /// The shipper's view at a handshake, taken under the sequencer lock so no record is
+    /// numbered meanwhile: drains records not yet seen by the shipper into `unacked`, then
+    /// decides whether the stream can resume after `durable`.
+    pub fn handshake(
+        &self,
+        durable: u64,
+        rx: &crossbeam_channel::Receiver<Sealed>,
+        unacked: &mut VecDeque<Sealed>,
+        have_hashes: bool,
+    ) -> Handshake {
+        let mut st = self.state();
+        while let Ok(r) = rx.try_recv() {
+            unacked.push_back(r);
+        }
+        let mut freed = 0u64;
+        while unacked.front().is_some_and(|r| r.seq <= durable) {
+            if let Some(r) = unacked.pop_front() {
+                freed += r.bytes.len() as u64;
+            }
+        }
+        let continues = unacked
+            .front()
+            .map(|r| r.seq == durable + 1)
+            .unwrap_or(st.next_seq == durable + 1);
+        let decision = if st.full_sync_needed || !continues {
+            if !have_hashes {
+                st.full_sync_needed = true;
+                Handshake::NeedHashes
+            } else {
+                // Start over from the replicator's seq: what we held is superseded by a full
+                // comparison of content.
+                for r in unacked.drain(..) {
+                    freed += r.bytes.len() as u64;
+                }
+                st.next_seq = durable + 1;
+                st.live = false;
+                Handshake::FullSync
+            }
+        } else if !st.live {
+            Handshake::DirtySync
+        } else {
+            Handshake::Resume
+        };
+        drop(st);
+        if freed > 0 {
+            self.release(freed, durable);
+        } else {
+            self.release(0, durable);
+        }
+        decision
+    }
+
+    /// Starts a sync: the log goes live again, a `SyncBegin` record is queued, and the chunks to
+    /// send are returned (all of them for a full sync).
+    pub fn begin_sync(&self, full: bool, reason: &str) -> Vec<Dirty> {
+        let mut st = self.state();
+        let mut dirty: Vec<Dirty> = st
+            .dirty
+            .iter_mut()
+            .map(|d| std::mem::replace(d, Dirty::new(0)))
+            .collect();
+        for (d, &size) in st.dirty.iter_mut().zip(&self.sizes) {
+            *d = Dirty::new(size);
+        }
+        if full {
+            for (d, &size) in dirty.iter_mut().zip(&self.sizes) {
+                *d = Dirty::new(size);
+                d.mark_all(size);
+            }
+            st.full_sync_needed = false;
+        }
+        st.live = true;
+        st.warned_full = false;
+        // Queued under the same lock that turns the log live: no change can be numbered
+        // between the last consistent point and this marker.
+        self.queue(&mut st, Encoded::control(Kind::SyncBegin, 0, 0, 0, reason));
+        dirty
+    }
+
+    /// Puts chunks a sync could not send back into the dirty set.
+    pub fn requeue(&self, disk: usize, chunks: impl Iterator<Item = u64>) {
+        let mut st = self.state();
+        for c in chunks {
+            st.dirty[disk].mark(c * HASH_CHUNK, 1);
+        }
+    }
+}
+
+/// What a handshake decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    /// Send the unacked records after the durable seq; nothing else is missing.
+    Resume,
+    /// Resume, then resynchronize the dirty chunks.
+    DirtySync,
+    /// Compare every chunk with the replicator's hashes and send those that differ.
+    FullSync,
+    /// Reconnect asking for hashes (a full sync is needed).
+    NeedHashes,
+}
+
+/// One disk of a replicated group: the image, its range locks, and the group's capture.
+#[derive(Debug)]
+pub struct CaptureBackend {
+    pub file: FileBackend,
+    pub locks: RangeLocks,
+    pub capture: Arc<Capture>,
+    pub disk: u16,
+}
+
+impl CaptureBackend {
+    async fn after_change(&self, seq: Option<u64>) {
+        if let (Mode::Sync, Some(seq)) = (self.capture.mode, seq) {
+            self.capture.durable(seq).await;
+        }
+    }
+
+    /// Flushes the image and queues a flush record.
+    pub async fn flush_and_mark(&self) -> io::Result<Option<u64>> {
+        self.file.flush().await?;
+        Ok(self
+            .capture
+            .push_control(Encoded::control(Kind::Flush, self.disk, 0, 0, "")))
+    }
+}
+
+impl BlockBackend for CaptureBackend {
+    fn size_bytes(&self) -> u64 {
+        self.file.size_bytes()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.file.capabilities()
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let enc = Encoded::data(Kind::Write, self.disk, offset, data, true);
+        let len = data.len() as u64;
+        let seq = {
+            let _range = self.locks.lock(offset, len).await;
+            self.file.write(offset, data, fua).await?;
+            self.capture
+                .push(enc, self.disk, Some((offset, len)), false)
+                .await
+        };
+        self.after_change(seq).await;
+        Ok(())
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        mode: ZeroMode,
+        fua: bool,
+    ) -> Result<(), ZeroError> {
+        let enc = Encoded::control(Kind::Zero, self.disk, offset, length, "");
+        let seq = {
+            let _range = self.locks.lock(offset, length).await;
+            self.file.write_zeroes(offset, length, mode, fua).await?;
+            self.capture
+                .push(enc, self.disk, Some((offset, length)), false)
+                .await
+        };
+        self.after_change(seq).await;
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        let enc = Encoded::control(Kind::Trim, self.disk, offset, length, "");
+        let seq = {
+            let _range = self.locks.lock(offset, length).await;
+            self.file.trim(offset, length, fua).await?;
+            self.capture
+                .push(enc, self.disk, Some((offset, length)), false)
+                .await
+        };
+        self.after_change(seq).await;
+        Ok(())
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        let seq = self.flush_and_mark().await?;
+        self.after_change(seq).await;
+        Ok(())
+    }
+
+    async fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.file.cache(offset, length).await
+    }
+
+    async fn extents(
+        &self,
+        offset: u64,
+        length: u64,
+        max: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        self.file.extents(offset, length, max, out).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_marks_chunks_once() {
+        let mut d = Dirty::new(10 * HASH_CHUNK);
+        d.mark(HASH_CHUNK - 1, 2);
+        d.mark(0, 1);
+        d.mark(9 * HASH_CHUNK, HASH_CHUNK);
+        assert_eq!(d.chunks().collect::<Vec<_>>(), vec![0, 1, 9]);
+        assert_eq!(d.count(), 3);
+        d.mark_all(10 * HASH_CHUNK);
+        assert_eq!(d.count(), 10);
+    }
+}
