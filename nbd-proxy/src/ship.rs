@@ -170,7 +170,8 @@ impl Shipper {
                 return;
             }
         });
-        let result = self.stream_records(&mut stream, rx, unacked, &ack_rx, decision, hashes);
+        let result =
+            self.stream_records(&mut stream, rx, unacked, &ack_rx, decision, hashes, welcome.known);
         let _ = stream.shutdown(std::net::Shutdown::Both);
         let _ = ack_thread.join();
         result
@@ -207,6 +208,7 @@ impl Shipper {
         ack_rx: &Receiver<anyhow::Result<u64>>,
         decision: Handshake,
         hashes: Option<Vec<Vec<u128>>>,
+        known: bool,
     ) -> anyhow::Result<Ended> {
         // Resend what the replicator does not have yet.
         let pending: Vec<&[u8]> = unacked.iter().map(|r| r.bytes.as_slice()).collect();
@@ -217,7 +219,7 @@ impl Shipper {
             Handshake::FullSync => self.start_sync(Plan {
                 full: true,
                 hashes,
-                reason: "seed",
+                reason: if known { "delta" } else { "seed" },
             }),
             Handshake::DirtySync => self.start_sync(Plan {
                 full: false,

@@ -4,6 +4,7 @@
 //! Waits poll with a deadline (never a fixed sleep); a missing third-party program is a test
 //! failure that says how to install it, never a silent skip.
 
+pub mod cdp;
 pub mod qmp;
 pub mod raw;
 pub mod vm;

@@ -1,0 +1,299 @@
+//! Harness for replication tests: a running replicator, a TCP relay that can cut the link,
+//! the proxy's status over its control socket, and the journal read back and replayed.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use journal::record::Kind;
+use journal::store::{self, GroupDir};
+
+use crate::{bin, wait_for};
+
+/// A free TCP port on loopback (bound and released; fine for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running `replicator serve`, killed when dropped.
+#[derive(Debug)]
+pub struct Replicator {
+    child: Option<Child>,
+    pub store: PathBuf,
+    pub addr: String,
+    pub log: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Replicator {
+    pub fn start(store: &Path, extra: &[&str]) -> anyhow::Result<Replicator> {
+        let mut r = Replicator {
+            child: None,
+            store: store.to_owned(),
+            addr: format!("127.0.0.1:{}", free_port()),
+            log: store.with_extension("replicator.log"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        r.spawn()?;
+        Ok(r)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut child = Command::new(bin("replicator"))
+            .args(["serve", "--listen", &self.addr, "--store"])
+            .arg(&self.store)
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn replicator")?;
+        let addr = self.addr.clone();
+        let up = wait_for("the replicator to listen", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(Err(status));
+            }
+            TcpStream::connect(&addr).ok().map(|_| Ok(()))
+        })?;
+        if let Err(status) = up {
+            bail!("replicator exited ({status}); log:\n{}", self.log_text());
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn group(&self, name: &str) -> GroupDir {
+        GroupDir::new(&self.store, name)
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A TCP relay between the proxy and the replicator whose link can be cut and restored.
+#[derive(Debug)]
+pub struct Relay {
+    pub addr: String,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    pub fn start(target: &str) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr").to_string();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (target, up2, conns2) = (target.to_owned(), up.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if !up2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let mut list = conns2.lock().expect("relay lock");
+                for s in [&client, &server] {
+                    if let Ok(c) = s.try_clone() {
+                        list.push(c);
+                    }
+                }
+                drop(list);
+                pipe(client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+                pipe(server, client);
+            }
+        });
+        Relay { addr, up, conns }
+    }
+
+    /// Cuts every connection and refuses new ones until [`Relay::restore`].
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().expect("relay lock").drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+/// `nbd-proxy status --json` of a running proxy.
+pub fn proxy_status(control: &Path) -> anyhow::Result<serde_json::Value> {
+    let out = Command::new(bin("nbd-proxy"))
+        .args(["status", "--json", "--control"])
+        .arg(control)
+        .output()?;
+    if !out.status.success() {
+        bail!("nbd-proxy status: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Waits until everything the proxy captured is durable at the replicator and no sync runs.
+pub fn wait_caught_up(control: &Path, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+    let mut last = serde_json::Value::Null;
+    let r = wait_for("replication to catch up", timeout, || {
+        let s = proxy_status(control).ok()?;
+        let done = s["link"] == "connected"
+            && s["lag_seq"] == 0
+            && s["sync_running"] == false
+            && s["tracking"] == "live"
+            && s["syncs_completed"].as_u64() >= Some(1);
+        last = s.clone();
+        done.then_some(s)
+    });
+    r.with_context(|| format!("last status: {last:#}"))
+}
+
+/// One record read back from the store.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    pub seq: u64,
+    pub kind: Kind,
+    pub disk: u16,
+    pub offset: u64,
+    pub length: u64,
+    pub data: Vec<u8>,
+    pub text: String,
+}
+
+/// Every record of a group after its base, in seq order, checked (payloads decompressed).
+/// Reads like `replicator check`: a torn tail ends the list.
+pub fn read_journal(dir: &GroupDir) -> anyhow::Result<Vec<StoredRecord>> {
+    let base = dir.mark("base")?;
+    let mut out: Vec<StoredRecord> = Vec::new();
+    for seg in dir.segments()? {
+        let mut err = None;
+        seg.scan(|r, _| {
+            if r.header.seq <= base.seq || err.is_some() {
+                return;
+            }
+            let data = if r.header.kind.carries_data() {
+                match r.payload() {
+                    Ok(d) => d.into_owned(),
+                    Err(e) => {
+                        err = Some(e);
+                        return;
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            out.push(StoredRecord {
+                seq: r.header.seq,
+                kind: r.header.kind,
+                disk: r.header.disk,
+                offset: r.header.offset,
+                length: r.header.length,
+                data,
+                text: if r.header.kind.carries_data() {
+                    String::new()
+                } else {
+                    r.text()
+                },
+            });
+        })?;
+        if let Some(e) = err {
+            bail!("{}: {e}", seg.path.display());
+        }
+    }
+    for w in out.windows(2) {
+        if w[1].seq != w[0].seq + 1 {
+            bail!("journal has a gap: seq {} then {}", w[0].seq, w[1].seq);
+        }
+    }
+    Ok(out)
+}
+
+/// Applies one record to in-memory disks.
+pub fn apply(disks: &mut [Vec<u8>], r: &StoredRecord) {
+    let disk = &mut disks[usize::from(r.disk)];
+    let (at, len) = (r.offset as usize, r.length as usize);
+    match r.kind {
+        Kind::Write | Kind::SyncData => disk[at..at + len].copy_from_slice(&r.data),
+        Kind::Zero | Kind::Trim => disk[at..at + len].fill(0),
+        _ => {}
+    }
+}
+
+/// The group's base images followed by every record up to `seq`, in memory.
+pub fn replay(dir: &GroupDir, records: &[StoredRecord], seq: u64) -> anyhow::Result<Vec<Vec<u8>>> {
+    let meta = dir.meta()?;
+    let mut disks = meta
+        .volumes
+        .iter()
+        .map(|v| std::fs::read(dir.image("base", &v.name)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    for r in records.iter().take_while(|r| r.seq <= seq) {
+        apply(&mut disks, r);
+    }
+    Ok(disks)
+}
+
+/// `replicator check --store`: fails with its output unless every checksum is good.
+pub fn check_store(store: &Path) -> anyhow::Result<String> {
+    let out = Command::new(bin("replicator"))
+        .args(["check", "--store"])
+        .arg(store)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("replicator check failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(text)
+}
+
+pub use store::SeqMark;
