@@ -20,7 +20,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit {other:?} in {s:?} (use K, M, G, T)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use K, M, G, T)"
+            ))
+        }
     };
     let bytes = value * mult as f64;
     if !(0.0..1.8e19).contains(&bytes) {

@@ -188,7 +188,13 @@ impl Capture {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn try_push(&self, enc: Encoded, disk: u16, range: Option<(u64, u64)>, force: bool) -> (Pushed, Option<Encoded>) {
+    fn try_push(
+        &self,
+        enc: Encoded,
+        disk: u16,
+        range: Option<(u64, u64)>,
+        force: bool,
+    ) -> (Pushed, Option<Encoded>) {
         let mut st = self.state();
         if !st.live {
             if let Some((off, len)) = range {
@@ -240,7 +246,13 @@ impl Capture {
 
     /// Hands a change to the log: its seq, or None when it was recorded as a dirty chunk.
     /// With `--on-full block` (or `wait`), waits for room.
-    async fn push(&self, mut enc: Encoded, disk: u16, range: Option<(u64, u64)>, wait: bool) -> Option<u64> {
+    async fn push(
+        &self,
+        mut enc: Encoded,
+        disk: u16,
+        range: Option<(u64, u64)>,
+        wait: bool,
+    ) -> Option<u64> {
         let wait = wait || self.on_full == OnFull::Block;
         loop {
             let room = self.space.notified();
@@ -262,7 +274,12 @@ impl Capture {
         }
     }
 
-    fn try_push_waiting(&self, enc: Encoded, disk: u16, range: Option<(u64, u64)>) -> (Pushed, Option<Encoded>) {
+    fn try_push_waiting(
+        &self,
+        enc: Encoded,
+        disk: u16,
+        range: Option<(u64, u64)>,
+    ) -> (Pushed, Option<Encoded>) {
         let len = enc.len() as u64;
         let full = self.log_bytes.load(Ordering::Acquire) + len > self.capacity
             && self.log_bytes.load(Ordering::Acquire) > 0;
@@ -273,7 +290,13 @@ impl Capture {
     }
 
     /// A chunk read by a sync: waits for room in the log rather than dropping it.
-    pub async fn push_sync(&self, enc: Encoded, disk: u16, offset: u64, length: u64) -> Option<u64> {
+    pub async fn push_sync(
+        &self,
+        enc: Encoded,
+        disk: u16,
+        offset: u64,
+        length: u64,
+    ) -> Option<u64> {
         self.push(enc, disk, Some((offset, length)), true).await
     }
 

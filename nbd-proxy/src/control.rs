@@ -14,8 +14,8 @@ use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 use crate::capture::{Capture, CaptureBackend};
-use nbd_server::BlockBackend;
 use crate::ship::{lag_percentiles, LinkInfo};
+use nbd_server::BlockBackend;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -209,12 +209,15 @@ pub fn request(socket: &Path, req: &Request) -> anyhow::Result<serde_json::Value
     stream.write_all(line.as_bytes())?;
     let mut reply = String::new();
     std::io::BufReader::new(stream).read_line(&mut reply)?;
-    Ok(serde_json::from_str(&reply).context("read the proxy's reply")?)
+    serde_json::from_str(&reply).context("read the proxy's reply")
 }
 
 pub fn print_status(s: &Status) {
     let since = journal::now_ns().saturating_sub(s.link_since_ns) / 1_000_000_000;
-    println!("group       {} (mode {}, on full: {})", s.group, s.mode, s.on_full);
+    println!(
+        "group       {} (mode {}, on full: {})",
+        s.group, s.mode, s.on_full
+    );
     println!(
         "replicator  {} — link {} for {since} s{}",
         s.replicator,
@@ -263,6 +266,11 @@ pub fn print_status(s: &Status) {
         println!("sync        none running ({} completed)", s.syncs_completed);
     }
     for d in &s.disks {
-        println!("disk        {} = {} ({})", d.name, d.path, human_bytes(d.size));
+        println!(
+            "disk        {} = {} ({})",
+            d.name,
+            d.path,
+            human_bytes(d.size)
+        );
     }
 }

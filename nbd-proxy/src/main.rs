@@ -75,7 +75,12 @@ struct Cli {
     /// async: reply to the guest after the local write (RPO: the lag, usually milliseconds).
     /// sync: reply only once the replicator has the write on disk (RPO 0; writes wait while
     /// the replicator is away).
-    #[arg(long, value_enum, default_value = "async", help_heading = "Replication")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "async",
+        help_heading = "Replication"
+    )]
     mode: capture::Mode,
 
     /// Memory for changes not yet acknowledged by the replicator.
@@ -84,7 +89,12 @@ struct Cli {
 
     /// What to do when the change log is full: bitmap (keep the guest at full speed, track
     /// dirty chunks, resync them later) or block (make guest writes wait).
-    #[arg(long, value_enum, default_value = "bitmap", help_heading = "Replication")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "bitmap",
+        help_heading = "Replication"
+    )]
     on_full: capture::OnFull,
 
     /// Unix socket for `nbd-proxy status` and `nbd-proxy bookmark`.
@@ -190,7 +200,10 @@ fn main() -> anyhow::Result<()> {
                 },
             )?;
             if reply["ok"] != serde_json::Value::Bool(true) {
-                bail!("bookmark refused: {}", reply["error"].as_str().unwrap_or("?"));
+                bail!(
+                    "bookmark refused: {}",
+                    reply["error"].as_str().unwrap_or("?")
+                );
             }
             let seq = reply["seq"].as_u64().unwrap_or(0);
             if reply["durable"] == serde_json::Value::Bool(true) {
@@ -219,7 +232,8 @@ fn main() -> anyhow::Result<()> {
         .control
         .as_ref()
         .map(|p| {
-            listen::bind_unix(p).with_context(|| format!("listen on control socket {}", p.display()))
+            listen::bind_unix(p)
+                .with_context(|| format!("listen on control socket {}", p.display()))
         })
         .transpose()?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -244,7 +258,9 @@ fn main() -> anyhow::Result<()> {
                 .disks
                 .iter()
                 .zip(&cli.disks)
-                .map(|(b, disk)| Export::new(&disk.name, &disk.path.display().to_string(), b.clone()))
+                .map(|(b, disk)| {
+                    Export::new(&disk.name, &disk.path.display().to_string(), b.clone())
+                })
                 .collect();
             let served = serve(&runtime, listeners, exports);
             replication.drain(&runtime);
@@ -320,7 +336,8 @@ fn start_replication(
         bail!("group name {group:?} is not allowed: use letters, digits, '-', '_' and '.'");
     }
     let sizes = files.iter().map(|(_, f)| f.size_bytes()).collect();
-    let (capture, rx) = capture::Capture::new(sizes, cli.log_capacity.max(1 << 20), cli.mode, cli.on_full);
+    let (capture, rx) =
+        capture::Capture::new(sizes, cli.log_capacity.max(1 << 20), cli.mode, cli.on_full);
     let disks: Vec<Arc<capture::CaptureBackend>> = files
         .iter()
         .enumerate()
@@ -388,7 +405,13 @@ fn default_group(disk: &Disk) -> String {
         .unwrap_or_default();
     let cleaned: String = stem
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     let cleaned = cleaned.trim_start_matches('.').to_owned();
     if cleaned.is_empty() {

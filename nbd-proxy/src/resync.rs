@@ -38,7 +38,11 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
         "{} started: {total} chunks of {} KiB to {}",
         plan.reason,
         HASH_CHUNK / 1024,
-        if plan.hashes.is_some() { "compare" } else { "send" }
+        if plan.hashes.is_some() {
+            "compare"
+        } else {
+            "send"
+        }
     );
     let mut buf = vec![0u8; HASH_CHUNK as usize];
     for (d, set) in sets.iter().enumerate() {
@@ -51,7 +55,10 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
                 for later in sets.iter().enumerate().skip(d + 1) {
                     capture.requeue(later.0, later.1.chunks());
                 }
-                info!("{} interrupted (the change log filled again); it will resume", plan.reason);
+                info!(
+                    "{} interrupted (the change log filled again); it will resume",
+                    plan.reason
+                );
                 capture.syncing.store(false, Ordering::Release);
                 return;
             }
@@ -74,7 +81,9 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
             } else {
                 let enc = Encoded::data(Kind::SyncData, d as u16, off, &buf[..len], true);
                 capture.push_sync(enc, d as u16, off, len as u64).await;
-                stats.sync_bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
+                stats
+                    .sync_bytes_sent
+                    .fetch_add(len as u64, Ordering::Relaxed);
             }
             drop(range);
             stats.sync_chunks_done.fetch_add(1, Ordering::Relaxed);

@@ -59,7 +59,13 @@ impl Shipper {
                 Err(e) => {
                     let msg = format!("{e:#}");
                     let was = self.link_state();
-                    if was == "connected" || self.link.lock().map(|l| l.last_error.as_deref() != Some(&msg)).unwrap_or(true) {
+                    if was == "connected"
+                        || self
+                            .link
+                            .lock()
+                            .map(|l| l.last_error.as_deref() != Some(&msg))
+                            .unwrap_or(true)
+                    {
                         warn!(
                             "replication link to {} is down: {msg}; retrying (guest I/O continues{})",
                             self.addr,
@@ -134,9 +140,9 @@ impl Shipper {
             None
         };
         stream.set_read_timeout(None)?;
-        let decision =
-            self.capture
-                .handshake(welcome.durable_seq, rx, unacked, hashes.is_some());
+        let decision = self
+            .capture
+            .handshake(welcome.durable_seq, rx, unacked, hashes.is_some());
         if decision == Handshake::NeedHashes {
             info!("the replicator's copy must be compared by hashes; reconnecting for them");
             return Ok(Ended::NeedHashes);
@@ -170,8 +176,20 @@ impl Shipper {
                 return;
             }
         });
-        let result =
-            self.stream_records(&mut stream, rx, unacked, &ack_rx, decision, hashes, welcome.known);
+        let sync = match decision {
+            Handshake::FullSync => Some(Plan {
+                full: true,
+                hashes,
+                reason: if welcome.known { "delta" } else { "seed" },
+            }),
+            Handshake::DirtySync => Some(Plan {
+                full: false,
+                hashes: None,
+                reason: "resync",
+            }),
+            _ => None,
+        };
+        let result = self.stream_records(&mut stream, rx, unacked, &ack_rx, sync);
         let _ = stream.shutdown(std::net::Shutdown::Both);
         let _ = ack_thread.join();
         result
@@ -206,27 +224,15 @@ impl Shipper {
         rx: &Receiver<Sealed>,
         unacked: &mut VecDeque<Sealed>,
         ack_rx: &Receiver<anyhow::Result<u64>>,
-        decision: Handshake,
-        hashes: Option<Vec<Vec<u128>>>,
-        known: bool,
+        sync: Option<Plan>,
     ) -> anyhow::Result<Ended> {
         // Resend what the replicator does not have yet.
         let pending: Vec<&[u8]> = unacked.iter().map(|r| r.bytes.as_slice()).collect();
         for batch in batches(&pending) {
             send_batch(stream, batch)?;
         }
-        match decision {
-            Handshake::FullSync => self.start_sync(Plan {
-                full: true,
-                hashes,
-                reason: if known { "delta" } else { "seed" },
-            }),
-            Handshake::DirtySync => self.start_sync(Plan {
-                full: false,
-                hashes: None,
-                reason: "resync",
-            }),
-            _ => {}
+        if let Some(plan) = sync {
+            self.start_sync(plan);
         }
         let mut batch: Vec<Sealed> = Vec::new();
         loop {
@@ -280,10 +286,12 @@ impl Shipper {
                 lags.push_back(at.elapsed().as_micros() as u64);
             }
         }
-        self.capture
-            .stats
-            .oldest_unacked_ns
-            .store(unacked.front().map_or(0, |r| journal::record::time_of(&r.bytes)), Ordering::Relaxed);
+        self.capture.stats.oldest_unacked_ns.store(
+            unacked
+                .front()
+                .map_or(0, |r| journal::record::time_of(&r.bytes)),
+            Ordering::Relaxed,
+        );
         self.capture.release(freed, seq);
     }
 

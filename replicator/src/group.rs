@@ -53,7 +53,11 @@ impl Group {
     ) -> anyhow::Result<(Group, bool)> {
         let known = dir.exists();
         if !known {
-            info!(group = name, "new group: creating its store at {}", dir.path.display());
+            info!(
+                group = name,
+                "new group: creating its store at {}",
+                dir.path.display()
+            );
             dir.create(&GroupMeta {
                 format: store::FORMAT,
                 name: name.to_owned(),
@@ -129,10 +133,17 @@ impl Group {
                 continue;
             }
             let file = File::open(&seg.path)?;
-            for e in entries.iter().filter(|e| e.seq >= from && e.seq <= self.durable_seq) {
+            for e in entries
+                .iter()
+                .filter(|e| e.seq >= from && e.seq <= self.durable_seq)
+            {
                 store::read_record(&file, e, &mut buf)?;
                 let Ok(Some(r)) = journal::record::parse(&buf) else {
-                    bail!("record seq {} in {} does not parse", e.seq, seg.path.display());
+                    bail!(
+                        "record seq {} in {} does not parse",
+                        e.seq,
+                        seg.path.display()
+                    );
                 };
                 let data = if r.header.kind.carries_data() {
                     r.payload()
@@ -166,10 +177,19 @@ impl Group {
                 continue;
             }
             if h.seq != next {
-                bail!("seq {} arrived when {} was expected: the stream has a gap", h.seq, next);
+                bail!(
+                    "seq {} arrived when {} was expected: the stream has a gap",
+                    h.seq,
+                    next
+                );
             }
             let Some(volume) = self.meta.volumes.get(usize::from(h.disk)) else {
-                bail!("record seq {} names disk {} of {}", h.seq, h.disk, self.meta.volumes.len());
+                bail!(
+                    "record seq {} names disk {} of {}",
+                    h.seq,
+                    h.disk,
+                    self.meta.volumes.len()
+                );
             };
             if h.kind.changes_data() && h.offset + h.length > volume.size {
                 bail!(
@@ -202,7 +222,9 @@ impl Group {
             next += 1;
         }
         self.records_in += accepted.len() as u64;
-        self.journal.append(&accepted).context("append to journal")?;
+        self.journal
+            .append(&accepted)
+            .context("append to journal")?;
         Ok(())
     }
 

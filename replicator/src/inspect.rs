@@ -64,11 +64,9 @@ pub fn group_status(dir: &GroupDir) -> anyhow::Result<GroupStatus> {
             match e.kind {
                 Kind::SyncBegin => status.syncing = true,
                 Kind::SyncEnd => status.syncing = false,
-                Kind::Bookmark => {
-                    if store::read_record(&file, e, &mut buf).is_ok() {
-                        if let Ok(Some(r)) = journal::record::parse(&buf) {
-                            status.bookmarks.push(r.text());
-                        }
+                Kind::Bookmark if store::read_record(&file, e, &mut buf).is_ok() => {
+                    if let Ok(Some(r)) = journal::record::parse(&buf) {
+                        status.bookmarks.push(r.text());
                     }
                 }
                 _ => {}
@@ -117,7 +115,9 @@ pub fn status(store_dir: &Path, json: bool) -> anyhow::Result<()> {
             time(s.newest_time_ns)
         );
         if s.syncing {
-            println!("  consistency a seed or resync is running: newest points are not consistent yet");
+            println!(
+                "  consistency a seed or resync is running: newest points are not consistent yet"
+            );
         }
         println!(
             "  store       {} ({} in {} journal segments)",
@@ -199,7 +199,12 @@ pub fn check(store_dir: &Path) -> anyhow::Result<usize> {
                     Ok(m) if m.len() == v.size => {}
                     Ok(m) => {
                         problems += 1;
-                        println!("BAD  {}: {} bytes, expected {}", p.display(), m.len(), v.size);
+                        println!(
+                            "BAD  {}: {} bytes, expected {}",
+                            p.display(),
+                            m.len(),
+                            v.size
+                        );
                     }
                     Err(e) => {
                         problems += 1;
@@ -276,7 +281,10 @@ pub fn check(store_dir: &Path) -> anyhow::Result<usize> {
                     Ok(entries) if entries == scan.entries => {}
                     Ok(_) => {
                         problems += 1;
-                        println!("BAD  {}: index differs from the segment", seg.index_path().display());
+                        println!(
+                            "BAD  {}: index differs from the segment",
+                            seg.index_path().display()
+                        );
                     }
                     Err(e) => {
                         problems += 1;

@@ -14,7 +14,7 @@ use crossbeam_channel::{bounded, Receiver, TryRecvError};
 use journal::store::{self, GroupDir};
 use journal::wire::{self, FrameType, Hello, Welcome};
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::group::Group;
 use crate::retention::{self, Retention};
@@ -55,10 +55,12 @@ pub fn serve(listener: TcpListener, opts: Options) -> anyhow::Result<()> {
         let (slots, opts) = (slots.clone(), opts.clone());
         std::thread::Builder::new()
             .name(format!("conn {peer}"))
-            .spawn(move || {
-                if let Err(e) = handle(stream, &peer, &slots, &opts) {
-                    warn!(%peer, "connection ended: {e:#}");
+            .spawn(move || match handle(stream, &peer, &slots, &opts) {
+                Err(e) if is_disconnect(&e) => {
+                    debug!(%peer, "connection closed: {e:#}")
                 }
+                Err(e) => warn!(%peer, "connection ended: {e:#}"),
+                Ok(()) => {}
             })?;
     }
     Ok(())
@@ -104,7 +106,12 @@ fn handle(mut stream: TcpStream, peer: &str, slots: &Slots, opts: &Options) -> a
         .or_default()
         .clone();
     // A new connection for a group replaces the old one (the proxy reconnected).
-    if let Some(old) = slot.connection.lock().map_err(poison)?.replace(stream.try_clone()?) {
+    if let Some(old) = slot
+        .connection
+        .lock()
+        .map_err(poison)?
+        .replace(stream.try_clone()?)
+    {
         info!(group = %hello.group, "closing the group's previous connection");
         let _ = old.shutdown(Shutdown::Both);
     }
@@ -196,15 +203,17 @@ fn handle(mut stream: TcpStream, peer: &str, slots: &Slots, opts: &Options) -> a
 }
 
 fn is_disconnect(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<std::io::Error>().is_some_and(|e| {
-        matches!(
-            e.kind(),
-            std::io::ErrorKind::UnexpectedEof
-                | std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::BrokenPipe
-                | std::io::ErrorKind::NotConnected
-        )
-    })
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::NotConnected
+            )
+        })
 }
 
 fn poison<T>(_: T) -> anyhow::Error {

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -107,6 +107,8 @@ pub struct Relay {
     pub addr: String,
     up: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
+    /// Bytes relayed in both directions since the start or the last [`Relay::take_bytes`].
+    bytes: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -115,7 +117,9 @@ impl Relay {
         let addr = listener.local_addr().expect("relay addr").to_string();
         let up = Arc::new(AtomicBool::new(true));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (target, up2, conns2) = (target.to_owned(), up.clone(), conns.clone());
+        let bytes: Arc<AtomicU64> = Arc::default();
+        let (target, up2, conns2, bytes2) =
+            (target.to_owned(), up.clone(), conns.clone(), bytes.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if !up2.load(Ordering::SeqCst) {
@@ -132,11 +136,26 @@ impl Relay {
                     }
                 }
                 drop(list);
-                pipe(client.try_clone().expect("clone"), server.try_clone().expect("clone"));
-                pipe(server, client);
+                let count = bytes2.clone();
+                pipe(
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                    count,
+                );
+                pipe(server, client, bytes2.clone());
             }
         });
-        Relay { addr, up, conns }
+        Relay {
+            addr,
+            up,
+            conns,
+            bytes,
+        }
+    }
+
+    /// Bytes relayed (both directions) since the last call.
+    pub fn take_bytes(&self) -> u64 {
+        self.bytes.swap(0, Ordering::SeqCst)
     }
 
     /// Cuts every connection and refuses new ones until [`Relay::restore`].
@@ -152,13 +171,14 @@ impl Relay {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 256 * 1024];
         loop {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    count.fetch_add(n as u64, Ordering::SeqCst);
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }
@@ -291,7 +311,10 @@ pub fn check_store(store: &Path) -> anyhow::Result<String> {
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        bail!("replicator check failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "replicator check failed:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(text)
 }

@@ -26,6 +26,9 @@ struct Op {
     seed: u64,
 }
 
+/// What a record and a client operation share: disk, kind, range and data.
+type OpKey = (u16, Kind, u64, u64, Vec<u8>);
+
 fn start_proxy(dir: &Path, rep: &str, disks: &[(&str, &Path)], extra: &[&str]) -> Proxy {
     let mut args: Vec<String> = Vec::new();
     for (name, path) in disks {
@@ -73,9 +76,8 @@ fn journal_replays_to_the_model_and_to_the_image() {
                 let mut c = RawClient::connect(&socket);
                 c.go(if disk == 0 { "a" } else { "b" }, false, false);
                 let mut rng = pattern(1000 + t, 4096).into_iter().map(u64::from).cycle();
-                let mut next = move || {
-                    (0..4).fold(0u64, |acc, _| acc << 8 | rng.next().unwrap_or(0))
-                };
+                let mut next =
+                    move || (0..4).fold(0u64, |acc, _| acc << 8 | rng.next().unwrap_or(0));
                 let mut ops = Vec::new();
                 for round in 0..40u64 {
                     let mut burst = Vec::new();
@@ -127,7 +129,7 @@ fn journal_replays_to_the_model_and_to_the_image() {
     let group = rep.group("g");
     let records = read_journal(&group).unwrap();
     // Match records to client operations by content.
-    let mut by_key: HashMap<(u16, Kind, u64, u64, Vec<u8>), Vec<Op>> = HashMap::new();
+    let mut by_key: HashMap<OpKey, Vec<Op>> = HashMap::new();
     for op in &ops {
         let data = if op.kind == Kind::Write {
             pattern(op.seed, op.length as usize)
@@ -148,10 +150,12 @@ fn journal_replays_to_the_model_and_to_the_image() {
     for r in &records {
         if matches!(r.kind, Kind::Write | Kind::Zero | Kind::Trim) {
             let key = (r.disk, r.kind, r.offset, r.length, r.data.clone());
-            let op = by_key
-                .get_mut(&key)
-                .and_then(Vec::pop)
-                .unwrap_or_else(|| panic!("record seq {} ({:?}) matches no client operation", r.seq, r.kind));
+            let op = by_key.get_mut(&key).and_then(Vec::pop).unwrap_or_else(|| {
+                panic!(
+                    "record seq {} ({:?}) matches no client operation",
+                    r.seq, r.kind
+                )
+            });
             let d = &mut model[usize::from(op.disk)];
             let (at, len) = (op.offset as usize, op.length as usize);
             if op.kind == Kind::Write {
@@ -165,13 +169,24 @@ fn journal_replays_to_the_model_and_to_the_image() {
         }
         if checkpoints.contains(&r.seq) {
             let replayed = replay(&group, &records, r.seq).unwrap();
-            assert!(replayed == model, "replay to seq {} differs from the model", r.seq);
+            assert!(
+                replayed == model,
+                "replay to seq {} differs from the model",
+                r.seq
+            );
         }
     }
-    assert_eq!(matched, ops.len(), "every client operation is in the journal once");
+    assert_eq!(
+        matched,
+        ops.len(),
+        "every client operation is in the journal once"
+    );
     let all = replay(&group, &records, u64::MAX).unwrap();
     for (i, img) in images.iter().enumerate() {
-        assert!(all[i] == read_file(img), "full replay equals the proxy's image of disk {i}");
+        assert!(
+            all[i] == read_file(img),
+            "full replay equals the proxy's image of disk {i}"
+        );
         assert!(
             read_file(&group.image("head", ["a", "b"][i])) == read_file(img),
             "the replicator's head image equals the proxy's image of disk {i}"
@@ -180,4 +195,284 @@ fn journal_replays_to_the_model_and_to_the_image() {
     assert!(records.iter().any(|r| r.kind == Kind::Flush));
     check_store(&rep.store).unwrap();
     proxy.assert_no_errors().unwrap();
+}
+
+/// fio (crc32c verify) through the proxy in the background: 4k random writes over `size`,
+/// `loops` times, then reads everything back and verifies it.
+fn fio_verify_in_background(uri: &str, size: u64, loops: u32, out: &Path) -> std::process::Child {
+    tests::require("fio");
+    std::process::Command::new("fio")
+        .args([
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            &format!("--size={size}"),
+            &format!("--loops={loops}"),
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_state_save=0",
+            "--verify_fatal=1",
+            "--output-format=json",
+        ])
+        .arg(format!("--output={}", out.display()))
+        .env("PATH", tests::system_path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn fio_passed(mut child: std::process::Child, out: &Path) {
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    assert!(status.success(), "fio failed ({status}): {text}");
+    let json = &text[text.find('{').expect("fio json")..];
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    for j in v["jobs"].as_array().unwrap() {
+        assert_eq!(j["error"], 0, "fio job failed: {j}");
+    }
+}
+
+/// Waits until the proxy has captured at least `n` records.
+fn wait_captured(ctl: &Path, n: u64) {
+    tests::wait_for(
+        "the proxy to capture records",
+        Duration::from_secs(120),
+        || (proxy_status(ctl).ok()?["captured_seq"].as_u64()? >= n).then_some(()),
+    )
+    .unwrap();
+}
+
+/// The store's latest state equals the proxy's images: the head images, and a replay of the
+/// base plus every journal record; and every checksum in the store is good.
+fn assert_replica_equals(rep: &Replicator, images: &[(&str, &Path)]) {
+    let group = rep.group("g");
+    let records = read_journal(&group).unwrap();
+    let replayed = replay(&group, &records, u64::MAX).unwrap();
+    for (i, (name, img)) in images.iter().enumerate() {
+        let want = read_file(img);
+        assert!(
+            replayed[i] == want,
+            "journal replay of {name} equals the proxy's image"
+        );
+        assert!(
+            read_file(&group.image("head", name)) == want,
+            "head image of {name} equals the proxy's image"
+        );
+    }
+    check_store(&rep.store).unwrap();
+}
+
+/// fio writes and verifies through the proxy while the replicator is killed with -9 and
+/// restarted, and while the link is cut and restored; afterwards the replica equals the image.
+#[test]
+fn replicator_kill9_and_link_cut_under_fio_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    make_image(&image, 32 * MIB, &[]).unwrap();
+    let mut rep = Replicator::start(&dir.path().join("store"), &[]).unwrap();
+    let relay = Relay::start(&rep.addr);
+    let ctl = dir.path().join("ctl");
+    let proxy = start_proxy(dir.path(), &relay.addr, &[("disk", &image)], &[]);
+    wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+
+    let out = dir.path().join("fio.json");
+    // 3 passes over 32 MiB of 4k writes: 24576 writes, then a verifying read.
+    let fio = fio_verify_in_background(&proxy.uri("disk"), 32 * MIB, 3, &out);
+    wait_captured(&ctl, 4000);
+    rep.kill9();
+    wait_captured(&ctl, 7000);
+    rep.restart().unwrap();
+    wait_captured(&ctl, 12000);
+    relay.cut();
+    wait_captured(&ctl, 15000);
+    relay.restore();
+    fio_passed(fio, &out);
+    let status = wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    assert!(
+        status["captured_seq"].as_u64().unwrap() >= 24576,
+        "every write was captured: {status}"
+    );
+    assert_replica_equals(&rep, &[("disk", &image)]);
+    let log = rep.log_text();
+    assert!(log.contains("proxy connected"), "{log}");
+    if std::env::var_os("SHOW_LOGS").is_some() {
+        eprintln!("{}\n{log}", proxy.log_text());
+    }
+    proxy.assert_no_errors().unwrap();
+}
+
+/// In sync mode a write is acknowledged only once the replicator has it on disk: kill the
+/// replicator with -9 in the middle of a write stream, and every write the client saw
+/// acknowledged is in the journal, with its content.
+#[test]
+fn sync_mode_loses_no_acknowledged_write_when_the_replicator_dies() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let blocks = 4096u64;
+    make_image(&image, blocks * 4096, &[]).unwrap();
+    let mut rep = Replicator::start(&dir.path().join("store"), &[]).unwrap();
+    let ctl = dir.path().join("ctl");
+    let proxy = start_proxy(
+        dir.path(),
+        &rep.addr,
+        &[("disk", &image)],
+        &["--mode", "sync"],
+    );
+    wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+
+    let acked: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, socket) = (acked.clone(), stop.clone(), proxy.socket.clone());
+        std::thread::spawn(move || {
+            let mut c = RawClient::connect(&socket);
+            c.go("disk", false, false);
+            let depth = 8u64;
+            let mut next = 0u64;
+            let mut in_flight = 0;
+            while next < blocks || in_flight > 0 {
+                while in_flight < depth && next < blocks && !stop.load(Ordering::SeqCst) {
+                    c.request(CMD_WRITE, 0, next, next * 4096, 4096, &pattern(next, 4096));
+                    next += 1;
+                    in_flight += 1;
+                }
+                if in_flight == 0 {
+                    break;
+                }
+                let (err, cookie) = c.simple_reply();
+                assert_eq!(err, 0);
+                acked.lock().unwrap().push(cookie);
+                in_flight -= 1;
+            }
+        })
+    };
+    tests::wait_for("300 acknowledged writes", Duration::from_secs(60), || {
+        (acked.lock().unwrap().len() >= 300).then_some(())
+    })
+    .unwrap();
+    rep.kill9();
+    let seen: Vec<u64> = acked.lock().unwrap().clone();
+    let records = read_journal(&rep.group("g")).unwrap();
+    let mut journaled: HashMap<u64, Vec<u8>> = HashMap::new();
+    for r in records.iter().filter(|r| r.kind == Kind::Write) {
+        journaled.insert(r.offset / 4096, r.data.clone());
+    }
+    for cookie in &seen {
+        let data = journaled
+            .get(cookie)
+            .unwrap_or_else(|| panic!("write {cookie} was acknowledged but is not in the journal"));
+        assert!(
+            *data == pattern(*cookie, 4096),
+            "write {cookie} has other content in the journal"
+        );
+    }
+    // The stream resumes once the replicator is back.
+    std::thread::sleep(Duration::from_millis(300));
+    rep.restart().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    assert_replica_equals(&rep, &[("disk", &image)]);
+    proxy.assert_no_errors().unwrap();
+}
+
+fn fio_writes(uri: &str, size: u64, io_size: u64) -> std::process::Child {
+    tests::require("fio");
+    std::process::Command::new("fio")
+        .args([
+            "--name=load",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            &format!("--size={size}"),
+            &format!("--io_size={io_size}"),
+            "--output=/dev/null",
+        ])
+        .env("PATH", tests::system_path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn sync_bytes_sent(status: &serde_json::Value) -> u64 {
+    status["sync_bytes_sent"].as_u64().unwrap()
+}
+
+/// A disk full of data is seeded while the guest writes; a proxy killed with -9 under load
+/// catches up by comparing hashes; re-seeding an unchanged disk moves under 1% of its size;
+/// chunks changed behind the proxy's back are exactly what a delta sync sends.
+#[test]
+fn seeding_under_load_then_proxy_kill9_and_delta_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    let size = 64 * MIB;
+    make_image(&image, size, &[(0, &pattern(7, size as usize))]).unwrap();
+    let rep = Replicator::start(&dir.path().join("store"), &[]).unwrap();
+    let relay = Relay::start(&rep.addr);
+    let ctl = dir.path().join("ctl");
+    let mut proxy = start_proxy(dir.path(), &relay.addr, &[("disk", &image)], &[]);
+
+    // Seed while fio writes.
+    let mut load = fio_writes(&proxy.uri("disk"), size, 16 * MIB);
+    assert!(load.wait().unwrap().success());
+    let status = wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    assert_eq!(
+        sync_bytes_sent(&status),
+        size,
+        "the seed sent every chunk: {status}"
+    );
+    assert_replica_equals(&rep, &[("disk", &image)]);
+
+    // kill -9 while writing: writes not yet shipped are found again by hash comparison.
+    let mut load = fio_writes(&proxy.uri("disk"), size, 64 * MIB);
+    wait_captured(&ctl, status["captured_seq"].as_u64().unwrap() + 2000);
+    proxy.kill9().unwrap();
+    let _ = load.kill();
+    let _ = load.wait();
+    proxy.restart().unwrap();
+    let status = wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    assert!(
+        sync_bytes_sent(&status) < size,
+        "a delta sync sends only differing chunks: {status}"
+    );
+    assert_replica_equals(&rep, &[("disk", &image)]);
+
+    // Unchanged disk: a restart moves only hashes.
+    proxy.stop().unwrap();
+    relay.take_bytes();
+    proxy.restart().unwrap();
+    let status = wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    let moved = relay.take_bytes();
+    assert_eq!(sync_bytes_sent(&status), 0, "{status}");
+    assert!(
+        moved * 100 < size,
+        "re-seeding an unchanged {size}-byte disk moved {moved} bytes (must be < 1%)"
+    );
+
+    // Three chunks changed while the proxy was down (a lost activity log, another host).
+    proxy.stop().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        for (i, chunk) in [3u64, 100, 255].iter().enumerate() {
+            f.write_all_at(&pattern(900 + i as u64, 512), chunk * 256 * 1024 + 4096)
+                .unwrap();
+        }
+    }
+    proxy.restart().unwrap();
+    let status = wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    assert_eq!(sync_bytes_sent(&status), 3 * 256 * 1024, "{status}");
+    assert_replica_equals(&rep, &[("disk", &image)]);
+    proxy.stop().unwrap();
 }
