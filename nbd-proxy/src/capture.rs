@@ -112,6 +112,9 @@ struct SeqState {
     dirty: Vec<Dirty>,
     /// The replicator's copy is of unknown relation to ours: compare hashes of everything.
     full_sync_needed: bool,
+    /// Fresh process with a trusted activity log: take the replicator's seq at the first
+    /// handshake, provided it has at least this one.
+    adopt_seq: Option<u64>,
     warned_full: bool,
 }
 
@@ -136,6 +139,7 @@ pub struct Capture {
     pub sizes: Vec<u64>,
     pub syncing: AtomicBool,
     pub stats: Stats,
+    pub activity: Option<crate::activity::ActivityLog>,
 }
 
 #[derive(Debug, Default)]
@@ -159,15 +163,34 @@ impl Capture {
         capacity: u64,
         mode: Mode,
         on_full: OnFull,
+        activity: Option<(
+            crate::activity::ActivityLog,
+            Option<crate::activity::Recovered>,
+        )>,
     ) -> (Arc<Capture>, crossbeam_channel::Receiver<Sealed>) {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let dirty = sizes.iter().map(|&s| Dirty::new(s)).collect();
+        let mut dirty: Vec<Dirty> = sizes.iter().map(|&s| Dirty::new(s)).collect();
+        let (activity, recovered) = match activity {
+            Some((log, recovered)) => (Some(log), recovered),
+            None => (None, None),
+        };
+        let adopt_seq = recovered.as_ref().map(|r| r.acked_seq);
+        if let Some(r) = &recovered {
+            for (d, extents) in r.extents.iter().enumerate() {
+                for &e in extents {
+                    let start = e * crate::activity::EXTENT;
+                    let len = crate::activity::EXTENT.min(sizes[d].saturating_sub(start));
+                    dirty[d].mark(start, len);
+                }
+            }
+        }
         let capture = Capture {
             state: Mutex::new(SeqState {
                 next_seq: 1,
                 live: false,
                 dirty,
-                full_sync_needed: true,
+                full_sync_needed: recovered.is_none(),
+                adopt_seq,
                 warned_full: false,
             }),
             tx,
@@ -180,6 +203,7 @@ impl Capture {
             sizes,
             syncing: AtomicBool::new(false),
             stats: Stats::default(),
+            activity,
         };
         (Arc::new(capture), rx)
     }
@@ -351,11 +375,24 @@ impl Capture {
     pub fn handshake(
         &self,
         durable: u64,
+        known: bool,
         rx: &crossbeam_channel::Receiver<Sealed>,
         unacked: &mut VecDeque<Sealed>,
         have_hashes: bool,
     ) -> Handshake {
         let mut st = self.state();
+        if let Some(acked) = st.adopt_seq.take() {
+            if known && durable >= acked {
+                // The activity log names every extent that may differ: resync those.
+                st.next_seq = durable + 1;
+            } else {
+                warn!(
+                    "the replicator has seq {durable} but this proxy's activity log says seq {acked} \
+                     was durable: comparing every chunk by hash instead"
+                );
+                st.full_sync_needed = true;
+            }
+        }
         while let Ok(r) = rx.try_recv() {
             unacked.push_back(r);
         }
@@ -381,9 +418,11 @@ impl Capture {
                 }
                 st.next_seq = durable + 1;
                 st.live = false;
+                // Acks now count from the replicator's seq, even if it went back.
+                self.acked.send_replace(durable);
                 Handshake::FullSync
             }
-        } else if !st.live {
+        } else if !st.live || !known {
             Handshake::DirtySync
         } else {
             Handshake::Resume
@@ -456,6 +495,20 @@ pub struct CaptureBackend {
 }
 
 impl CaptureBackend {
+    /// Marks the range in the activity log before it changes on the image.
+    fn begin(&self, offset: u64, length: u64) -> io::Result<()> {
+        match &self.capture.activity {
+            Some(al) => al.begin(usize::from(self.disk), offset, length),
+            None => Ok(()),
+        }
+    }
+
+    fn changed(&self, offset: u64, length: u64, seq: Option<u64>) {
+        if let Some(al) = &self.capture.activity {
+            al.changed(usize::from(self.disk), offset, length, seq);
+        }
+    }
+
     async fn after_change(&self, seq: Option<u64>) {
         if let (Mode::Sync, Some(seq)) = (self.capture.mode, seq) {
             self.capture.durable(seq).await;
@@ -489,10 +542,19 @@ impl BlockBackend for CaptureBackend {
         let len = data.len() as u64;
         let seq = {
             let _range = self.locks.lock(offset, len).await;
-            self.file.write(offset, data, fua).await?;
-            self.capture
-                .push(enc, self.disk, Some((offset, len)), false)
-                .await
+            self.begin(offset, len)?;
+            let written = self.file.write(offset, data, fua).await;
+            let seq = match written {
+                Ok(()) => {
+                    self.capture
+                        .push(enc, self.disk, Some((offset, len)), false)
+                        .await
+                }
+                Err(_) => None,
+            };
+            self.changed(offset, len, seq);
+            written?;
+            seq
         };
         self.after_change(seq).await;
         Ok(())
@@ -508,10 +570,19 @@ impl BlockBackend for CaptureBackend {
         let enc = Encoded::control(Kind::Zero, self.disk, offset, length, "");
         let seq = {
             let _range = self.locks.lock(offset, length).await;
-            self.file.write_zeroes(offset, length, mode, fua).await?;
-            self.capture
-                .push(enc, self.disk, Some((offset, length)), false)
-                .await
+            self.begin(offset, length)?;
+            let zeroed = self.file.write_zeroes(offset, length, mode, fua).await;
+            let seq = match zeroed {
+                Ok(()) => {
+                    self.capture
+                        .push(enc, self.disk, Some((offset, length)), false)
+                        .await
+                }
+                Err(_) => None,
+            };
+            self.changed(offset, length, seq);
+            zeroed?;
+            seq
         };
         self.after_change(seq).await;
         Ok(())
@@ -521,10 +592,19 @@ impl BlockBackend for CaptureBackend {
         let enc = Encoded::control(Kind::Trim, self.disk, offset, length, "");
         let seq = {
             let _range = self.locks.lock(offset, length).await;
-            self.file.trim(offset, length, fua).await?;
-            self.capture
-                .push(enc, self.disk, Some((offset, length)), false)
-                .await
+            self.begin(offset, length)?;
+            let trimmed = self.file.trim(offset, length, fua).await;
+            let seq = match trimmed {
+                Ok(()) => {
+                    self.capture
+                        .push(enc, self.disk, Some((offset, length)), false)
+                        .await
+                }
+                Err(_) => None,
+            };
+            self.changed(offset, length, seq);
+            trimmed?;
+            seq
         };
         self.after_change(seq).await;
         Ok(())

@@ -62,6 +62,8 @@ pub struct Status {
     pub sync_bytes_sent: u64,
     pub syncs_completed: u64,
     pub records: u64,
+    /// Extents the activity log marks as possibly not yet at the replicator.
+    pub activity_log_extents: u64,
     pub disks: Vec<DiskStatus>,
 }
 
@@ -114,6 +116,7 @@ impl Control {
             sync_bytes_sent: c.stats.sync_bytes_sent.load(Ordering::Relaxed),
             syncs_completed: c.stats.syncs_completed.load(Ordering::Relaxed),
             records: c.stats.records.load(Ordering::Relaxed),
+            activity_log_extents: c.activity.as_ref().map_or(0, |al| al.hot_count()),
             disks: self
                 .disks
                 .iter()

@@ -2,6 +2,7 @@
 //! ships it to a replicator. Flags are parsed and sockets bound here, before any thread starts;
 //! serving is `nbd_server::run`, capture is `capture`, shipping is `ship`.
 
+mod activity;
 mod capture;
 mod control;
 mod rangelock;
@@ -96,6 +97,13 @@ struct Cli {
         help_heading = "Replication"
     )]
     on_full: capture::OnFull,
+
+    /// Activity log: a small file marking the extents that may hold changes the replicator
+    /// has not acknowledged, so that after a crash only those are resent
+    /// [default: FIRST_DISK_PATH.cdp-al]. Without a valid one, a restarted proxy compares every
+    /// chunk with the replicator by hash.
+    #[arg(long, value_name = "FILE", help_heading = "Replication")]
+    activity_log: Option<PathBuf>,
 
     /// Unix socket for `nbd-proxy status` and `nbd-proxy bookmark`.
     #[arg(long, value_name = "CTLSOCK", help_heading = "Replication")]
@@ -314,9 +322,14 @@ impl Replication {
         });
         if done.is_err() {
             warn!(
-                "the replicator has seq {} of {last}; the next start compares the disks by hash",
+                "the replicator has seq {} of {last}; the next start resends what the activity log marks",
                 *self.capture.acked.borrow()
             );
+        }
+        if let Some(al) = &self.capture.activity {
+            if let Err(e) = al.clean(*self.capture.acked.borrow()) {
+                warn!("write activity log {}: {e}", al.path().display());
+            }
         }
     }
 }
@@ -335,9 +348,32 @@ fn start_replication(
     if !journal::store::valid_group_name(&group) {
         bail!("group name {group:?} is not allowed: use letters, digits, '-', '_' and '.'");
     }
-    let sizes = files.iter().map(|(_, f)| f.size_bytes()).collect();
-    let (capture, rx) =
-        capture::Capture::new(sizes, cli.log_capacity.max(1 << 20), cli.mode, cli.on_full);
+    let sizes: Vec<u64> = files.iter().map(|(_, f)| f.size_bytes()).collect();
+    let al_path = cli.activity_log.clone().unwrap_or_else(|| {
+        let mut p = cli.disks[0].path.clone().into_os_string();
+        p.push(".cdp-al");
+        PathBuf::from(p)
+    });
+    let (al, recovered) = activity::ActivityLog::open(&al_path, &group, &sizes)
+        .with_context(|| format!("open activity log {}", al_path.display()))?;
+    match &recovered {
+        Some(r) => info!(
+            "activity log {}: {} extents may hold changes the replicator lacks; resending those",
+            al_path.display(),
+            r.extents.iter().map(Vec::len).sum::<usize>()
+        ),
+        None => info!(
+            "activity log {}: no trusted state; the disks will be compared with the replicator by hash",
+            al_path.display()
+        ),
+    }
+    let (capture, rx) = capture::Capture::new(
+        sizes,
+        cli.log_capacity.max(1 << 20),
+        cli.mode,
+        cli.on_full,
+        Some((al, recovered)),
+    );
     let disks: Vec<Arc<capture::CaptureBackend>> = files
         .iter()
         .enumerate()
@@ -370,6 +406,7 @@ fn start_replication(
     std::thread::Builder::new()
         .name("shipper".into())
         .spawn(move || shipper.run(rx))?;
+    runtime.spawn(clean_activity_log(capture.clone()));
     info!(
         "replicating group {group} to {addr} (mode {:?}, change log {}, on full: {:?})",
         cli.mode,
@@ -394,6 +431,20 @@ fn start_replication(
         runtime.spawn(control::serve(listener, control));
     }
     Ok(Replication { disks, capture })
+}
+
+/// Clears activity-log extents whose changes are durable, once a second.
+async fn clean_activity_log(capture: Arc<capture::Capture>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let acked = *capture.acked.borrow();
+        if let Some(al) = &capture.activity {
+            if let Err(e) = al.clean(acked) {
+                tracing::error!("write activity log {}: {e}", al.path().display());
+            }
+        }
+    }
 }
 
 /// The first disk's file name without its extension, made into a valid group name.

@@ -27,6 +27,12 @@ pub struct Plan {
 
 pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: Plan) {
     let started = std::time::Instant::now();
+    if let (true, Some(al)) = (plan.full, &capture.activity) {
+        // Until this comparison completes, the activity log proves nothing.
+        if let Err(e) = al.set_synced(false) {
+            tracing::error!("write activity log {}: {e}", al.path().display());
+        }
+    }
     let sets = capture.begin_sync(plan.full, plan.reason);
     let stats = &capture.stats;
     let total: u64 = sets.iter().map(|d| d.count()).sum();
@@ -90,8 +96,17 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
         }
     }
     let end = capture.push_control(Encoded::control(Kind::SyncEnd, 0, 0, 0, plan.reason));
-    if end.is_some() {
+    if let Some(end) = end {
         stats.syncs_completed.fetch_add(1, Ordering::Relaxed);
+        if let Some(al) = &capture.activity {
+            // Changes made while only dirty chunks were tracked are covered from here on.
+            al.resynced(end);
+            if plan.full {
+                if let Err(e) = al.set_synced(true) {
+                    tracing::error!("write activity log {}: {e}", al.path().display());
+                }
+            }
+        }
     }
     info!(
         "{} done in {:.1} s: {} of {total} chunks sent ({} bytes), {} unchanged",

@@ -140,9 +140,13 @@ impl Shipper {
             None
         };
         stream.set_read_timeout(None)?;
-        let decision = self
-            .capture
-            .handshake(welcome.durable_seq, rx, unacked, hashes.is_some());
+        let decision = self.capture.handshake(
+            welcome.durable_seq,
+            welcome.known,
+            rx,
+            unacked,
+            hashes.is_some(),
+        );
         if decision == Handshake::NeedHashes {
             info!("the replicator's copy must be compared by hashes; reconnecting for them");
             return Ok(Ended::NeedHashes);

@@ -407,8 +407,9 @@ fn sync_bytes_sent(status: &serde_json::Value) -> u64 {
 }
 
 /// A disk full of data is seeded while the guest writes; a proxy killed with -9 under load
-/// catches up by comparing hashes; re-seeding an unchanged disk moves under 1% of its size;
-/// chunks changed behind the proxy's back are exactly what a delta sync sends.
+/// resends only what its activity log marks; without the log, re-seeding an unchanged disk
+/// moves under 1% of its size, and chunks changed behind the proxy's back are exactly what the
+/// hash comparison sends.
 #[test]
 fn seeding_under_load_then_proxy_kill9_and_delta_sync() {
     let dir = tempfile::tempdir().unwrap();
@@ -431,8 +432,9 @@ fn seeding_under_load_then_proxy_kill9_and_delta_sync() {
     );
     assert_replica_equals(&rep, &[("disk", &image)]);
 
-    // kill -9 while writing: writes not yet shipped are found again by hash comparison.
-    let mut load = fio_writes(&proxy.uri("disk"), size, 64 * MIB);
+    // kill -9 while writing: the activity log names the extents that may hold writes the
+    // replicator lacks, and only those are resent.
+    let mut load = fio_writes(&proxy.uri("disk"), 16 * MIB, 64 * MIB);
     wait_captured(&ctl, status["captured_seq"].as_u64().unwrap() + 2000);
     proxy.kill9().unwrap();
     let _ = load.kill();
@@ -440,25 +442,47 @@ fn seeding_under_load_then_proxy_kill9_and_delta_sync() {
     proxy.restart().unwrap();
     let status = wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     assert!(
-        sync_bytes_sent(&status) < size,
-        "a delta sync sends only differing chunks: {status}"
+        sync_bytes_sent(&status) <= 16 * MIB,
+        "only extents the activity log marks (all within the 16 MiB fio wrote) are resent: {status}"
+    );
+    assert!(proxy.log_text().contains("extents may hold changes"));
+    eprintln!(
+        "after kill -9: resent {} bytes of a {size}-byte disk",
+        sync_bytes_sent(&status)
     );
     assert_replica_equals(&rep, &[("disk", &image)]);
 
-    // Unchanged disk: a restart moves only hashes.
+    // A clean stop leaves nothing marked: a restart resends nothing.
     proxy.stop().unwrap();
     relay.take_bytes();
     proxy.restart().unwrap();
     let status = wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    assert_eq!(sync_bytes_sent(&status), 0, "{status}");
+    assert!(relay.take_bytes() < 64 * 1024);
+
+    // Without the activity log (lost, or a new host), the disk is compared by hash: for an
+    // unchanged disk only the hashes move.
+    let al = {
+        let mut p = image.clone().into_os_string();
+        p.push(".cdp-al");
+        std::path::PathBuf::from(p)
+    };
+    proxy.stop().unwrap();
+    std::fs::remove_file(&al).unwrap();
+    relay.take_bytes();
+    proxy.restart().unwrap();
+    let status = wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     let moved = relay.take_bytes();
+    eprintln!("hash comparison of an unchanged {size}-byte disk moved {moved} bytes");
     assert_eq!(sync_bytes_sent(&status), 0, "{status}");
     assert!(
         moved * 100 < size,
         "re-seeding an unchanged {size}-byte disk moved {moved} bytes (must be < 1%)"
     );
 
-    // Three chunks changed while the proxy was down (a lost activity log, another host).
+    // Three chunks changed while the proxy was down and its activity log was lost.
     proxy.stop().unwrap();
+    std::fs::remove_file(&al).unwrap();
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()

@@ -1,0 +1,372 @@
+//! The activity log: a small file that names every extent of the disks that may hold a change
+//! the replicator has not acknowledged, as DRBD's activity log does. An extent is marked (and
+//! the file synced) before the first write to it lands on the image; it is cleared lazily once
+//! every change in it is durable at the replicator. After a crash (kill -9, power loss) the
+//! restarted proxy resends only the marked extents instead of comparing whole disks by hash.
+//!
+//! File: `CDPAL001`, u32 length of a JSON header (group, disk sizes, extent size, acked seq),
+//! the header, one bit per extent per disk, and a crc32c of everything before it. A torn or
+//! foreign file is ignored (and a full hash comparison is done instead).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes each bit of the activity log covers.
+pub const EXTENT: u64 = 4 << 20;
+const MAGIC: &[u8; 8] = b"CDPAL001";
+/// `last_seq` of an extent changed while no record was kept (dirty tracking): clean only after
+/// a completed resync.
+pub const UNRECORDED: u64 = u64::MAX;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Header {
+    group: String,
+    sizes: Vec<u64>,
+    extent: u64,
+    acked_seq: u64,
+    /// The replicator's copy equals the disks except in marked extents. False until a first
+    /// full comparison completes: until then the file proves nothing.
+    synced: bool,
+}
+
+#[derive(Debug)]
+struct Extents {
+    /// Marked in the file (or about to be, under the file lock).
+    hot: Vec<AtomicU64>,
+    /// Highest seq of a change to each extent ([`UNRECORDED`] when one had no record).
+    last_seq: Vec<AtomicU64>,
+    /// Changes between marking and getting their seq.
+    in_flight: Vec<AtomicU32>,
+}
+
+#[derive(Debug)]
+pub struct ActivityLog {
+    path: PathBuf,
+    file: Mutex<File>,
+    group: String,
+    sizes: Vec<u64>,
+    disks: Vec<Extents>,
+    acked_seq: AtomicU64,
+    synced: std::sync::atomic::AtomicBool,
+}
+
+/// What the file held at start-up.
+#[derive(Debug)]
+pub struct Recovered {
+    /// Per disk, extents that may hold unreplicated changes.
+    pub extents: Vec<Vec<u64>>,
+    /// The replicator had at least this seq durably when the file was last written.
+    pub acked_seq: u64,
+}
+
+impl ActivityLog {
+    /// Opens (or creates) the log; returns what a previous run left, if it is valid for this
+    /// group and these disks.
+    pub fn open(
+        path: &Path,
+        group: &str,
+        sizes: &[u64],
+    ) -> io::Result<(ActivityLog, Option<Recovered>)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let recovered = std::fs::read(path)
+            .ok()
+            .and_then(|bytes| decode(&bytes))
+            .filter(|(h, _)| h.synced && h.group == group && h.sizes == sizes && h.extent == EXTENT)
+            .map(|(h, bits)| Recovered {
+                extents: bits,
+                acked_seq: h.acked_seq,
+            });
+        let disks = sizes
+            .iter()
+            .map(|&size| {
+                let n = size.div_ceil(EXTENT) as usize;
+                Extents {
+                    hot: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+                    last_seq: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                    in_flight: (0..n).map(|_| AtomicU32::new(0)).collect(),
+                }
+            })
+            .collect();
+        let log = ActivityLog {
+            path: path.to_owned(),
+            file: Mutex::new(file),
+            group: group.to_owned(),
+            sizes: sizes.to_vec(),
+            disks,
+            acked_seq: AtomicU64::new(recovered.as_ref().map_or(0, |r| r.acked_seq)),
+            synced: std::sync::atomic::AtomicBool::new(recovered.is_some()),
+        };
+        // Until the recovered extents are resynced they stay marked.
+        if let Some(r) = &recovered {
+            for (d, extents) in r.extents.iter().enumerate() {
+                for &e in extents {
+                    log.set_hot(d, e, true);
+                    log.disks[d].last_seq[e as usize].store(UNRECORDED, Ordering::SeqCst);
+                }
+            }
+        }
+        log.write()?;
+        Ok((log, recovered))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn set_hot(&self, disk: usize, extent: u64, on: bool) -> bool {
+        let word = &self.disks[disk].hot[(extent / 64) as usize];
+        let bit = 1u64 << (extent % 64);
+        let old = if on {
+            word.fetch_or(bit, Ordering::SeqCst)
+        } else {
+            word.fetch_and(!bit, Ordering::SeqCst)
+        };
+        old & bit != 0
+    }
+
+    fn is_hot(&self, disk: usize, extent: u64) -> bool {
+        self.disks[disk].hot[(extent / 64) as usize].load(Ordering::SeqCst) & (1 << (extent % 64))
+            != 0
+    }
+
+    fn extents(offset: u64, length: u64) -> std::ops::RangeInclusive<u64> {
+        offset / EXTENT..=(offset + length.max(1) - 1) / EXTENT
+    }
+
+    /// Before a change to `offset..offset+length` reaches the image: makes sure the file marks
+    /// its extents (writing and syncing the file when one was not marked yet). Must be paired
+    /// with [`ActivityLog::changed`].
+    pub fn begin(&self, disk: usize, offset: u64, length: u64) -> io::Result<()> {
+        let mut cold = false;
+        for e in Self::extents(offset, length) {
+            self.disks[disk].in_flight[e as usize].fetch_add(1, Ordering::SeqCst);
+            if !self.is_hot(disk, e) {
+                cold = true;
+            }
+        }
+        if cold {
+            let _file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            let mut newly = false;
+            for e in Self::extents(offset, length) {
+                newly |= !self.set_hot(disk, e, true);
+            }
+            if newly {
+                self.write_locked(&_file)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After the change got its seq (None: it was only marked dirty).
+    pub fn changed(&self, disk: usize, offset: u64, length: u64, seq: Option<u64>) {
+        for e in Self::extents(offset, length) {
+            let last = &self.disks[disk].last_seq[e as usize];
+            match seq {
+                Some(s) => {
+                    let _ = last.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |old| {
+                        (old != UNRECORDED && old < s).then_some(s)
+                    });
+                }
+                None => last.store(UNRECORDED, Ordering::SeqCst),
+            }
+            self.disks[disk].in_flight[e as usize].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A resync that sent every dirty chunk completed at `seq`: extents whose changes had no
+    /// record are now covered by it.
+    pub fn resynced(&self, seq: u64) {
+        for d in &self.disks {
+            for last in &d.last_seq {
+                let _ = last.compare_exchange(UNRECORDED, seq, Ordering::SeqCst, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Whether the file is trusted: a full comparison completed, or it was recovered so.
+    pub fn set_synced(&self, synced: bool) -> io::Result<()> {
+        let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        self.synced.store(synced, Ordering::SeqCst);
+        self.write_locked(&file)
+    }
+
+    /// Clears extents whose changes are all durable (`acked`), and rewrites the file if any was.
+    pub fn clean(&self, acked: u64) -> io::Result<usize> {
+        let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cleared = 0;
+        for (d, disk) in self.disks.iter().enumerate() {
+            for (e, last) in disk.last_seq.iter().enumerate() {
+                let e64 = e as u64;
+                if !self.is_hot(d, e64)
+                    || disk.in_flight[e].load(Ordering::SeqCst) > 0
+                    || last.load(Ordering::SeqCst) > acked
+                {
+                    continue;
+                }
+                self.set_hot(d, e64, false);
+                // A change that marked itself meanwhile saw the bit set: keep it.
+                if disk.in_flight[e].load(Ordering::SeqCst) > 0
+                    || last.load(Ordering::SeqCst) > acked
+                {
+                    self.set_hot(d, e64, true);
+                } else {
+                    cleared += 1;
+                }
+            }
+        }
+        let old = self.acked_seq.swap(acked, Ordering::SeqCst);
+        if cleared > 0 || old != acked {
+            self.write_locked(&file)?;
+        }
+        Ok(cleared)
+    }
+
+    /// Extents marked now.
+    pub fn hot_count(&self) -> u64 {
+        self.disks
+            .iter()
+            .map(|d| {
+                d.hot
+                    .iter()
+                    .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
+    fn write(&self) -> io::Result<()> {
+        let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_locked(&file)
+    }
+
+    fn write_locked(&self, file: &File) -> io::Result<()> {
+        let header = Header {
+            group: self.group.clone(),
+            sizes: self.sizes.clone(),
+            extent: EXTENT,
+            acked_seq: self.acked_seq.load(Ordering::SeqCst),
+            synced: self.synced.load(Ordering::SeqCst),
+        };
+        let bits: Vec<Vec<u64>> = self
+            .disks
+            .iter()
+            .map(|d| d.hot.iter().map(|w| w.load(Ordering::SeqCst)).collect())
+            .collect();
+        let bytes = encode(&header, &bits);
+        file.write_all_at(&bytes, 0)?;
+        file.set_len(bytes.len() as u64)?;
+        file.sync_data()
+    }
+}
+
+fn encode(header: &Header, bits: &[Vec<u64>]) -> Vec<u8> {
+    let json = serde_json::to_vec(header).unwrap_or_default();
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    for disk in bits {
+        for w in disk {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// The header and, per disk, the marked extents; None for a torn or foreign file.
+fn decode(b: &[u8]) -> Option<(Header, Vec<Vec<u64>>)> {
+    if b.len() < 16 || &b[..8] != MAGIC {
+        return None;
+    }
+    let (body, crc) = b.split_at(b.len() - 4);
+    if crc32c::crc32c(body).to_le_bytes() != crc {
+        return None;
+    }
+    let json_len = u32::from_le_bytes(body[8..12].try_into().ok()?) as usize;
+    let header: Header = serde_json::from_slice(body.get(12..12 + json_len)?).ok()?;
+    let mut rest = body.get(12 + json_len..)?;
+    let mut extents = Vec::new();
+    for &size in &header.sizes {
+        let n = size.div_ceil(header.extent.max(1));
+        let words = n.div_ceil(64) as usize;
+        let (mine, tail) = (rest.get(..words * 8)?, rest.get(words * 8..)?);
+        rest = tail;
+        let mut list = Vec::new();
+        for (i, w) in mine.chunks_exact(8).enumerate() {
+            let w = u64::from_le_bytes(w.try_into().ok()?);
+            for bit in 0..64 {
+                let e = i as u64 * 64 + bit;
+                if w & (1 << bit) != 0 && e < n {
+                    list.push(e);
+                }
+            }
+        }
+        extents.push(list);
+    }
+    rest.is_empty().then_some((header, extents))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_survive_a_restart_and_clear_once_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.cdp-al");
+        let sizes = [64 * EXTENT, 3 * EXTENT + 1];
+        let (al, rec) = ActivityLog::open(&path, "g", &sizes).unwrap();
+        assert!(rec.is_none());
+        drop(al);
+        let (al, rec) = ActivityLog::open(&path, "g", &sizes).unwrap();
+        assert!(rec.is_none(), "not trusted before a full sync");
+        al.set_synced(true).unwrap();
+        al.begin(0, 5 * EXTENT + 10, EXTENT).unwrap(); // extents 5 and 6
+        al.changed(0, 5 * EXTENT + 10, EXTENT, Some(7));
+        al.begin(1, 3 * EXTENT, 1).unwrap();
+        al.changed(1, 3 * EXTENT, 1, None);
+        drop(al);
+        let (al, rec) = ActivityLog::open(&path, "g", &sizes).unwrap();
+        let rec = rec.unwrap();
+        assert_eq!(rec.extents, vec![vec![5, 6], vec![3]]);
+        // Recovered extents stay marked until a resync completes.
+        assert_eq!(al.clean(1000).unwrap(), 0);
+        al.resynced(50);
+        assert_eq!(al.clean(49).unwrap(), 0);
+        assert_eq!(al.clean(50).unwrap(), 3);
+        drop(al);
+        let (_, rec) = ActivityLog::open(&path, "g", &sizes).unwrap();
+        assert!(rec.unwrap().extents.iter().all(Vec::is_empty));
+        // Another group's (or a torn) file is not trusted.
+        let (_, rec) = ActivityLog::open(&path, "other", &sizes).unwrap();
+        assert!(rec.is_none());
+        std::fs::write(&path, b"CDPAL001garbage").unwrap();
+        let (_, rec) = ActivityLog::open(&path, "g", &sizes).unwrap();
+        assert!(rec.is_none());
+    }
+
+    #[test]
+    fn a_change_in_flight_keeps_its_extent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (al, _) = ActivityLog::open(&dir.path().join("al"), "g", &[8 * EXTENT]).unwrap();
+        al.begin(0, 0, 4096).unwrap();
+        assert_eq!(al.clean(u64::MAX - 1).unwrap(), 0, "in flight: kept");
+        al.changed(0, 0, 4096, Some(3));
+        assert_eq!(al.clean(2).unwrap(), 0, "not durable yet: kept");
+        assert_eq!(al.clean(3).unwrap(), 1);
+        assert_eq!(al.hot_count(), 0);
+    }
+}
