@@ -67,15 +67,7 @@ impl Group {
             .with_context(|| format!("create group store {}", dir.path.display()))?;
         }
         let meta = dir.meta()?;
-        if meta.volumes != volumes {
-            bail!(
-                "group {name} was stored with volumes {} but the proxy sends {}; \
-                 use another group name or remove {}",
-                describe(&meta.volumes),
-                describe(volumes),
-                dir.path.display()
-            );
-        }
+        check_volumes(&dir, &meta, volumes)?;
         let base = dir.mark("base")?;
         let (journal, report) = JournalWriter::open(&dir, base.seq, segment_limit)
             .with_context(|| format!("open journal of group {name}"))?;
@@ -303,6 +295,21 @@ impl Group {
         }
         Ok(out)
     }
+}
+
+/// A proxy must offer the volumes the group was stored with (names and sizes, in order).
+pub fn check_volumes(dir: &GroupDir, meta: &GroupMeta, volumes: &[Volume]) -> anyhow::Result<()> {
+    if meta.volumes != volumes {
+        bail!(
+            "group {} was stored with volumes {} but the proxy sends {}; \
+             use another group name or remove {}",
+            meta.name,
+            describe(&meta.volumes),
+            describe(volumes),
+            dir.path.display()
+        );
+    }
+    Ok(())
 }
 
 fn describe(volumes: &[Volume]) -> String {

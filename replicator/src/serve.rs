@@ -137,13 +137,9 @@ fn handle(mut stream: TcpStream, peer: &str, slots: &Slots, opts: &Options) -> a
     let Some(group) = guard.as_mut() else {
         bail!("group not open");
     };
-    if group.meta.volumes != hello.volumes {
-        let msg = format!(
-            "group {} has other volumes than this proxy sends; use another group name",
-            hello.group
-        );
-        let _ = stream.write_all(&wire::error(&msg));
-        bail!(msg);
+    if let Err(e) = crate::group::check_volumes(&group.dir, &group.meta, &hello.volumes) {
+        let _ = stream.write_all(&wire::error(&format!("{e:#}")));
+        return Err(e);
     }
     start_retention(&slot, group, opts);
     let known = group.records_in > 0 || group.durable_seq > 0;
@@ -162,6 +158,7 @@ fn handle(mut stream: TcpStream, peer: &str, slots: &Slots, opts: &Options) -> a
     if hello.want_hashes {
         send_hashes(&mut stream, group)?;
     }
+    write_status(group, Some(peer));
     let (tx, rx) = bounded::<Vec<u8>>(16);
     let mut reader = stream.try_clone()?;
     let reader_thread = std::thread::spawn(move || -> anyhow::Result<()> {
