@@ -500,3 +500,93 @@ fn seeding_under_load_then_proxy_kill9_and_delta_sync() {
     assert_replica_equals(&rep, &[("disk", &image)]);
     proxy.stop().unwrap();
 }
+
+/// `--on-full bitmap`: with the replicator away and a small log, writes keep completing, the
+/// overflow is tracked as dirty chunks, and once the replicator is back they are resent between
+/// SyncBegin and SyncEnd records (so restore can tell that window is not consistent).
+#[test]
+fn log_overflow_tracks_dirty_chunks_then_resyncs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    make_image(&image, 32 * MIB, &[]).unwrap();
+    let mut rep = Replicator::start(&dir.path().join("store"), &[]).unwrap();
+    let ctl = dir.path().join("ctl");
+    let proxy = start_proxy(
+        dir.path(),
+        &rep.addr,
+        &[("disk", &image)],
+        &["--log-capacity", "1MiB"],
+    );
+    wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    rep.kill9();
+    let mut load = fio_writes(&proxy.uri("disk"), 8 * MIB, 8 * MIB);
+    assert!(
+        load.wait().unwrap().success(),
+        "guest writes complete while the log is full"
+    );
+    let s = proxy_status(&ctl).unwrap();
+    assert_eq!(s["tracking"], "dirty-chunks", "{s}");
+    assert!(s["dirty_chunks"].as_u64().unwrap() > 0, "{s}");
+    assert!(
+        s["log_used"].as_u64().unwrap() <= 2 * MIB,
+        "the log stays bounded: {s}"
+    );
+    rep.restart().unwrap();
+    wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    let records = read_journal(&rep.group("g")).unwrap();
+    let begin = records
+        .iter()
+        .rposition(|r| r.kind == Kind::SyncBegin && r.text == "resync")
+        .expect("a resync began");
+    let end = records
+        .iter()
+        .rposition(|r| r.kind == Kind::SyncEnd)
+        .expect("and ended");
+    assert!(begin < end);
+    assert!(records[begin..end].iter().any(|r| r.kind == Kind::SyncData));
+    assert_replica_equals(&rep, &[("disk", &image)]);
+    proxy.assert_no_errors().unwrap();
+}
+
+/// `--on-full block`: with the replicator away and the log full, guest writes wait (the log
+/// never grows past its capacity) and complete once the replicator is back.
+#[test]
+fn log_full_in_block_mode_stalls_writes_until_the_replicator_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    make_image(&image, 32 * MIB, &[]).unwrap();
+    let mut rep = Replicator::start(&dir.path().join("store"), &[]).unwrap();
+    let ctl = dir.path().join("ctl");
+    let proxy = start_proxy(
+        dir.path(),
+        &rep.addr,
+        &[("disk", &image)],
+        &["--log-capacity", "1MiB", "--on-full", "block"],
+    );
+    wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    rep.kill9();
+    let mut load = fio_writes(&proxy.uri("disk"), 8 * MIB, 8 * MIB);
+    // The log fills, then the captured seq stops moving while fio is still running.
+    let stalled = tests::wait_for("the log to fill", Duration::from_secs(60), || {
+        let s = proxy_status(&ctl).ok()?;
+        (s["log_used"].as_u64()? + 128 * 1024 >= MIB).then_some(s)
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let later = proxy_status(&ctl).unwrap();
+    assert_eq!(
+        later["captured_seq"], stalled["captured_seq"],
+        "no record is taken while the log is full"
+    );
+    assert!(
+        load.try_wait().unwrap().is_none(),
+        "fio is waiting on its writes"
+    );
+    assert!(later["log_used"].as_u64().unwrap() <= MIB, "{later}");
+    assert_eq!(later["tracking"], "live");
+    rep.restart().unwrap();
+    assert!(load.wait().unwrap().success());
+    wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    assert_replica_equals(&rep, &[("disk", &image)]);
+    proxy.assert_no_errors().unwrap();
+}
