@@ -28,6 +28,8 @@ pub struct GroupStatus {
     /// A seed or resync is open: the newest points are not consistent yet.
     pub syncing: bool,
     pub live: Option<LiveStatus>,
+    /// The `replicator serve` that wrote `live` is still running.
+    pub replicator_running: bool,
     pub retention: Option<RetentionState>,
 }
 
@@ -47,8 +49,13 @@ pub fn group_status(dir: &GroupDir) -> anyhow::Result<GroupStatus> {
         bookmarks: Vec::new(),
         syncing: false,
         live: store::read_json(&dir.path.join("status.json")).ok(),
+        replicator_running: false,
         retention: store::read_json(&dir.path.join("retention.json")).ok(),
     };
+    status.replicator_running = status
+        .live
+        .as_ref()
+        .is_some_and(|l| Path::new(&format!("/proc/{}", l.pid)).exists());
     for seg in dir.segments()? {
         status.segments += 1;
         status.journal_bytes += std::fs::metadata(&seg.path)?.len();
@@ -96,6 +103,10 @@ pub fn status(store_dir: &Path, json: bool) -> anyhow::Result<()> {
             println!("  volume {:<12} {}", v.name, human_bytes(v.size));
         }
         let link = match &s.live {
+            Some(l) if !s.replicator_running => format!(
+                "replicator not running (last update {} ago)",
+                ago(l.updated_ns)
+            ),
             Some(l) if l.connected => format!(
                 "connected from {} (updated {} ago)",
                 l.peer.as_deref().unwrap_or("?"),

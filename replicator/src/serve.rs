@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use crossbeam_channel::{bounded, Receiver, TryRecvError};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, TryRecvError};
 use journal::store::{self, GroupDir};
 use journal::wire::{self, FrameType, Hello, Welcome};
 use serde::Serialize;
@@ -241,7 +241,17 @@ fn ingest_loop(
 ) -> anyhow::Result<()> {
     let mut last_status = Instant::now();
     let mut acked = group.durable_seq;
-    while let Ok(body) = rx.recv() {
+    loop {
+        let body = match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(body) => body,
+            Err(RecvTimeoutError::Timeout) => {
+                // An idle link: keep the status fresh.
+                write_status(group, Some(peer));
+                last_status = Instant::now();
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        };
         ingest(stream, group, &body)?;
         // Group commit: take whatever else has arrived, then one fsync for all of it.
         loop {
@@ -263,7 +273,6 @@ fn ingest_loop(
             last_status = Instant::now();
         }
     }
-    Ok(())
 }
 
 fn ingest(stream: &mut TcpStream, group: &mut Group, body: &[u8]) -> anyhow::Result<()> {
