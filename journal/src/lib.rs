@@ -5,6 +5,7 @@
 //! `record`, `segment` and `wire` do no I/O and are tested on bytes; `store` is the thin layer
 //! that puts them in files.
 
+pub mod pit;
 pub mod record;
 pub mod segment;
 pub mod store;

@@ -1,0 +1,599 @@
+//! Points in time: what a group's journal holds (from the segment indexes, never by reading
+//! payloads), how a user's `--at` resolves to a seq, and for a seq, where each byte of each disk
+//! comes from (the newest record at or before it that covers the byte, else the base).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::record::Kind;
+use crate::segment::IndexEntry;
+use crate::store::{GroupDir, GroupMeta, SeqMark};
+
+/// A recovery point as a user names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Point {
+    Latest,
+    Seq(u64),
+    Bookmark(String),
+    /// Unix time in nanoseconds: the last record at or before it.
+    Time(u64),
+}
+
+/// Parses `latest`, `seq:N`, `bookmark:NAME`, an RFC 3339 UTC time (`2026-11-22T10:15:03Z`,
+/// fractions allowed) or a relative time (`-5m`, `-90s`) against `now_ns`.
+pub fn parse_point(s: &str, now_ns: u64) -> Result<Point, String> {
+    let s = s.trim();
+    if s == "latest" {
+        return Ok(Point::Latest);
+    }
+    if let Some(n) = s.strip_prefix("seq:") {
+        return n
+            .parse()
+            .map(Point::Seq)
+            .map_err(|_| format!("{s:?}: seq:N needs a number"));
+    }
+    if let Some(name) = s.strip_prefix("bookmark:") {
+        if name.is_empty() {
+            return Err("bookmark: needs a name".into());
+        }
+        return Ok(Point::Bookmark(name.to_owned()));
+    }
+    if let Some(rel) = s.strip_prefix('-') {
+        let d = crate::units::parse_duration(rel)?;
+        return Ok(Point::Time(now_ns.saturating_sub(d.as_nanos() as u64)));
+    }
+    parse_rfc3339(s).map(Point::Time).ok_or_else(|| {
+        format!(
+            "{s:?} is not a point: use latest, seq:N, bookmark:NAME, a UTC time such as \
+             2026-11-22T10:15:03Z, or a relative time such as -5m"
+        )
+    })
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM|-HH:MM)` to Unix nanoseconds.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if b[13] != b':' || b[16] != b':' || !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
+        return None;
+    }
+    if h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    let mut frac_ns = 0i64;
+    if let Some(f) = rest.strip_prefix('.') {
+        let digits: String = f.chars().take_while(|c| c.is_ascii_digit()).collect();
+        if digits.is_empty() {
+            return None;
+        }
+        let padded = format!("{:0<9}", &digits[..digits.len().min(9)]);
+        frac_ns = padded.parse().ok()?;
+        rest = &f[digits.len()..];
+    }
+    let offset_s = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) => {
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            let oh: i64 = rest.get(1..3)?.parse().ok()?;
+            let om: i64 = rest.get(4..6)?.parse().ok()?;
+            sign * (oh * 3600 + om * 60)
+        }
+        _ => return None,
+    };
+    // Days from civil (Howard Hinnant).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    let secs = days * 86400 + h * 3600 + mi * 60 + sec - offset_s;
+    if secs < 0 {
+        return None;
+    }
+    Some(secs as u64 * 1_000_000_000 + frac_ns as u64)
+}
+
+/// Unix nanoseconds as `2026-11-22T10:15:03Z`.
+pub fn format_time(ns: u64) -> String {
+    if ns == 0 {
+        return "-".into();
+    }
+    let secs = ns / 1_000_000_000;
+    let (days, rem) = ((secs / 86400) as i64, secs % 86400);
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub path: PathBuf,
+    pub first_seq: u64,
+    pub entries: Vec<IndexEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Bookmark {
+    pub name: String,
+    pub seq: u64,
+    pub time_ns: u64,
+}
+
+/// Seqs `start..end` are not consistent points (a seed or resync was running); `end` is None
+/// while it still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Window {
+    pub start: u64,
+    pub end: Option<u64>,
+    pub start_time_ns: u64,
+    pub end_time_ns: Option<u64>,
+}
+
+/// A group's history as its indexes describe it.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub meta: GroupMeta,
+    pub base: SeqMark,
+    pub segments: Vec<Segment>,
+    pub last_seq: u64,
+    pub last_time_ns: u64,
+    pub bookmarks: Vec<Bookmark>,
+    pub flushes: u64,
+    pub last_flush: Option<(u64, u64)>,
+    pub inconsistent: Vec<Window>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PointError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("seq {seq} is before the oldest point of group {group} (seq {oldest}, {oldest_time}); retention has folded older history into the base")]
+    BeforeWindow {
+        group: String,
+        seq: u64,
+        oldest: u64,
+        oldest_time: String,
+    },
+    #[error("{what} is after the newest point of group {group} (seq {newest}, {newest_time})")]
+    AfterWindow {
+        group: String,
+        what: String,
+        newest: u64,
+        newest_time: String,
+    },
+    #[error(
+        "time {time} is before the oldest point of group {group} ({oldest_time}, seq {oldest})"
+    )]
+    TimeBeforeWindow {
+        group: String,
+        time: String,
+        oldest: u64,
+        oldest_time: String,
+    },
+    #[error("seq {seq} of group {group} is inside a {window} window (seq {start}..{end}), so the disks there are not a consistent state; the nearest consistent points are {before} and {after}")]
+    Inconsistent {
+        group: String,
+        seq: u64,
+        window: &'static str,
+        start: u64,
+        end: String,
+        before: String,
+        after: String,
+    },
+    #[error("group {group} has no bookmark {name:?}; bookmarks: {known}")]
+    UnknownBookmark {
+        group: String,
+        name: String,
+        known: String,
+    },
+}
+
+impl History {
+    /// Reads the group's metadata and every segment's index (scanning the newest, unsealed one).
+    pub fn load(dir: &GroupDir) -> io::Result<History> {
+        let meta = dir.meta()?;
+        let base = dir.mark("base")?;
+        let mut h = History {
+            meta,
+            base,
+            segments: Vec::new(),
+            last_seq: base.seq,
+            last_time_ns: base.time_ns,
+            bookmarks: Vec::new(),
+            flushes: 0,
+            last_flush: None,
+            inconsistent: Vec::new(),
+        };
+        let mut open: Option<Window> = None;
+        let mut bookmark_file: Option<(std::fs::File, PathBuf)> = None;
+        for seg in dir.segments()? {
+            let (mut entries, scan) = seg.load_index()?;
+            if let Some(scan) = scan {
+                // An unsealed segment: what is valid of it (a torn tail is not history).
+                entries.truncate(scan.entries.len());
+            }
+            entries.retain(|e| e.seq > base.seq);
+            for e in &entries {
+                if e.seq != h.last_seq + 1 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: seq {} follows seq {}: records are missing",
+                            seg.path.display(),
+                            e.seq,
+                            h.last_seq
+                        ),
+                    ));
+                }
+                h.last_seq = e.seq;
+                h.last_time_ns = e.time_ns;
+                match e.kind {
+                    Kind::Flush => {
+                        h.flushes += 1;
+                        h.last_flush = Some((e.seq, e.time_ns));
+                    }
+                    Kind::Bookmark => {
+                        if bookmark_file.as_ref().is_none_or(|(_, p)| *p != seg.path) {
+                            bookmark_file =
+                                Some((std::fs::File::open(&seg.path)?, seg.path.clone()));
+                        }
+                        if let Some((f, _)) = &bookmark_file {
+                            let mut buf = Vec::new();
+                            crate::store::read_record(f, e, &mut buf)?;
+                            if let Ok(Some(r)) = crate::record::parse(&buf) {
+                                h.bookmarks.push(Bookmark {
+                                    name: r.text(),
+                                    seq: e.seq,
+                                    time_ns: e.time_ns,
+                                });
+                            }
+                        }
+                    }
+                    Kind::SyncBegin => {
+                        if open.is_none() {
+                            open = Some(Window {
+                                start: e.seq,
+                                end: None,
+                                start_time_ns: e.time_ns,
+                                end_time_ns: None,
+                            });
+                        }
+                    }
+                    Kind::SyncEnd => {
+                        let mut w = open.take().unwrap_or(Window {
+                            // The begin was folded into the base: the base is inside the window.
+                            start: base.seq,
+                            end: None,
+                            start_time_ns: base.time_ns,
+                            end_time_ns: None,
+                        });
+                        w.end = Some(e.seq);
+                        w.end_time_ns = Some(e.time_ns);
+                        h.inconsistent.push(w);
+                    }
+                    _ => {}
+                }
+            }
+            h.segments.push(Segment {
+                path: seg.path.clone(),
+                first_seq: seg.first_seq,
+                entries,
+            });
+        }
+        if let Some(w) = open {
+            h.inconsistent.push(w);
+        }
+        Ok(h)
+    }
+
+    pub fn oldest_seq(&self) -> u64 {
+        self.base.seq
+    }
+
+    /// Time of the record at `seq` (the base's time for the base seq).
+    pub fn time_of(&self, seq: u64) -> u64 {
+        if seq <= self.base.seq {
+            return self.base.time_ns;
+        }
+        self.entry(seq).map_or(0, |(_, e)| e.time_ns)
+    }
+
+    /// The index entry of `seq` and its segment's position in `segments`.
+    pub fn entry(&self, seq: u64) -> Option<(usize, &IndexEntry)> {
+        let i = self
+            .segments
+            .partition_point(|s| s.entries.first().is_some_and(|e| e.seq <= seq))
+            .checked_sub(1)?;
+        let seg = &self.segments[i];
+        let first = seg.entries.first()?.seq;
+        seg.entries.get((seq - first) as usize).map(|e| (i, e))
+    }
+
+    fn window_of(&self, seq: u64) -> Option<&Window> {
+        self.inconsistent
+            .iter()
+            .find(|w| seq >= w.start && w.end.is_none_or(|end| seq < end))
+    }
+
+    pub fn is_consistent(&self, seq: u64) -> bool {
+        self.window_of(seq).is_none()
+    }
+
+    /// Resolves a point to a seq, refusing points outside the window or not consistent.
+    pub fn resolve(&self, point: &Point) -> Result<u64, PointError> {
+        let group = self.meta.name.clone();
+        let seq = match point {
+            Point::Latest => {
+                // The newest consistent point.
+                let mut s = self.last_seq;
+                if let Some(w) = self.window_of(s) {
+                    s = w.start.saturating_sub(1).max(self.base.seq);
+                }
+                s
+            }
+            Point::Seq(n) => *n,
+            Point::Bookmark(name) => match self.bookmarks.iter().rev().find(|b| b.name == *name) {
+                Some(b) => b.seq,
+                None => {
+                    let known = if self.bookmarks.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        self.bookmarks
+                            .iter()
+                            .map(|b| b.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    return Err(PointError::UnknownBookmark {
+                        group,
+                        name: name.clone(),
+                        known,
+                    });
+                }
+            },
+            Point::Time(t) => {
+                let t = *t;
+                let oldest_time = if self.base.seq > 0 {
+                    self.base.time_ns
+                } else {
+                    self.segments
+                        .iter()
+                        .find_map(|s| s.entries.first())
+                        .map_or(u64::MAX, |e| e.time_ns)
+                };
+                if t < oldest_time {
+                    return Err(PointError::TimeBeforeWindow {
+                        group,
+                        time: format_time(t),
+                        oldest: self.base.seq,
+                        oldest_time: format_time(oldest_time.min(self.last_time_ns)),
+                    });
+                }
+                if t > crate::now_ns() + 1_000_000_000 {
+                    return Err(PointError::AfterWindow {
+                        group,
+                        what: format!("time {} (in the future)", format_time(t)),
+                        newest: self.last_seq,
+                        newest_time: format_time(self.last_time_ns),
+                    });
+                }
+                self.last_at_or_before(t)
+            }
+        };
+        if seq < self.base.seq {
+            return Err(PointError::BeforeWindow {
+                group,
+                seq,
+                oldest: self.base.seq,
+                oldest_time: format_time(self.base.time_ns),
+            });
+        }
+        if seq > self.last_seq {
+            return Err(PointError::AfterWindow {
+                group,
+                what: format!("seq {seq}"),
+                newest: self.last_seq,
+                newest_time: format_time(self.last_time_ns),
+            });
+        }
+        if let Some(w) = self.window_of(seq) {
+            let before = if w.start > self.base.seq {
+                format!("seq:{}", w.start - 1)
+            } else {
+                "none before it".into()
+            };
+            let after = w.end.map_or_else(
+                || "none yet (it is still running)".into(),
+                |e| format!("seq:{e}"),
+            );
+            return Err(PointError::Inconsistent {
+                group,
+                seq,
+                window: "seed/resync",
+                start: w.start,
+                end: w
+                    .end
+                    .map_or_else(|| "still running".into(), |e| e.to_string()),
+                before,
+                after,
+            });
+        }
+        Ok(seq)
+    }
+
+    /// The last seq whose record time is at or before `t` (the base seq if none).
+    fn last_at_or_before(&self, t: u64) -> u64 {
+        let mut best = self.base.seq;
+        for s in &self.segments {
+            let Some(first) = s.entries.first() else {
+                continue;
+            };
+            if first.time_ns > t {
+                break;
+            }
+            let i = s.entries.partition_point(|e| e.time_ns <= t);
+            if i > 0 {
+                best = s.entries[i - 1].seq;
+            }
+        }
+        best
+    }
+
+    /// Where every byte of every disk comes from at `seq`.
+    pub fn view(&self, seq: u64) -> Vec<DiskMap> {
+        let mut maps: Vec<DiskMap> = self
+            .meta
+            .volumes
+            .iter()
+            .map(|_| DiskMap::default())
+            .collect();
+        for (si, s) in self.segments.iter().enumerate() {
+            for e in &s.entries {
+                if e.seq > seq {
+                    return maps;
+                }
+                if !e.kind.changes_data() || e.length == 0 {
+                    continue;
+                }
+                let Some(map) = maps.get_mut(usize::from(e.disk)) else {
+                    continue;
+                };
+                let source = if e.kind.carries_data() {
+                    Source::Record {
+                        segment: si as u32,
+                        pos: e.pos,
+                        skip: 0,
+                    }
+                } else {
+                    Source::Zero
+                };
+                map.insert(e.offset, e.offset + e.length, source);
+            }
+        }
+        maps
+    }
+}
+
+/// Where a range of a disk's bytes comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The base image (no record covers it).
+    Base,
+    /// Zeroed or trimmed.
+    Zero,
+    /// The payload of the record at `pos` in segment `segment`, from byte `skip` of it.
+    Record { segment: u32, pos: u64, skip: u64 },
+}
+
+impl Source {
+    fn advanced(self, by: u64) -> Source {
+        match self {
+            Source::Record { segment, pos, skip } => Source::Record {
+                segment,
+                pos,
+                skip: skip + by,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Non-overlapping ranges of one disk and their sources; gaps come from the base.
+#[derive(Debug, Clone, Default)]
+pub struct DiskMap {
+    /// start -> (end, source)
+    ranges: BTreeMap<u64, (u64, Source)>,
+}
+
+impl DiskMap {
+    /// Makes `start..end` come from `source`, replacing whatever covered it.
+    pub fn insert(&mut self, start: u64, end: u64, source: Source) {
+        if start >= end {
+            return;
+        }
+        // A range that starts before `start` and reaches into it: keep its left part, and its
+        // right part if it reaches past `end`.
+        if let Some((&s, &(e, src))) = self.ranges.range(..start).next_back() {
+            if e > start {
+                self.ranges.insert(s, (start, src));
+                if e > end {
+                    self.ranges.insert(end, (e, src.advanced(end - s)));
+                }
+            }
+        }
+        // Ranges starting inside: drop them, keeping the tail of the last one.
+        let inside: Vec<u64> = self.ranges.range(start..end).map(|(&s, _)| s).collect();
+        for s in inside {
+            if let Some((e, src)) = self.ranges.remove(&s) {
+                if e > end {
+                    self.ranges.insert(end, (e, src.advanced(end - s)));
+                }
+            }
+        }
+        self.ranges.insert(start, (end, source));
+    }
+
+    /// The pieces covering `offset..offset+length`, in order, gaps as `Base`.
+    pub fn lookup(&self, offset: u64, length: u64, out: &mut Vec<(u64, u64, Source)>) {
+        out.clear();
+        let end = offset + length;
+        let mut at = offset;
+        let first = self
+            .ranges
+            .range(..=offset)
+            .next_back()
+            .filter(|(_, (e, _))| *e > offset)
+            .map(|(&s, _)| s)
+            .unwrap_or(offset);
+        for (&s, &(e, src)) in self.ranges.range(first..end) {
+            if s > at {
+                out.push((at, s - at, Source::Base));
+                at = s;
+            }
+            let piece_end = e.min(end);
+            if piece_end > at {
+                out.push((at, piece_end - at, src.advanced(at - s)));
+                at = piece_end;
+            }
+        }
+        if at < end {
+            out.push((at, end - at, Source::Base));
+        }
+    }
+
+    pub fn ranges(&self) -> usize {
+        self.ranges.len()
+    }
+}
+
+/// Relative points are measured from now.
+pub fn relative(d: Duration) -> Point {
+    Point::Time(crate::now_ns().saturating_sub(d.as_nanos() as u64))
+}
+
+#[cfg(test)]
+mod tests;
