@@ -273,15 +273,13 @@ impl History {
                             }
                         }
                     }
-                    Kind::SyncBegin => {
-                        if open.is_none() {
-                            open = Some(Window {
-                                start: e.seq,
-                                end: None,
-                                start_time_ns: e.time_ns,
-                                end_time_ns: None,
-                            });
-                        }
+                    Kind::SyncBegin if open.is_none() => {
+                        open = Some(Window {
+                            start: e.seq,
+                            end: None,
+                            start_time_ns: e.time_ns,
+                            end_time_ns: None,
+                        });
                     }
                     Kind::SyncEnd => {
                         let mut w = open.take().unwrap_or(Window {
@@ -344,6 +342,8 @@ impl History {
     }
 
     /// Resolves a point to a seq, refusing points outside the window or not consistent.
+    // The error is built once per command line; its size does not matter.
+    #[allow(clippy::result_large_err)]
     pub fn resolve(&self, point: &Point) -> Result<u64, PointError> {
         let group = self.meta.name.clone();
         let seq = match point {
