@@ -178,6 +178,62 @@ impl GroupDir {
     }
 }
 
+/// A reader's claim on history: retention folds nothing newer than a pinned seq into the base,
+/// so a point-in-time export keeps reading what it started with. Removed when dropped; a pin
+/// left by a dead process is ignored.
+#[derive(Debug)]
+pub struct Pin {
+    path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct PinFile {
+    seq: u64,
+    pid: u32,
+}
+
+impl GroupDir {
+    /// Pins `seq` for as long as the returned guard lives.
+    pub fn pin(&self, seq: u64) -> io::Result<Pin> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = self.path.join("pins");
+        fs::create_dir_all(&dir)?;
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{}-{n}.json", std::process::id()));
+        write_json_atomic(
+            &path,
+            &PinFile {
+                seq,
+                pid: std::process::id(),
+            },
+        )?;
+        Ok(Pin { path })
+    }
+
+    /// The oldest seq any live reader has pinned.
+    pub fn min_pinned(&self) -> Option<u64> {
+        let entries = fs::read_dir(self.path.join("pins")).ok()?;
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| read_json::<PinFile>(&e.path()).ok().map(|p| (e.path(), p)))
+            .filter(|(path, p)| {
+                let alive = Path::new(&format!("/proc/{}", p.pid)).exists();
+                if !alive {
+                    let _ = fs::remove_file(path);
+                }
+                alive
+            })
+            .map(|(_, p)| p.seq)
+            .min()
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentPath {
     pub first_seq: u64,

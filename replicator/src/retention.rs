@@ -74,12 +74,17 @@ pub fn pass(
         .transpose()?
         .unwrap_or(false);
     let mut below_target = false;
+    // Restore exports pin the point they serve: nothing newer is folded under them.
+    let pinned = dir.min_pinned();
     for seg in sealed {
         let (entries, _) = seg.load_index()?;
         let Some(last) = entries.last() else {
             fs::remove_file(&seg.path)?;
             continue;
         };
+        if pinned.is_some_and(|p| last.seq > p) {
+            break;
+        }
         let old_enough = cutoff.is_some_and(|c| last.time_ns < c);
         if !old_enough && !over_size {
             break;

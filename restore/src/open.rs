@@ -1,0 +1,144 @@
+//! Opening a point: the group's history, the point resolved to a seq, pinned against
+//! retention, and one view per disk.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use journal::pit::{self, History};
+use journal::store::{GroupDir, Pin};
+
+use crate::view::{PointView, Sources};
+
+/// A resolved, pinned point of a group and its disks' views.
+#[derive(Debug)]
+pub struct Opened {
+    pub seq: u64,
+    pub time_ns: u64,
+    /// (volume name, size, view)
+    pub disks: Vec<(String, u64, PointView)>,
+    _pin: Pin,
+}
+
+pub fn group_dir(store: &Path, group: &str) -> anyhow::Result<GroupDir> {
+    let dir = GroupDir::new(store, group);
+    if !dir.exists() {
+        let known: Vec<String> = journal::store::list_groups(store)
+            .with_context(|| format!("read store {}", store.display()))?
+            .iter()
+            .filter_map(|g| g.path.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        bail!(
+            "store {} has no group {group:?}; groups: {}",
+            store.display(),
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    Ok(dir)
+}
+
+/// Resolves `at` and opens every disk (or only `disk`) of the group at that point. `overlay`
+/// gives each disk a writable overlay file in that directory: anonymous (gone at exit), or
+/// named `GROUP-DISK-seqN.overlay` and kept when the flag is set.
+pub fn open_point(
+    store: &Path,
+    group: &str,
+    disk: Option<&str>,
+    at: &str,
+    overlay: Option<(&Path, bool)>,
+) -> anyhow::Result<Opened> {
+    let dir = group_dir(store, group)?;
+    let point = pit::parse_point(at, journal::now_ns()).map_err(anyhow::Error::msg)?;
+    for _attempt in 0..10 {
+        // Pin the base first so no fold runs while the history is read; then pin the point.
+        let base = dir.mark("base")?;
+        let early_pin = dir.pin(base.seq)?;
+        let history =
+            History::load(&dir).with_context(|| format!("read the journal of {group}"))?;
+        let sources = Sources::open(&history);
+        if dir.mark("base")?.seq != base.seq || sources.is_err() {
+            continue; // a fold finished meanwhile: read again
+        }
+        let sources = sources?;
+        let seq = history.resolve(&point)?;
+        let pin = dir.pin(seq)?;
+        drop(early_pin);
+        let maps = history.view(seq);
+        let mut disks = Vec::new();
+        for (v, map) in history.meta.volumes.iter().zip(maps) {
+            if disk.is_some_and(|d| d != v.name) {
+                continue;
+            }
+            let base_path = dir.image("base", &v.name);
+            let base = std::fs::File::open(&base_path)
+                .with_context(|| format!("open {}", base_path.display()))?;
+            let overlay_file = match overlay {
+                Some((o, false)) => Some(
+                    tempfile::Builder::new()
+                        .prefix(&format!("{}-", v.name))
+                        .suffix(".overlay")
+                        .tempfile_in(o)
+                        .with_context(|| format!("create an overlay in {}", o.display()))?
+                        .into_file(),
+                ),
+                Some((o, true)) => {
+                    let path = o.join(format!("{group}-{}-seq{seq}.overlay", v.name));
+                    Some(
+                        std::fs::OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .create_new(true)
+                            .open(&path)
+                            .with_context(|| format!("create overlay {}", path.display()))?,
+                    )
+                }
+                None => None,
+            };
+            disks.push((
+                v.name.clone(),
+                v.size,
+                PointView::new(v.size, map, base, sources.clone(), overlay_file)?,
+            ));
+        }
+        if let Some(d) = disk {
+            if disks.is_empty() {
+                let names: Vec<&str> = history
+                    .meta
+                    .volumes
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect();
+                bail!(
+                    "group {group} has no disk {d:?}; disks: {}",
+                    names.join(", ")
+                );
+            }
+        }
+        let time_ns = history.time_of(seq);
+        return Ok(Opened {
+            seq,
+            time_ns,
+            disks,
+            _pin: pin,
+        });
+    }
+    bail!("the store kept changing under retention while reading it; try again")
+}
+
+/// The views as `Arc`s for the server (the pin stays with `opened`).
+pub fn into_arcs(opened: &mut Opened) -> Vec<(String, u64, Arc<PointView>)> {
+    opened
+        .disks
+        .drain(..)
+        .map(|(n, s, v)| (n, s, Arc::new(v)))
+        .collect()
+}
+
+/// A point named for people: `seq 1234 (2026-11-22T10:15:03Z)`.
+pub fn describe(opened: &Opened) -> String {
+    format!("seq {} ({})", opened.seq, pit::format_time(opened.time_ns))
+}

@@ -1,0 +1,388 @@
+//! A disk as it was at one point: reads follow the source map built from the segment indexes
+//! (newest record at or before the point, else the base). Every record is checked (record crc,
+//! then payload crc after decompression) before any byte of it is served; a bad one fails the
+//! read with EIO and a log line naming it. With an overlay, writes go to a sparse file of the
+//! export's own, never to the store.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use journal::pit::{DiskMap, History, Source};
+use nbd_server::{BlockBackend, Capabilities, Extent, ZeroError, ZeroMode};
+use tracing::error;
+
+/// Decompressed, checked payloads kept for reuse (bytes).
+const CACHE_BYTES: usize = 64 << 20;
+/// Overlay granularity.
+const BLOCK: u64 = 4096;
+
+/// A record's place: (segment, byte position).
+type RecordAt = (u32, u64);
+
+#[derive(Debug)]
+struct Cache {
+    /// payload and the tick it was last used
+    entries: HashMap<RecordAt, (Arc<Vec<u8>>, u64)>,
+    bytes: usize,
+    tick: u64,
+}
+
+/// The segments and base images a set of views reads, opened once: open descriptors keep a
+/// segment readable even if retention removes it meanwhile.
+#[derive(Debug)]
+pub struct Sources {
+    segments: Vec<(File, PathBuf)>,
+    cache: Mutex<Cache>,
+}
+
+impl Sources {
+    pub fn open(history: &History) -> io::Result<Arc<Sources>> {
+        let segments = history
+            .segments
+            .iter()
+            .map(|s| Ok((File::open(&s.path)?, s.path.clone())))
+            .collect::<io::Result<_>>()?;
+        Ok(Arc::new(Sources {
+            segments,
+            cache: Mutex::new(Cache {
+                entries: HashMap::new(),
+                bytes: 0,
+                tick: 0,
+            }),
+        }))
+    }
+
+    /// The checked payload of the record at `pos` of segment `segment`.
+    fn payload(&self, segment: u32, pos: u64) -> io::Result<Arc<Vec<u8>>> {
+        {
+            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            c.tick += 1;
+            let tick = c.tick;
+            if let Some((data, used)) = c.entries.get_mut(&(segment, pos)) {
+                *used = tick;
+                return Ok(data.clone());
+            }
+        }
+        let (file, path) = &self.segments[segment as usize];
+        let mut head = [0u8; journal::record::HEADER_LEN];
+        let fail = |what: String| {
+            error!("{what}; this read fails with EIO and no byte of the record is served");
+            io::Error::from_raw_os_error(libc::EIO)
+        };
+        file.read_exact_at(&mut head, pos).map_err(|e| {
+            fail(format!(
+                "read record at byte {pos} of {}: {e}",
+                path.display()
+            ))
+        })?;
+        let header = journal::Header::decode(&head).map_err(|e| {
+            fail(format!(
+                "corrupt record at byte {pos} of {}: {e}",
+                path.display()
+            ))
+        })?;
+        let mut bytes = vec![0u8; header.record_len()];
+        file.read_exact_at(&mut bytes, pos).map_err(|e| {
+            fail(format!(
+                "read record seq {} in {}: {e}",
+                header.seq,
+                path.display()
+            ))
+        })?;
+        let data = journal::record::parse(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.ok_or_else(|| "cut short".to_owned()))
+            .and_then(|r| {
+                r.payload()
+                    .map(|p| p.into_owned())
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| {
+                fail(format!(
+                    "corrupt record seq {} at byte {pos} of {}: {e}",
+                    header.seq,
+                    path.display()
+                ))
+            })?;
+        let data = Arc::new(data);
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.bytes += data.len();
+        let tick = c.tick;
+        c.entries.insert((segment, pos), (data.clone(), tick));
+        while c.bytes > CACHE_BYTES && c.entries.len() > 1 {
+            let Some((&oldest, _)) = c.entries.iter().min_by_key(|(_, (_, used))| *used) else {
+                break;
+            };
+            if let Some((d, _)) = c.entries.remove(&oldest) {
+                c.bytes -= d.len();
+            }
+        }
+        Ok(data)
+    }
+}
+
+/// One disk at one point.
+#[derive(Debug)]
+pub struct PointView {
+    size: u64,
+    map: DiskMap,
+    base: File,
+    sources: Arc<Sources>,
+    overlay: Option<Overlay>,
+}
+
+#[derive(Debug)]
+struct Overlay {
+    file: File,
+    /// One bit per block held by the overlay.
+    written: Mutex<Vec<u64>>,
+}
+
+impl PointView {
+    pub fn new(
+        size: u64,
+        map: DiskMap,
+        base: File,
+        sources: Arc<Sources>,
+        overlay: Option<File>,
+    ) -> io::Result<PointView> {
+        let overlay = match overlay {
+            Some(file) => {
+                file.set_len(size)?;
+                Some(Overlay {
+                    file,
+                    written: Mutex::new(vec![0; size.div_ceil(BLOCK).div_ceil(64) as usize]),
+                })
+            }
+            None => None,
+        };
+        Ok(PointView {
+            size,
+            map,
+            base,
+            sources,
+            overlay,
+        })
+    }
+
+    /// Reads the point's own bytes (not the overlay's).
+    pub fn read_point(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut pieces = Vec::new();
+        self.map.lookup(offset, buf.len() as u64, &mut pieces);
+        for (at, len, source) in pieces {
+            let out = &mut buf[(at - offset) as usize..(at - offset + len) as usize];
+            match source {
+                Source::Base => self.base.read_exact_at(out, at)?,
+                Source::Zero => out.fill(0),
+                Source::Record { segment, pos, skip } => {
+                    let data = self.sources.payload(segment, pos)?;
+                    let from = skip as usize;
+                    out.copy_from_slice(&data[from..from + len as usize]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pieces of the point with their sources (for materialize: holes stay holes).
+    pub fn pieces(&self, offset: u64, length: u64, out: &mut Vec<(u64, u64, Source)>) {
+        self.map.lookup(offset, length, out);
+    }
+
+    fn block_written(&self, written: &[u64], block: u64) -> bool {
+        written[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+}
+
+impl BlockBackend for PointView {
+    fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let writable = self.overlay.is_some();
+        Capabilities {
+            read_only: !writable,
+            trim: writable,
+            write_zeroes: writable,
+            fast_zero: false,
+            cache: false,
+            multi_conn: true,
+            rotational: false,
+        }
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let Some(ov) = &self.overlay else {
+            return self.read_point(offset, buf);
+        };
+        // Runs of blocks from the overlay or from the point.
+        let written = ov.written.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let in_overlay = self.block_written(&written, at / BLOCK);
+            let mut run_end = ((at / BLOCK) + 1) * BLOCK;
+            while run_end < end && self.block_written(&written, run_end / BLOCK) == in_overlay {
+                run_end += BLOCK;
+            }
+            let run_end = run_end.min(end);
+            let out = &mut buf[(at - offset) as usize..(run_end - offset) as usize];
+            if in_overlay {
+                ov.file.read_exact_at(out, at)?;
+            } else {
+                self.read_point(at, out)?;
+            }
+            at = run_end;
+        }
+        Ok(())
+    }
+
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let Some(ov) = &self.overlay else {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        };
+        // Whole blocks: partial ones are filled from the point first. One writer at a time.
+        let mut written = ov.written.lock().unwrap_or_else(|p| p.into_inner());
+        let first = offset / BLOCK;
+        let last = (offset + data.len() as u64 - 1) / BLOCK;
+        for block in [first, last] {
+            let start = block * BLOCK;
+            let len = BLOCK.min(self.size - start) as usize;
+            let covered = offset <= start && offset + data.len() as u64 >= start + len as u64;
+            if !covered && !self.block_written(&written, block) {
+                let mut b = vec![0u8; len];
+                self.read_point(start, &mut b)?;
+                ov.file.write_all_at(&b, start)?;
+            }
+        }
+        ov.file.write_all_at(data, offset)?;
+        for block in first..=last {
+            written[(block / 64) as usize] |= 1 << (block % 64);
+        }
+        drop(written);
+        if fua {
+            ov.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        mode: ZeroMode,
+        fua: bool,
+    ) -> Result<(), ZeroError> {
+        if mode.fast_only {
+            return Err(ZeroError::NotFast);
+        }
+        let zeroes = vec![0u8; 1 << 20];
+        let mut done = 0;
+        while done < length {
+            let n = (length - done).min(zeroes.len() as u64) as usize;
+            self.write(offset + done, &zeroes[..n], fua).await?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        self.write_zeroes(
+            offset,
+            length,
+            ZeroMode {
+                no_hole: false,
+                fast_only: false,
+            },
+            fua,
+        )
+        .await
+        .map_err(|e| match e {
+            ZeroError::Io(e) => e,
+            ZeroError::NotFast => io::Error::from_raw_os_error(libc::EIO),
+        })
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        if let Some(ov) = &self.overlay {
+            ov.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    async fn cache(&self, _offset: u64, _length: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn extents(
+        &self,
+        offset: u64,
+        length: u64,
+        max: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        if self.overlay.is_some() {
+            // Writable: report data (always true) rather than track the overlay here.
+            out.push(Extent {
+                length,
+                hole: false,
+                zero: false,
+            });
+            return Ok(());
+        }
+        let mut pieces = Vec::new();
+        self.map.lookup(offset, length, &mut pieces);
+        for (at, len, source) in pieces {
+            let mut push = |length: u64, hole: bool| match out.last_mut() {
+                Some(last) if last.hole == hole && last.zero == hole => last.length += length,
+                _ => out.push(Extent {
+                    length,
+                    hole,
+                    zero: hole,
+                }),
+            };
+            match source {
+                Source::Zero => push(len, true),
+                Source::Record { .. } => push(len, false),
+                Source::Base => {
+                    // Holes of the base image are holes of the point (written by no record).
+                    let mut pos = at;
+                    let end = at + len;
+                    while pos < end {
+                        let data = seek(&self.base, pos, libc::SEEK_DATA)
+                            .unwrap_or(end)
+                            .min(end);
+                        if data > pos {
+                            push(data - pos, true);
+                            pos = data;
+                            continue;
+                        }
+                        let hole = seek(&self.base, pos, libc::SEEK_HOLE)
+                            .unwrap_or(end)
+                            .min(end);
+                        push(hole.max(pos + 1) - pos, false);
+                        pos = hole.max(pos + 1);
+                    }
+                }
+            }
+            if out.len() >= max {
+                out.truncate(max);
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// lseek(SEEK_DATA / SEEK_HOLE); None past the end or on error.
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> Option<u64> {
+    // SAFETY: lseek on a descriptor owned by `file`; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    (r >= 0).then_some(r as u64)
+}
