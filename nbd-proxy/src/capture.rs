@@ -457,6 +457,10 @@ impl Capture {
         }
         st.live = true;
         st.warned_full = false;
+        // Nothing changed without a record: the stream is consistent as it is, no markers.
+        if !full && dirty.iter().all(|d| d.count() == 0) {
+            return dirty;
+        }
         // Queued under the same lock that turns the log live: no change can be numbered
         // between the last consistent point and this marker.
         self.queue(&mut st, Encoded::control(Kind::SyncBegin, 0, 0, 0, reason));

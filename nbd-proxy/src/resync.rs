@@ -95,6 +95,12 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
             stats.sync_chunks_done.fetch_add(1, Ordering::Relaxed);
         }
     }
+    if total == 0 && !plan.full {
+        // Nothing to resend (begin_sync placed no markers).
+        stats.syncs_completed.fetch_add(1, Ordering::Relaxed);
+        capture.syncing.store(false, Ordering::Release);
+        return;
+    }
     let end = capture.push_control(Encoded::control(Kind::SyncEnd, 0, 0, 0, plan.reason));
     if let Some(end) = end {
         stats.syncs_completed.fetch_add(1, Ordering::Relaxed);
