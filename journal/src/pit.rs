@@ -235,6 +235,16 @@ impl History {
             if let Some(scan) = scan {
                 // An unsealed segment: what is valid of it (a torn tail is not history).
                 entries.truncate(scan.entries.len());
+                if let Some((pos, why)) = &scan.stop {
+                    if !matches!(why, crate::segment::ScanStop::Truncated) {
+                        tracing::warn!(
+                            "{} at byte {pos}: {why}; the history of group {} ends before it \
+                             (run `replicator check`)",
+                            seg.path.display(),
+                            h.meta.name
+                        );
+                    }
+                }
             }
             entries.retain(|e| e.seq > base.seq);
             for e in &entries {
