@@ -53,15 +53,16 @@ proptest! {
         reads in proptest::collection::vec((0u64..200, 1u64..60), 1..10),
     ) {
         let size = 260usize;
-        let mut map = DiskMap::default();
         // model: for each byte, (record id, offset within its payload)
         let mut model: Vec<Option<(u64, u64)>> = vec![None; size];
+        let mut changes = Vec::new();
         for (id, (off, len)) in writes.iter().enumerate() {
-            map.insert(*off, off + len, Source::Record { segment: 0, pos: id as u64, skip: 0 });
+            changes.push((*off, off + len, Source::Record { segment: 0, pos: id as u64, skip: 0 }));
             for i in 0..*len {
                 model[(off + i) as usize] = Some((id as u64, i));
             }
         }
+        let map = DiskMap::build(&changes);
         let mut out = Vec::new();
         for (off, len) in reads {
             map.lookup(off, len, &mut out);
@@ -176,4 +177,53 @@ fn history_resolves_points_and_refuses_bad_ones() {
     let kinds: Vec<(u64, u64)> = out.iter().map(|(o, l, _)| (*o, *l)).collect();
     assert_eq!(kinds, vec![(0, 512), (512, 512), (1024, 1024)]);
     assert!(matches!(out[2].2, Source::Base));
+}
+
+/// How long building a source map of a million 4 KiB writes over 10 GiB takes (prints it;
+/// `cargo test --release -p journal -- --ignored --nocapture map_build_speed`).
+#[test]
+#[ignore]
+fn map_build_speed() {
+    let mut x = 88172645463325252u64;
+    let changes: Vec<(u64, u64, Source)> = (0..1_000_000u64)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = (x % (10 << 30) / 4096) * 4096;
+            (
+                off,
+                off + 4096,
+                Source::Record {
+                    segment: 0,
+                    pos: i,
+                    skip: 0,
+                },
+            )
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let map = DiskMap::build(&changes);
+    eprintln!("1M changes: {:?}, {} ranges", t.elapsed(), map.ranges());
+    // Every change over the same block.
+    let same: Vec<(u64, u64, Source)> = (0..1_000_000u64)
+        .map(|i| {
+            (
+                4096,
+                8192 + i % 7,
+                Source::Record {
+                    segment: 0,
+                    pos: i,
+                    skip: 0,
+                },
+            )
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    let map = DiskMap::build(&same);
+    eprintln!(
+        "1M changes of one block: {:?}, {} ranges",
+        t.elapsed(),
+        map.ranges()
+    );
 }
