@@ -319,4 +319,84 @@ pub fn check_store(store: &Path) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// A running `restore export`, stopped with SIGTERM when dropped.
+#[derive(Debug)]
+pub struct Export {
+    child: Child,
+    pub socket: PathBuf,
+    out: PathBuf,
+}
+
+impl Export {
+    /// Starts `restore export --store STORE --group g --at AT --socket SOCKET EXTRA...`.
+    pub fn start(store: &Path, at: &str, socket: &Path, extra: &[&str]) -> anyhow::Result<Export> {
+        let out = socket.with_extension("out");
+        let child = Command::new(bin("restore"))
+            .args(["export", "--store"])
+            .arg(store)
+            .args(["--group", "g", "--at", at, "--socket"])
+            .arg(socket)
+            .args(extra)
+            .stdout(std::fs::File::create(&out)?)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn restore export")?;
+        let mut e = Export {
+            child,
+            socket: socket.to_owned(),
+            out,
+        };
+        let socket = e.socket.clone();
+        let r = crate::connect_while_alive(
+            "restore export to listen",
+            &mut e.child,
+            &socket,
+            Duration::from_secs(30),
+        )?;
+        if r.is_err() {
+            bail!("restore export exited: {}", e.output());
+        }
+        Ok(e)
+    }
+
+    pub fn uri(&self, disk: &str) -> String {
+        format!("nbd+unix:///{disk}?socket={}", self.socket.display())
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// The whole disk through qemu-img convert (a third-party client).
+    pub fn read_disk(&self, disk: &str, dir: &Path) -> anyhow::Result<Vec<u8>> {
+        let file = dir.join(format!("read-{disk}-{}.img", std::process::id()));
+        let _ = std::fs::remove_file(&file);
+        crate::run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                &self.uri(disk),
+                file.to_str().context("temp path is not UTF-8")?,
+            ],
+        )?;
+        let bytes = crate::read_file(&file);
+        std::fs::remove_file(&file)?;
+        Ok(bytes)
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
 pub use store::SeqMark;

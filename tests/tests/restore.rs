@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use journal::Kind;
@@ -29,84 +29,6 @@ fn start_proxy(dir: &Path, rep: &str, disks: &[(&str, &Path)]) -> Proxy {
     args.push(dir.join("ctl").display().to_string());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Proxy::start(&dir.join("nbd.sock"), &args).unwrap()
-}
-
-/// A running `restore export`, stopped with SIGTERM when dropped.
-struct Export {
-    child: Child,
-    socket: PathBuf,
-    out: PathBuf,
-}
-
-impl Export {
-    fn start(store: &Path, at: &str, socket: &Path, extra: &[&str]) -> Export {
-        let out = socket.with_extension("out");
-        let child = Command::new(bin("restore"))
-            .args(["export", "--store"])
-            .arg(store)
-            .args(["--group", "g", "--at", at, "--socket"])
-            .arg(socket)
-            .args(extra)
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut e = Export {
-            child,
-            socket: socket.to_owned(),
-            out,
-        };
-        let socket = e.socket.clone();
-        let r = tests::connect_while_alive(
-            "restore export to listen",
-            &mut e.child,
-            &socket,
-            Duration::from_secs(30),
-        )
-        .unwrap();
-        assert!(r.is_ok(), "restore export exited: {}", e.output());
-        e
-    }
-
-    fn uri(&self, disk: &str) -> String {
-        format!("nbd+unix:///{disk}?socket={}", self.socket.display())
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    /// The whole disk through qemu-img convert (a third-party client).
-    fn read_disk(&self, disk: &str, dir: &Path) -> Vec<u8> {
-        let file = dir.join(format!("read-{disk}-{}.img", std::process::id()));
-        let _ = std::fs::remove_file(&file);
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                &self.uri(disk),
-                file.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
-        let bytes = read_file(&file);
-        std::fs::remove_file(&file).unwrap();
-        bytes
-    }
-}
-
-impl Drop for Export {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
 }
 
 fn restore(args: &[&str]) -> (bool, String) {
@@ -276,9 +198,9 @@ fn points_of_a_random_history_equal_the_model() {
     checks.push(("latest".into(), states.len() - 1));
     for (at, i) in &checks {
         let socket = dir.path().join("exp.sock");
-        let export = Export::start(&store, at, &socket, &[]);
+        let export = Export::start(&store, at, &socket, &[]).unwrap();
         for (d, name) in names.iter().enumerate() {
-            let via_export = export.read_disk(name, dir.path());
+            let via_export = export.read_disk(name, dir.path()).unwrap();
             assert!(
                 via_export == states[*i][d],
                 "export of {name} at {at} (op {i}) differs from the model"
@@ -344,7 +266,8 @@ fn writable_export_never_changes_the_store() {
             "latest",
             &dir.path().join("w.sock"),
             &["--writable"],
-        );
+        )
+        .unwrap();
         assert!(export.output().contains("writable"), "{}", export.output());
         run(
             "qemu-io",
@@ -361,7 +284,7 @@ fn writable_export_never_changes_the_store() {
             ],
         )
         .unwrap();
-        let got = export.read_disk("disk", dir.path());
+        let got = export.read_disk("disk", dir.path()).unwrap();
         let mut want = pattern(1, 8 * MIB as usize);
         want[4096..4096 + 65536].fill(0x5a);
         want[1000..1010].fill(0x33);
@@ -377,7 +300,7 @@ fn writable_export_never_changes_the_store() {
     }
     check_store(&store).unwrap();
     // A read-only export refuses writes.
-    let export = Export::start(&store, "latest", &dir.path().join("r.sock"), &[]);
+    let export = Export::start(&store, "latest", &dir.path().join("r.sock"), &[]).unwrap();
     let r = run(
         "qemu-io",
         &["-f", "raw", &export.uri("disk"), "-c", "write -P 1 0 4096"],
@@ -431,7 +354,7 @@ fn export_is_stable_while_ingest_and_retention_run() {
     fio("8m");
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     let store = dir.path().join("store");
-    let export = Export::start(&store, "latest", &dir.path().join("e.sock"), &[]);
+    let export = Export::start(&store, "latest", &dir.path().join("e.sock"), &[]).unwrap();
     let seq: u64 = export
         .output()
         .split("at seq ")
@@ -439,7 +362,7 @@ fn export_is_stable_while_ingest_and_retention_run() {
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap();
-    let first = export.read_disk("disk", dir.path());
+    let first = export.read_disk("disk", dir.path()).unwrap();
     assert!(first == read_file(&image), "latest equals the image");
     // More history arrives and ages; retention folds what it may.
     fio("16m");
@@ -459,7 +382,7 @@ fn export_is_stable_while_ingest_and_retention_run() {
         base <= seq,
         "retention folded past the exported point ({base} > {seq})"
     );
-    let second = export.read_disk("disk", dir.path());
+    let second = export.read_disk("disk", dir.path()).unwrap();
     assert!(
         first == second,
         "the export served other bytes after ingest and retention"
