@@ -490,6 +490,7 @@ impl History {
                 let source = if e.kind.carries_data() {
                     Source::Record {
                         segment: si as u32,
+                        len: (e.end() - e.pos) as u32,
                         pos: e.pos,
                         skip: 0,
                     }
@@ -510,15 +511,27 @@ pub enum Source {
     Base,
     /// Zeroed or trimmed.
     Zero,
-    /// The payload of the record at `pos` in segment `segment`, from byte `skip` of it.
-    Record { segment: u32, pos: u64, skip: u64 },
+    /// The payload of the record at `pos` in segment `segment` (`len` bytes with its header),
+    /// from byte `skip` of it.
+    Record {
+        segment: u32,
+        len: u32,
+        pos: u64,
+        skip: u64,
+    },
 }
 
 impl Source {
     fn advanced(self, by: u64) -> Source {
         match self {
-            Source::Record { segment, pos, skip } => Source::Record {
+            Source::Record {
                 segment,
+                len,
+                pos,
+                skip,
+            } => Source::Record {
+                segment,
+                len,
                 pos,
                 skip: skip + by,
             },

@@ -26,10 +26,10 @@ type RecordAt = (u32, u64);
 
 #[derive(Debug)]
 struct Cache {
-    /// payload and the tick it was last used
-    entries: HashMap<RecordAt, (Arc<Vec<u8>>, u64)>,
+    entries: HashMap<RecordAt, Arc<Vec<u8>>>,
+    /// insertion order, for eviction
+    order: std::collections::VecDeque<RecordAt>,
     bytes: usize,
-    tick: u64,
 }
 
 /// The segments and base images a set of views reads, opened once: open descriptors keep a
@@ -51,52 +51,40 @@ impl Sources {
             segments,
             cache: Mutex::new(Cache {
                 entries: HashMap::new(),
+                order: Default::default(),
                 bytes: 0,
-                tick: 0,
             }),
         }))
     }
 
-    /// The checked payload of the record at `pos` of segment `segment`.
-    fn payload(&self, segment: u32, pos: u64) -> io::Result<Arc<Vec<u8>>> {
+    /// The checked payload of the record at `pos` of segment `segment` (`len` bytes long with
+    /// its header, as the index says): one read, then the record and payload checksums.
+    fn payload(&self, segment: u32, pos: u64, len: u32) -> io::Result<Arc<Vec<u8>>> {
         {
-            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            c.tick += 1;
-            let tick = c.tick;
-            if let Some((data, used)) = c.entries.get_mut(&(segment, pos)) {
-                *used = tick;
+            let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(data) = c.entries.get(&(segment, pos)) {
                 return Ok(data.clone());
             }
         }
         let (file, path) = &self.segments[segment as usize];
-        let mut head = [0u8; journal::record::HEADER_LEN];
         let fail = |what: String| {
             error!("{what}; this read fails with EIO and no byte of the record is served");
             io::Error::from_raw_os_error(libc::EIO)
         };
-        file.read_exact_at(&mut head, pos).map_err(|e| {
+        let mut bytes = vec![0u8; len as usize];
+        file.read_exact_at(&mut bytes, pos).map_err(|e| {
             fail(format!(
                 "read record at byte {pos} of {}: {e}",
                 path.display()
             ))
         })?;
-        let header = journal::Header::decode(&head).map_err(|e| {
-            fail(format!(
-                "corrupt record at byte {pos} of {}: {e}",
-                path.display()
-            ))
-        })?;
-        let mut bytes = vec![0u8; header.record_len()];
-        file.read_exact_at(&mut bytes, pos).map_err(|e| {
-            fail(format!(
-                "read record seq {} in {}: {e}",
-                header.seq,
-                path.display()
-            ))
-        })?;
+        let seq = journal::record::seq_of(&bytes);
         let data = journal::record::parse(&bytes)
             .map_err(|e| e.to_string())
-            .and_then(|r| r.ok_or_else(|| "cut short".to_owned()))
+            .and_then(|r| match r {
+                Some(r) if r.header.record_len() == bytes.len() => Ok(r),
+                _ => Err("its length differs from the index".to_owned()),
+            })
             .and_then(|r| {
                 r.payload()
                     .map(|p| p.into_owned())
@@ -104,21 +92,22 @@ impl Sources {
             })
             .map_err(|e| {
                 fail(format!(
-                    "corrupt record seq {} at byte {pos} of {}: {e}",
-                    header.seq,
+                    "corrupt record seq {seq} at byte {pos} of {}: {e}",
                     path.display()
                 ))
             })?;
         let data = Arc::new(data);
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        c.bytes += data.len();
-        let tick = c.tick;
-        c.entries.insert((segment, pos), (data.clone(), tick));
-        while c.bytes > CACHE_BYTES && c.entries.len() > 1 {
-            let Some((&oldest, _)) = c.entries.iter().min_by_key(|(_, (_, used))| *used) else {
+        if c.entries.insert((segment, pos), data.clone()).is_none() {
+            c.bytes += data.len();
+            c.order.push_back((segment, pos));
+        }
+        // First in, first out: O(1) per insertion.
+        while c.bytes > CACHE_BYTES {
+            let Some(oldest) = c.order.pop_front() else {
                 break;
             };
-            if let Some((d, _)) = c.entries.remove(&oldest) {
+            if let Some(d) = c.entries.remove(&oldest) {
                 c.bytes -= d.len();
             }
         }
@@ -179,8 +168,13 @@ impl PointView {
             match source {
                 Source::Base => self.base.read_exact_at(out, at)?,
                 Source::Zero => out.fill(0),
-                Source::Record { segment, pos, skip } => {
-                    let data = self.sources.payload(segment, pos)?;
+                Source::Record {
+                    segment,
+                    len: record_len,
+                    pos,
+                    skip,
+                } => {
+                    let data = self.sources.payload(segment, pos, record_len)?;
                     let from = skip as usize;
                     out.copy_from_slice(&data[from..from + len as usize]);
                 }

@@ -57,7 +57,7 @@ proptest! {
         let mut model: Vec<Option<(u64, u64)>> = vec![None; size];
         let mut changes = Vec::new();
         for (id, (off, len)) in writes.iter().enumerate() {
-            changes.push((*off, off + len, Source::Record { segment: 0, pos: id as u64, skip: 0 }));
+            changes.push((*off, off + len, Source::Record { segment: 0, len: 0, pos: id as u64, skip: 0 }));
             for i in 0..*len {
                 model[(off + i) as usize] = Some((id as u64, i));
             }
@@ -196,6 +196,7 @@ fn map_build_speed() {
                 off + 4096,
                 Source::Record {
                     segment: 0,
+                    len: 0,
                     pos: i,
                     skip: 0,
                 },
@@ -213,6 +214,7 @@ fn map_build_speed() {
                 8192 + i % 7,
                 Source::Record {
                     segment: 0,
+                    len: 0,
                     pos: i,
                     skip: 0,
                 },
