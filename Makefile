@@ -47,6 +47,7 @@ demo: setup vm-image
 bench: setup
 	@mkdir -p target/bench
 	python3 scripts/bench.py --out target/bench/nbd-proxy.md $(BENCH_ARGS)
+	/usr/bin/python3 scripts/bench_restore.py --out target/bench/restore.md $(BENCH_RESTORE_ARGS)
 
 clean:
 	$(CARGO) clean

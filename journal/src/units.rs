@@ -6,15 +6,9 @@ use std::time::Duration;
 /// Parses a byte size: a number with an optional unit (K/M/G/T, with or without `iB`/`B`;
 /// binary multiples either way, as disks are sized).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 4096, 256MiB, 20GiB)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let (value, unit) = number_and_unit(s)
+        .ok_or_else(|| format!("{s:?} is not a size (examples: 4096, 256MiB, 20GiB)"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
@@ -35,15 +29,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Parses a duration: a number with a unit (ms, s, m, h, d).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (examples: 90s, 30m, 24h, 7d)"))?;
-    let secs = match unit.trim() {
+    let (value, unit) = number_and_unit(s)
+        .ok_or_else(|| format!("{s:?} is not a duration (examples: 90s, 30m, 24h, 7d)"))?;
+    let secs = match unit {
         "ms" => value / 1000.0,
         "s" | "sec" => value,
         "m" | "min" => value * 60.0,
@@ -56,6 +44,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("duration {s:?} is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// `"256 MiB"` -> (256.0, "MiB"): the leading number and what follows it, trimmed.
+fn number_and_unit(s: &str) -> Option<(f64, &str)> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    Some((num.parse().ok()?, unit.trim()))
 }
 
 /// `1.5 GiB`-style text for people.

@@ -513,6 +513,36 @@ impl CaptureBackend {
         }
     }
 
+    /// One change to the image, captured: under the range lock, mark the activity log, apply
+    /// (`apply`, not yet polled), and number the record; then, in sync mode, wait until the
+    /// replicator has it. A failed apply records nothing.
+    async fn change<E: From<io::Error>>(
+        &self,
+        offset: u64,
+        length: u64,
+        enc: Encoded,
+        apply: impl std::future::Future<Output = Result<(), E>>,
+    ) -> Result<(), E> {
+        let seq = {
+            let _range = self.locks.lock(offset, length).await;
+            self.begin(offset, length)?;
+            let applied = apply.await;
+            let seq = match applied {
+                Ok(()) => {
+                    self.capture
+                        .push(enc, self.disk, Some((offset, length)), false)
+                        .await
+                }
+                Err(_) => None,
+            };
+            self.changed(offset, length, seq);
+            applied?;
+            seq
+        };
+        self.after_change(seq).await;
+        Ok(())
+    }
+
     async fn after_change(&self, seq: Option<u64>) {
         if let (Mode::Sync, Some(seq)) = (self.capture.mode, seq) {
             self.capture.durable(seq).await;
@@ -543,25 +573,13 @@ impl BlockBackend for CaptureBackend {
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         let enc = Encoded::data(Kind::Write, self.disk, offset, data, true);
-        let len = data.len() as u64;
-        let seq = {
-            let _range = self.locks.lock(offset, len).await;
-            self.begin(offset, len)?;
-            let written = self.file.write(offset, data, fua).await;
-            let seq = match written {
-                Ok(()) => {
-                    self.capture
-                        .push(enc, self.disk, Some((offset, len)), false)
-                        .await
-                }
-                Err(_) => None,
-            };
-            self.changed(offset, len, seq);
-            written?;
-            seq
-        };
-        self.after_change(seq).await;
-        Ok(())
+        self.change(
+            offset,
+            data.len() as u64,
+            enc,
+            self.file.write(offset, data, fua),
+        )
+        .await
     }
 
     async fn write_zeroes(
@@ -572,46 +590,14 @@ impl BlockBackend for CaptureBackend {
         fua: bool,
     ) -> Result<(), ZeroError> {
         let enc = Encoded::control(Kind::Zero, self.disk, offset, length, "");
-        let seq = {
-            let _range = self.locks.lock(offset, length).await;
-            self.begin(offset, length)?;
-            let zeroed = self.file.write_zeroes(offset, length, mode, fua).await;
-            let seq = match zeroed {
-                Ok(()) => {
-                    self.capture
-                        .push(enc, self.disk, Some((offset, length)), false)
-                        .await
-                }
-                Err(_) => None,
-            };
-            self.changed(offset, length, seq);
-            zeroed?;
-            seq
-        };
-        self.after_change(seq).await;
-        Ok(())
+        let zeroed = self.file.write_zeroes(offset, length, mode, fua);
+        self.change(offset, length, enc, zeroed).await
     }
 
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
         let enc = Encoded::control(Kind::Trim, self.disk, offset, length, "");
-        let seq = {
-            let _range = self.locks.lock(offset, length).await;
-            self.begin(offset, length)?;
-            let trimmed = self.file.trim(offset, length, fua).await;
-            let seq = match trimmed {
-                Ok(()) => {
-                    self.capture
-                        .push(enc, self.disk, Some((offset, length)), false)
-                        .await
-                }
-                Err(_) => None,
-            };
-            self.changed(offset, length, seq);
-            trimmed?;
-            seq
-        };
-        self.after_change(seq).await;
-        Ok(())
+        self.change(offset, length, enc, self.file.trim(offset, length, fua))
+            .await
     }
 
     async fn flush(&self) -> io::Result<()> {

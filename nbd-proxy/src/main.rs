@@ -293,7 +293,7 @@ fn serve<B: BlockBackend>(
             .into_iter()
             .map(into_tokio)
             .collect::<std::io::Result<Vec<_>>>()?;
-        nbd_server::run(listeners, exports, shutdown_signal()).await
+        nbd_server::run(listeners, exports, nbd_server::shutdown_signal()).await
     })
 }
 
@@ -547,28 +547,4 @@ fn into_tokio(listener: StdListener) -> std::io::Result<Listener> {
             Listener::Tcp(tokio::net::TcpListener::from_std(l)?)
         }
     })
-}
-
-/// Resolves at the first SIGTERM or SIGINT; a second one exits at once.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        warn!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    info!("stopping: finishing requests in flight, then flushing (signal again to exit at once)");
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        std::process::exit(130);
-    });
 }

@@ -15,4 +15,4 @@ pub mod server;
 
 pub use backend::{BlockBackend, Capabilities, Extent, ZeroError, ZeroMode};
 pub use file::FileBackend;
-pub use server::{run, Export, Listener};
+pub use server::{run, shutdown_signal, Export, Listener};

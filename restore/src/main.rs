@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use journal::pit::{format_time, History, Source};
 use journal::units::human_bytes;
 use nbd_server::{Export, Listener};
-use tracing::{info, warn};
+use tracing::info;
 
 /// Restore any point of a protected VM's disks: list the points a store holds, serve one as an
 /// NBD export a VM boots from at once, write one out as an image, or boot one to prove it works.
@@ -400,7 +400,7 @@ fn export(
             l.set_nonblocking(true)?;
             listeners.push(Listener::Tcp(tokio::net::TcpListener::from_std(l)?));
         }
-        nbd_server::run(listeners, exports, shutdown_signal()).await
+        nbd_server::run(listeners, exports, nbd_server::shutdown_signal()).await
     });
     if let Some(path) = &socket {
         let _ = std::fs::remove_file(path);
@@ -408,22 +408,6 @@ fn export(
     served?;
     drop(opened);
     Ok(true)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        warn!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    info!("stopping the export");
 }
 
 fn materialize(p: &PointArgs, output: &Path, format: Format) -> anyhow::Result<bool> {
