@@ -21,3 +21,13 @@ pub fn now_ns() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
+
+/// For commands that only print (status, list): a closed pipe (`status | head`) ends the
+/// process quietly, as it does other Unix tools, instead of failing a print. Never for servers:
+/// they must see EPIPE on a client's socket, not die of it.
+pub fn quiet_on_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal; no handler code runs in Rust.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -474,6 +474,23 @@ impl History {
 
     /// Where every byte of every disk comes from at `seq`.
     pub fn view(&self, seq: u64) -> Vec<DiskMap> {
+        self.changes(seq)
+            .iter()
+            .map(|c| DiskMap::build(c))
+            .collect()
+    }
+
+    /// Like [`History::view`], but frees the history's index entries before the maps are
+    /// built, which lowers peak memory for long journals.
+    pub fn into_view(mut self, seq: u64) -> Vec<DiskMap> {
+        let changes = self.changes(seq);
+        self.segments = Vec::new();
+        drop(self);
+        changes.iter().map(|c| DiskMap::build(c)).collect()
+    }
+
+    /// Per disk, the changes up to `seq` in seq order: (start, end, source).
+    fn changes(&self, seq: u64) -> Vec<Vec<(u64, u64, Source)>> {
         let mut changes: Vec<Vec<(u64, u64, Source)>> =
             self.meta.volumes.iter().map(|_| Vec::new()).collect();
         'segments: for (si, s) in self.segments.iter().enumerate() {
@@ -500,7 +517,7 @@ impl History {
                 list.push((e.offset, e.offset + e.length, source));
             }
         }
-        changes.iter().map(|c| DiskMap::build(c)).collect()
+        changes
     }
 }
 

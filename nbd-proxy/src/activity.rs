@@ -37,8 +37,12 @@ struct Header {
 
 #[derive(Debug)]
 struct Extents {
-    /// Marked in the file (or about to be, under the file lock).
+    /// Marked in memory; in the file once `synced` reaches the extent's `marked_gen`.
     hot: Vec<AtomicU64>,
+    /// The marking generation when each extent was last marked.
+    marked_gen: Vec<AtomicU64>,
+    /// Seconds (since the log was opened) of each extent's last change.
+    touched: Vec<AtomicU32>,
     /// Highest seq of a change to each extent ([`UNRECORDED`] when one had no record).
     last_seq: Vec<AtomicU64>,
     /// Changes between marking and getting their seq.
@@ -54,7 +58,15 @@ pub struct ActivityLog {
     disks: Vec<Extents>,
     acked_seq: AtomicU64,
     synced: std::sync::atomic::AtomicBool,
+    /// Marking generations: handed out, and written to the file.
+    marked: AtomicU64,
+    written: AtomicU64,
+    opened: std::time::Instant,
 }
+
+/// An extent stays marked this long after its last change, even once durable, so that a busy
+/// extent is not cleared and marked again (a file sync) every second.
+const IDLE_SECS: u32 = 5;
 
 /// What the file held at start-up.
 #[derive(Debug)]
@@ -93,6 +105,8 @@ impl ActivityLog {
                 let n = size.div_ceil(EXTENT) as usize;
                 Extents {
                     hot: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+                    marked_gen: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                    touched: (0..n).map(|_| AtomicU32::new(0)).collect(),
                     last_seq: (0..n).map(|_| AtomicU64::new(0)).collect(),
                     in_flight: (0..n).map(|_| AtomicU32::new(0)).collect(),
                 }
@@ -106,6 +120,9 @@ impl ActivityLog {
             disks,
             acked_seq: AtomicU64::new(recovered.as_ref().map_or(0, |r| r.acked_seq)),
             synced: std::sync::atomic::AtomicBool::new(recovered.is_some()),
+            marked: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            opened: std::time::Instant::now(),
         };
         // Until the recovered extents are resynced they stay marked.
         if let Some(r) = &recovered {
@@ -145,27 +162,42 @@ impl ActivityLog {
     }
 
     /// Before a change to `offset..offset+length` reaches the image: makes sure the file marks
-    /// its extents (writing and syncing the file when one was not marked yet). Must be paired
-    /// with [`ActivityLog::changed`].
+    /// its extents, writing and syncing it when one was not marked yet. Concurrent markings
+    /// share one file sync (the file is written whole, with every mark made so far). Must be
+    /// paired with [`ActivityLog::changed`].
     pub fn begin(&self, disk: usize, offset: u64, length: u64) -> io::Result<()> {
-        let mut cold = false;
+        let d = &self.disks[disk];
+        let now = self.opened.elapsed().as_secs() as u32;
+        let mut need = 0;
         for e in Self::extents(offset, length) {
-            self.disks[disk].in_flight[e as usize].fetch_add(1, Ordering::SeqCst);
+            let i = e as usize;
+            d.in_flight[i].fetch_add(1, Ordering::SeqCst);
+            d.touched[i].store(now, Ordering::Relaxed);
             if !self.is_hot(disk, e) {
-                cold = true;
+                // The generation is stored before the bit, so whoever sees the bit sees it.
+                let g = self.marked.fetch_add(1, Ordering::SeqCst) + 1;
+                d.marked_gen[i].store(g, Ordering::SeqCst);
+                self.set_hot(disk, e, true);
             }
+            need = need.max(d.marked_gen[i].load(Ordering::SeqCst));
         }
-        if cold {
-            let _file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-            let mut newly = false;
-            for e in Self::extents(offset, length) {
-                newly |= !self.set_hot(disk, e, true);
-            }
-            if newly {
-                self.write_locked(&_file)?;
-            }
+        if self.written.load(Ordering::SeqCst) >= need {
+            return Ok(());
         }
-        Ok(())
+        let write = || {
+            let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+            if self.written.load(Ordering::SeqCst) >= need {
+                return Ok(());
+            }
+            self.write_locked(&file)
+        };
+        match tokio::runtime::Handle::try_current() {
+            // A file sync: let the runtime move other tasks off this thread meanwhile.
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(write)
+            }
+            _ => write(),
+        }
     }
 
     /// After the change got its seq (None: it was only marked dirty).
@@ -201,9 +233,15 @@ impl ActivityLog {
         self.write_locked(&file)
     }
 
-    /// Clears extents whose changes are all durable (`acked`), and rewrites the file if any was.
+    /// Clears extents whose changes are all durable (`acked`) and that have been idle for a
+    /// few seconds, and rewrites the file if any was cleared.
     pub fn clean(&self, acked: u64) -> io::Result<usize> {
+        self.clean_idle(acked, IDLE_SECS)
+    }
+
+    fn clean_idle(&self, acked: u64, idle_secs: u32) -> io::Result<usize> {
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.opened.elapsed().as_secs() as u32;
         let mut cleared = 0;
         for (d, disk) in self.disks.iter().enumerate() {
             for (e, last) in disk.last_seq.iter().enumerate() {
@@ -211,6 +249,7 @@ impl ActivityLog {
                 if !self.is_hot(d, e64)
                     || disk.in_flight[e].load(Ordering::SeqCst) > 0
                     || last.load(Ordering::SeqCst) > acked
+                    || now.saturating_sub(disk.touched[e].load(Ordering::Relaxed)) < idle_secs
                 {
                     continue;
                 }
@@ -251,6 +290,8 @@ impl ActivityLog {
     }
 
     fn write_locked(&self, file: &File) -> io::Result<()> {
+        // Every mark made up to this generation is set in the bits read below.
+        let generation = self.marked.load(Ordering::SeqCst);
         let header = Header {
             group: self.group.clone(),
             sizes: self.sizes.clone(),
@@ -266,7 +307,9 @@ impl ActivityLog {
         let bytes = encode(&header, &bits);
         file.write_all_at(&bytes, 0)?;
         file.set_len(bytes.len() as u64)?;
-        file.sync_data()
+        file.sync_data()?;
+        self.written.fetch_max(generation, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -343,10 +386,10 @@ mod tests {
         let rec = rec.unwrap();
         assert_eq!(rec.extents, vec![vec![5, 6], vec![3]]);
         // Recovered extents stay marked until a resync completes.
-        assert_eq!(al.clean(1000).unwrap(), 0);
+        assert_eq!(al.clean_idle(1000, 0).unwrap(), 0);
         al.resynced(50);
-        assert_eq!(al.clean(49).unwrap(), 0);
-        assert_eq!(al.clean(50).unwrap(), 3);
+        assert_eq!(al.clean_idle(49, 0).unwrap(), 0);
+        assert_eq!(al.clean_idle(50, 0).unwrap(), 3);
         drop(al);
         let (_, rec) = ActivityLog::open(&path, "g", &sizes).unwrap();
         assert!(rec.unwrap().extents.iter().all(Vec::is_empty));
@@ -363,10 +406,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (al, _) = ActivityLog::open(&dir.path().join("al"), "g", &[8 * EXTENT]).unwrap();
         al.begin(0, 0, 4096).unwrap();
-        assert_eq!(al.clean(u64::MAX - 1).unwrap(), 0, "in flight: kept");
+        assert_eq!(
+            al.clean_idle(u64::MAX - 1, 0).unwrap(),
+            0,
+            "in flight: kept"
+        );
         al.changed(0, 0, 4096, Some(3));
-        assert_eq!(al.clean(2).unwrap(), 0, "not durable yet: kept");
-        assert_eq!(al.clean(3).unwrap(), 1);
+        assert_eq!(al.clean_idle(2, 0).unwrap(), 0, "not durable yet: kept");
+        assert_eq!(al.clean_idle(3, 0).unwrap(), 1);
         assert_eq!(al.hot_count(), 0);
     }
 }

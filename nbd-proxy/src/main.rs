@@ -183,6 +183,9 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if cli.command.is_some() {
+        journal::quiet_on_closed_pipe();
+    }
     match &cli.command {
         Some(Command::Status { control, json }) => {
             let reply = control::request(control, &control::Request::Status)?;

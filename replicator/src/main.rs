@@ -115,8 +115,12 @@ fn main() -> anyhow::Result<()> {
                 },
             )
         }
-        Command::Status { store, json } => inspect::status(&store, json),
+        Command::Status { store, json } => {
+            journal::quiet_on_closed_pipe();
+            inspect::status(&store, json)
+        }
         Command::Check { store } => {
+            journal::quiet_on_closed_pipe();
             let problems = inspect::check(&store)?;
             if problems > 0 {
                 eprintln!("{problems} problem(s) found");

@@ -127,7 +127,10 @@ fn main() {
         )
         .init();
     let result = match cli.command {
-        Command::List { store, group, json } => list(&store, group.as_deref(), json),
+        Command::List { store, group, json } => {
+            journal::quiet_on_closed_pipe();
+            list(&store, group.as_deref(), json)
+        }
         Command::Export {
             point,
             socket,

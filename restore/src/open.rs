@@ -67,9 +67,15 @@ pub fn open_point(
         let seq = history.resolve(&point)?;
         let pin = dir.pin(seq)?;
         drop(early_pin);
-        let maps = history.view(seq);
+        let volumes = history.meta.volumes.clone();
+        let all_volumes: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+        let time_ns = history.time_of(seq);
+        let maps = history.into_view(seq);
+        // The build's scratch memory goes back to the system rather than staying in the heap.
+        // SAFETY: malloc_trim only releases free heap memory; no pointer is involved.
+        unsafe { libc::malloc_trim(0) };
         let mut disks = Vec::new();
-        for (v, map) in history.meta.volumes.iter().zip(maps) {
+        for (v, map) in volumes.iter().zip(maps) {
             if disk.is_some_and(|d| d != v.name) {
                 continue;
             }
@@ -106,19 +112,12 @@ pub fn open_point(
         }
         if let Some(d) = disk {
             if disks.is_empty() {
-                let names: Vec<&str> = history
-                    .meta
-                    .volumes
-                    .iter()
-                    .map(|v| v.name.as_str())
-                    .collect();
                 bail!(
                     "group {group} has no disk {d:?}; disks: {}",
-                    names.join(", ")
+                    all_volumes.join(", ")
                 );
             }
         }
-        let time_ns = history.time_of(seq);
         return Ok(Opened {
             seq,
             time_ns,
