@@ -239,6 +239,11 @@ impl ActivityLog {
         self.clean_idle(acked, IDLE_SECS)
     }
 
+    /// At a clean stop: clears every extent whose changes are durable, busy or not.
+    pub fn clean_at_stop(&self, acked: u64) -> io::Result<usize> {
+        self.clean_idle(acked, 0)
+    }
+
     fn clean_idle(&self, acked: u64, idle_secs: u32) -> io::Result<usize> {
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let now = self.opened.elapsed().as_secs() as u32;

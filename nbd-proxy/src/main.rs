@@ -316,21 +316,20 @@ impl Replication {
     /// log (a restarted proxy would otherwise compare every chunk by hash).
     fn drain(&self, runtime: &tokio::runtime::Runtime) {
         let last = self.capture.last_seq();
-        if *self.capture.acked.borrow() >= last || !self.capture.is_live() {
-            return;
-        }
-        info!("waiting up to 10 s for the replicator to acknowledge seq {last}");
-        let done = runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), self.capture.durable(last)).await
-        });
-        if done.is_err() {
-            warn!(
-                "the replicator has seq {} of {last}; the next start resends what the activity log marks",
-                *self.capture.acked.borrow()
-            );
+        if *self.capture.acked.borrow() < last && self.capture.is_live() {
+            info!("waiting up to 10 s for the replicator to acknowledge seq {last}");
+            let done = runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), self.capture.durable(last)).await
+            });
+            if done.is_err() {
+                warn!(
+                    "the replicator has seq {} of {last}; the next start resends what the activity log marks",
+                    *self.capture.acked.borrow()
+                );
+            }
         }
         if let Some(al) = &self.capture.activity {
-            if let Err(e) = al.clean(*self.capture.acked.borrow()) {
+            if let Err(e) = al.clean_at_stop(*self.capture.acked.borrow()) {
                 warn!("write activity log {}: {e}", al.path().display());
             }
         }

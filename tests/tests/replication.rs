@@ -431,6 +431,11 @@ fn seeding_under_load_then_proxy_kill9_and_delta_sync() {
         "the seed sent every chunk: {status}"
     );
     assert_replica_equals(&rep, &[("disk", &image)]);
+    // Durable and idle extents leave the activity log (after a few seconds).
+    tests::wait_for("the activity log to clear", Duration::from_secs(60), || {
+        (proxy_status(&ctl).ok()?["activity_log_extents"] == 0).then_some(())
+    })
+    .unwrap();
 
     // kill -9 while writing: the activity log names the extents that may hold writes the
     // replicator lacks, and only those are resent.
