@@ -252,32 +252,42 @@ impl Encoded {
     /// A data record (`Write` or `SyncData`); `compress` tries lz4 and keeps it when smaller.
     pub fn data(kind: Kind, disk: u16, offset: u64, data: &[u8], compress: bool) -> Encoded {
         debug_assert!(kind.carries_data() && !data.is_empty());
+        thread_local! {
+            /// lz4's worst case for the largest payload, reused: the record itself is allocated
+            /// at its exact size, so the change log's byte budget is what it really holds.
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         let data_crc = crc32c::crc32c(data);
-        let mut bytes = vec![0u8; HEADER_LEN];
-        let mut compressed = false;
-        if compress {
-            let bound = lz4_flex::block::get_maximum_output_size(data.len());
-            bytes.resize(HEADER_LEN + bound, 0);
-            if let Ok(n) = lz4_flex::block::compress_into(data, &mut bytes[HEADER_LEN..]) {
-                if n < data.len() {
-                    bytes.truncate(HEADER_LEN + n);
-                    compressed = true;
+        let compressed = if compress {
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let bound = lz4_flex::block::get_maximum_output_size(data.len());
+                if scratch.len() < bound {
+                    scratch.resize(bound, 0);
                 }
+                match lz4_flex::block::compress_into(data, &mut scratch[..bound]) {
+                    Ok(n) if n < data.len() => {
+                        let mut bytes = Vec::with_capacity(HEADER_LEN + n);
+                        bytes.resize(HEADER_LEN, 0);
+                        bytes.extend_from_slice(&scratch[..n]);
+                        Some(bytes)
+                    }
+                    _ => None,
+                }
+            })
+        } else {
+            None
+        };
+        let (bytes, is_compressed) = match compressed {
+            Some(bytes) => (bytes, true),
+            None => {
+                let mut bytes = Vec::with_capacity(HEADER_LEN + data.len());
+                bytes.resize(HEADER_LEN, 0);
+                bytes.extend_from_slice(data);
+                (bytes, false)
             }
-        }
-        if !compressed {
-            bytes.truncate(HEADER_LEN);
-            bytes.extend_from_slice(data);
-        }
-        Encoded::finish_fields(
-            bytes,
-            kind,
-            compressed,
-            disk,
-            offset,
-            data.len() as u64,
-            data_crc,
-        )
+        };
+        Encoded::finish_fields(bytes, kind, is_compressed, disk, offset, data.len() as u64, data_crc)
     }
 
     /// A record without data: zero, trim (with a range) or flush, bookmark, sync markers (with a

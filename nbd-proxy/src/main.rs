@@ -174,6 +174,13 @@ fn parse_disk(s: &str) -> Result<Disk, String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // One malloc arena: change-log records are allocated on the serving threads and freed on
+    // the shipper's, which with per-thread arenas left up to three times the log's budget
+    // resident (measured: 230 MiB peak for a 64 MiB log; 79 MiB with one arena).
+    // SAFETY: called before any other thread exists; only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
