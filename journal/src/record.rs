@@ -287,7 +287,15 @@ impl Encoded {
                 (bytes, false)
             }
         };
-        Encoded::finish_fields(bytes, kind, is_compressed, disk, offset, data.len() as u64, data_crc)
+        Encoded::finish_fields(
+            bytes,
+            kind,
+            is_compressed,
+            disk,
+            offset,
+            data.len() as u64,
+            data_crc,
+        )
     }
 
     /// A record without data: zero, trim (with a range) or flush, bookmark, sync markers (with a

@@ -23,12 +23,72 @@ struct Pending {
     data: Vec<u8>,
 }
 
+/// Applies durable records to the head images on a thread of its own, so that ingest (append,
+/// fsync, ack) does not wait for them.
+#[derive(Debug)]
+struct HeadApplier {
+    tx: crossbeam_channel::Sender<HeadWork>,
+}
+
+enum HeadWork {
+    Apply(Vec<Pending>),
+    /// Replies once everything sent before is applied (with the first error, if any).
+    Drain(crossbeam_channel::Sender<io::Result<()>>),
+}
+
+impl HeadApplier {
+    fn start(heads: &[File]) -> io::Result<HeadApplier> {
+        let files = heads
+            .iter()
+            .map(File::try_clone)
+            .collect::<io::Result<Vec<_>>>()?;
+        // Two batches in flight at most: the memory of pending records stays bounded.
+        let (tx, rx) = crossbeam_channel::bounded::<HeadWork>(2);
+        std::thread::Builder::new()
+            .name("head-applier".into())
+            .spawn(move || {
+                let mut failed: Option<io::Error> = None;
+                for work in rx {
+                    match work {
+                        HeadWork::Apply(batch) => {
+                            for p in &batch {
+                                if let Err(e) = apply(&files, p) {
+                                    failed.get_or_insert(e);
+                                }
+                            }
+                        }
+                        HeadWork::Drain(reply) => {
+                            let _ = reply.send(failed.take().map_or(Ok(()), Err));
+                        }
+                    }
+                }
+            })?;
+        Ok(HeadApplier { tx })
+    }
+
+    fn apply(&self, batch: Vec<Pending>) -> io::Result<()> {
+        self.tx
+            .send(HeadWork::Apply(batch))
+            .map_err(|_| io::Error::other("head applier stopped"))
+    }
+
+    fn drain(&self) -> io::Result<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.tx
+            .send(HeadWork::Drain(tx))
+            .map_err(|_| io::Error::other("head applier stopped"))?;
+        rx.recv()
+            .map_err(|_| io::Error::other("head applier stopped"))?
+    }
+}
+
 #[derive(Debug)]
 pub struct Group {
     pub dir: GroupDir,
     pub meta: GroupMeta,
     journal: JournalWriter,
     heads: Vec<File>,
+    applier: HeadApplier,
     pending: Vec<Pending>,
     pending_bytes: usize,
     /// Highest seq made durable (fsynced) in the journal.
@@ -90,11 +150,13 @@ impl Group {
                     .with_context(|| format!("open head image {}", path.display()))?,
             );
         }
+        let applier = HeadApplier::start(&heads)?;
         let mut group = Group {
             dir,
             meta,
             journal,
             heads,
+            applier,
             pending: Vec::new(),
             pending_bytes: 0,
             durable_seq: report.last_seq,
@@ -144,13 +206,16 @@ impl Group {
                 } else {
                     Vec::new()
                 };
-                self.apply(&Pending {
-                    disk: r.header.disk,
-                    kind: r.header.kind,
-                    offset: r.header.offset,
-                    length: r.header.length,
-                    data,
-                })?;
+                apply(
+                    &self.heads,
+                    &Pending {
+                        disk: r.header.disk,
+                        kind: r.header.kind,
+                        offset: r.header.offset,
+                        length: r.header.length,
+                        data,
+                    },
+                )?;
             }
         }
         self.sync_heads()?;
@@ -235,9 +300,7 @@ impl Group {
         self.journal.sync().context("fsync journal")?;
         self.durable_seq = self.journal.last_seq();
         self.durable_time_ns = self.journal.last_time_ns();
-        for p in std::mem::take(&mut self.pending) {
-            self.apply(&p)?;
-        }
+        self.applier.apply(std::mem::take(&mut self.pending))?;
         self.pending_bytes = 0;
         if self.journal.current_segment().first_seq != before {
             // A segment was sealed: a good moment to checkpoint the head images.
@@ -246,17 +309,9 @@ impl Group {
         Ok(self.durable_seq)
     }
 
-    fn apply(&self, p: &Pending) -> io::Result<()> {
-        let file = &self.heads[usize::from(p.disk)];
-        match p.kind {
-            Kind::Write | Kind::SyncData => file.write_all_at(&p.data, p.offset),
-            Kind::Zero | Kind::Trim => punch(file, p.offset, p.length),
-            _ => Ok(()),
-        }
-    }
-
     /// Flushes the head images and records the seq they hold.
     pub fn sync_heads(&mut self) -> anyhow::Result<()> {
+        self.applier.drain()?;
         for f in &self.heads {
             f.sync_data()?;
         }
@@ -272,6 +327,7 @@ impl Group {
 
     /// Hashes of the head image of `disk`, one per [`wire::HASH_CHUNK`].
     pub fn head_hashes(&self, disk: usize) -> io::Result<Vec<u128>> {
+        self.applier.drain()?;
         let size = self.meta.volumes[disk].size;
         let file = &self.heads[disk];
         let chunk = wire::HASH_CHUNK;
@@ -310,6 +366,15 @@ pub fn check_volumes(dir: &GroupDir, meta: &GroupMeta, volumes: &[Volume]) -> an
         );
     }
     Ok(())
+}
+
+fn apply(heads: &[File], p: &Pending) -> io::Result<()> {
+    let file = &heads[usize::from(p.disk)];
+    match p.kind {
+        Kind::Write | Kind::SyncData => file.write_all_at(&p.data, p.offset),
+        Kind::Zero | Kind::Trim => punch(file, p.offset, p.length),
+        _ => Ok(()),
+    }
 }
 
 fn describe(volumes: &[Volume]) -> String {

@@ -303,6 +303,17 @@ pub fn replay(dir: &GroupDir, records: &[StoredRecord], seq: u64) -> anyhow::Res
     Ok(disks)
 }
 
+/// Waits until the replicator's head image of `volume` equals `image` (head images follow the
+/// durable journal on a thread of their own, a moment behind the acknowledgement).
+pub fn wait_head_equals(dir: &GroupDir, volume: &str, image: &Path) -> anyhow::Result<()> {
+    let head = dir.image("head", volume);
+    wait_for(
+        &format!("head image of {volume} to equal {}", image.display()),
+        Duration::from_secs(60),
+        || (std::fs::read(&head).ok()? == std::fs::read(image).ok()?).then_some(()),
+    )
+}
+
 /// `replicator check --store`: fails with its output unless every checksum is good.
 pub fn check_store(store: &Path) -> anyhow::Result<String> {
     let out = Command::new(bin("replicator"))

@@ -81,7 +81,7 @@ fn replica_equals(store: &Path, image: &Path) {
         replayed[0] == read_file(image),
         "base + journal replay equals the image"
     );
-    assert!(read_file(&group.image("head", "disk")) == read_file(image));
+    wait_head_equals(&group, "disk", image).unwrap();
     check_store(store).unwrap();
 }
 
