@@ -11,7 +11,7 @@ all: build
 help:
 	@echo "make demo      boot a VM through nbd-proxy and show it survive a proxy restart"
 	@echo "make test      run every test (unit, property, end-to-end with real clients, VM)"
-	@echo "make bench     nbd-proxy vs nbdkit vs qemu-nbd, side by side (see BENCHMARKS.md)"
+	@echo "make bench     nbd-proxy vs nbdkit vs qemu-nbd; replication on/off; restore (see BENCHMARKS.md)"
 	@echo "make setup     install the Debian packages and build in release mode"
 	@echo "make vm-image  build the small test guest (kernel, initramfs, disk image)"
 	@echo "make vm-selftest  boot the guest on qemu-nbd and check its commands"
@@ -47,6 +47,7 @@ demo: setup vm-image
 bench: setup
 	@mkdir -p target/bench
 	python3 scripts/bench.py --out target/bench/nbd-proxy.md $(BENCH_ARGS)
+	/usr/bin/python3 scripts/bench_replication.py --out target/bench/replication.md $(BENCH_REPLICATION_ARGS)
 	/usr/bin/python3 scripts/bench_restore.py --out target/bench/restore.md $(BENCH_RESTORE_ARGS)
 
 clean:
