@@ -277,7 +277,9 @@ impl Capture {
         range: Option<(u64, u64)>,
         wait: bool,
     ) -> Option<u64> {
-        let wait = wait || self.on_full == OnFull::Block;
+        // Sync mode never trades a guest write for a dirty mark while records are kept: a
+        // full log makes the write wait, as --on-full block does.
+        let wait = wait || self.on_full == OnFull::Block || self.mode == Mode::Sync;
         loop {
             let room = self.space.notified();
             tokio::pin!(room);
