@@ -19,8 +19,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+from benchlib import BIN, caught_up, peak_rss_mib, proxy_status, wait
 
 # (name, fio rw, block size, iodepth, connections, unit)
 ROWS = [
@@ -34,28 +33,6 @@ ROWS = [
 SERVERS = ["proxy", "proxy-async", "proxy-sync", "nbdkit"]
 
 
-def wait(cond, what, timeout_s):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    sys.exit(f"timed out waiting for {what}")
-
-
-def status(ctl):
-    out = subprocess.run([f"{BIN}/nbd-proxy", "status", "--control", ctl, "--json"],
-                         capture_output=True, text=True)
-    return json.loads(out.stdout) if out.returncode == 0 else None
-
-
-def caught_up(ctl):
-    s = status(ctl)
-    return s and s["link"] == "connected" and s["lag_seq"] == 0 and not s["sync_running"] \
-        and s["tracking"] == "live" and s["syncs_completed"] >= 1
-
-
 def fio(uri, rw, bs, qd, conns, runtime, out, extra=()):
     cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
            f"--iodepth={qd}", f"--numjobs={conns}", "--group_reporting", "--size=1g",
@@ -67,14 +44,6 @@ def fio(uri, rw, bs, qd, conns, runtime, out, extra=()):
         text = f.read()
     job = json.loads(text[text.index("{"):])["jobs"][0]
     return job["read"]["iops"] + job["write"]["iops"], (job["read"]["bw"] + job["write"]["bw"]) / 1024
-
-
-def peak_rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Servers:
@@ -167,11 +136,11 @@ def main():
                               f"--runtime={max(a.runtime * 2, 6)}", f"--rate_iops={half}",
                               "--output=/dev/null"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while p.poll() is None:
-            st = status(ctl)
+            st = proxy_status(ctl)
             if st:
                 samples.append(st["lag_ms"])
             time.sleep(0.05)
-        st = status(ctl)
+        st = proxy_status(ctl)
         samples.sort()
         pct = lambda q: samples[min(len(samples) - 1, int(q * (len(samples) - 1)))] if samples else float("nan")
         lag = (half, pct(0.5), pct(0.99), samples[-1] if samples else float("nan"),
@@ -196,7 +165,7 @@ def main():
         mp = s2.proxy("proxy-mem", f"{s2.work}/m.img", ["--log-capacity", "64MiB"])
         s2.rep["proxy-mem"].send_signal(signal.SIGSTOP)
         fio(s2.uri["proxy-mem"], "randwrite", "64k", 16, 1, 0, out, ["--io_size=1g", "--refill_buffers"])
-        st_full = status(s2.ctl["proxy-mem"])
+        st_full = proxy_status(s2.ctl["proxy-mem"])
         s2.rep["proxy-mem"].send_signal(signal.SIGCONT)
         wait(lambda: caught_up(s2.ctl["proxy-mem"]), "the resync after the stall", 600)
         mem = (peak_rss_mib(mp.pid), st_full["log_used"] / 2**20, st_full["tracking"])

@@ -23,30 +23,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
-
-
-def wait(cond, what, timeout_s):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    sys.exit(f"timed out waiting for {what}")
-
-
-def proxy_status(ctl):
-    out = subprocess.run([f"{BIN}/nbd-proxy", "status", "--control", ctl, "--json"],
-                         capture_output=True, text=True)
-    return json.loads(out.stdout) if out.returncode == 0 else None
-
-
-def caught_up(ctl):
-    s = proxy_status(ctl)
-    return s and s["link"] == "connected" and s["lag_seq"] == 0 and not s["sync_running"] \
-        and s["tracking"] == "live" and s["syncs_completed"] >= 1
+from benchlib import BIN, caught_up, peak_rss_mib, proxy_status, wait
 
 
 def fio(uri, rw, bs, qd, runtime, out, extra=()):
@@ -59,14 +36,6 @@ def fio(uri, rw, bs, qd, runtime, out, extra=()):
         text = f.read()
     job = json.loads(text[text.index("{"):])["jobs"][0]
     return job
-
-
-def peak_rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def first_byte_ms(store, sock, log):

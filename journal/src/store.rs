@@ -480,6 +480,11 @@ impl JournalWriter {
         &self.entries
     }
 
+    /// Bytes written to the current segment (header included).
+    pub fn current_len(&self) -> u64 {
+        self.len
+    }
+
     pub fn current_segment(&self) -> &SegmentPath {
         &self.current
     }

@@ -5,6 +5,8 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use journal::record::{Kind, RecordRef};
@@ -12,70 +14,174 @@ use journal::store::{self, GroupDir, GroupMeta, JournalWriter, SeqMark};
 use journal::wire::{self, Volume};
 use tracing::{info, warn};
 
-/// A record checked and appended, waiting for the fsync that makes it durable before it is
-/// applied to the head images.
-#[derive(Debug)]
-struct Pending {
-    disk: u16,
-    kind: Kind,
-    offset: u64,
-    length: u64,
-    data: Vec<u8>,
-}
-
-/// Applies durable records to the head images on a thread of its own, so that ingest (append,
-/// fsync, ack) does not wait for them.
+/// Brings the head images up to the durable seq on a thread of its own, reading the records
+/// back from the journal files (in the page cache), so that ingest (check, append, fsync, ack)
+/// never waits for head writes and holds no payloads for them. The head is a cache: it may lag.
 #[derive(Debug)]
 struct HeadApplier {
     tx: crossbeam_channel::Sender<HeadWork>,
+    /// Highest seq applied to the head images (retention folds nothing beyond it).
+    applied: Arc<AtomicU64>,
 }
 
 enum HeadWork {
-    Apply(Vec<Pending>),
-    /// Replies once everything sent before is applied (with the first error, if any).
-    Drain(crossbeam_channel::Sender<io::Result<()>>),
+    /// Records up to this seq are durable.
+    Durable(u64),
+    /// Replies once everything up to the seq is applied (with the first error, if any).
+    Drain(u64, crossbeam_channel::Sender<io::Result<()>>),
+}
+
+/// Where the applier reads next: a segment and a byte position in it.
+struct Cursor {
+    dir: GroupDir,
+    segment: store::SegmentPath,
+    pos: u64,
+    applied: u64,
+}
+
+impl Cursor {
+    /// Applies every record up to `durable`, following segment rotations.
+    fn advance(&mut self, heads: &[File], durable: u64) -> io::Result<()> {
+        let mut buf = Vec::new();
+        let mut window = 8usize << 20;
+        while self.applied < durable {
+            let file = match File::open(&self.segment.path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // Retention folded this segment after it was read to its end (it folds
+                    // nothing past the applied seq): go on with the next one.
+                    let next = self.dir.segment_path(self.applied + 1);
+                    if next.path == self.segment.path || !next.path.exists() {
+                        return Err(e);
+                    }
+                    self.segment = next;
+                    self.pos = journal::segment::SEGMENT_HEADER_LEN as u64;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let len = file.metadata()?.len();
+            if self.pos >= len {
+                // This segment is done: the next starts after the last applied seq.
+                let next = self.dir.segment_path(self.applied + 1);
+                if !next.path.exists() {
+                    return Err(io::Error::other(format!(
+                        "{} is missing: the head images stop at seq {}",
+                        next.path.display(),
+                        self.applied
+                    )));
+                }
+                self.segment = next;
+                self.pos = journal::segment::SEGMENT_HEADER_LEN as u64;
+                continue;
+            }
+            let want = (len - self.pos).min(window as u64) as usize;
+            buf.resize(want, 0);
+            file.read_exact_at(&mut buf, self.pos)?;
+            let mut at = 0;
+            while self.applied < durable {
+                let r = match journal::record::parse(&buf[at..]) {
+                    Ok(Some(r)) => r,
+                    // Cut at the read window (or a record not yet durable): read on.
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "{} at byte {}: {e}",
+                                self.segment.path.display(),
+                                self.pos + at as u64
+                            ),
+                        ))
+                    }
+                };
+                if r.header.seq != self.applied + 1 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "head applier expected seq {}, found {}",
+                            self.applied + 1,
+                            r.header.seq
+                        ),
+                    ));
+                }
+                apply_record(heads, &r)?;
+                self.applied = r.header.seq;
+                at += r.header.record_len();
+            }
+            if at == 0 {
+                // A record longer than the window: widen it to the record, if it is all there.
+                let whole = buf
+                    .first_chunk::<{ journal::record::HEADER_LEN }>()
+                    .and_then(|h| journal::Header::decode(h).ok())
+                    .map(|h| h.record_len());
+                match whole {
+                    Some(n) if n > want && self.pos + n as u64 <= len => {
+                        window = n;
+                        continue;
+                    }
+                    _ => return Ok(()), // nothing more durable to read yet
+                }
+            }
+            self.pos += at as u64;
+        }
+        Ok(())
+    }
 }
 
 impl HeadApplier {
-    fn start(heads: &[File]) -> io::Result<HeadApplier> {
+    fn start(heads: &[File], cursor: Cursor) -> io::Result<HeadApplier> {
         let files = heads
             .iter()
             .map(File::try_clone)
             .collect::<io::Result<Vec<_>>>()?;
-        // Two batches in flight at most: the memory of pending records stays bounded.
-        let (tx, rx) = crossbeam_channel::bounded::<HeadWork>(2);
+        let applied = Arc::new(AtomicU64::new(cursor.applied));
+        let (tx, rx) = crossbeam_channel::unbounded::<HeadWork>();
+        let shared = applied.clone();
         std::thread::Builder::new()
             .name("head-applier".into())
             .spawn(move || {
+                let mut cursor = cursor;
                 let mut failed: Option<io::Error> = None;
-                for work in rx {
-                    match work {
-                        HeadWork::Apply(batch) => {
-                            for p in &batch {
-                                if let Err(e) = apply(&files, p) {
-                                    failed.get_or_insert(e);
-                                }
+                let mut durable = cursor.applied;
+                while let Ok(first) = rx.recv() {
+                    // Take everything queued: only the newest durable seq matters.
+                    let mut drains = Vec::new();
+                    for work in std::iter::once(first).chain(rx.try_iter()) {
+                        match work {
+                            HeadWork::Durable(seq) => durable = durable.max(seq),
+                            HeadWork::Drain(seq, reply) => {
+                                durable = durable.max(seq);
+                                drains.push(reply);
                             }
                         }
-                        HeadWork::Drain(reply) => {
-                            let _ = reply.send(failed.take().map_or(Ok(()), Err));
-                        }
+                    }
+                    if let Err(e) = cursor.advance(&files, durable) {
+                        tracing::error!("head images: {e}");
+                        failed.get_or_insert(e);
+                    }
+                    shared.store(cursor.applied, Ordering::Release);
+                    for reply in drains {
+                        let _ = reply.send(failed.take().map_or(Ok(()), Err));
                     }
                 }
             })?;
-        Ok(HeadApplier { tx })
+        Ok(HeadApplier { tx, applied })
     }
 
-    fn apply(&self, batch: Vec<Pending>) -> io::Result<()> {
-        self.tx
-            .send(HeadWork::Apply(batch))
-            .map_err(|_| io::Error::other("head applier stopped"))
+    /// Highest seq in the head images, for retention (which folds nothing beyond it).
+    pub fn applied(&self) -> Arc<AtomicU64> {
+        self.applied.clone()
     }
 
-    fn drain(&self) -> io::Result<()> {
+    fn durable(&self, seq: u64) {
+        let _ = self.tx.send(HeadWork::Durable(seq));
+    }
+
+    fn drain(&self, seq: u64) -> io::Result<()> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.tx
-            .send(HeadWork::Drain(tx))
+            .send(HeadWork::Drain(seq, tx))
             .map_err(|_| io::Error::other("head applier stopped"))?;
         rx.recv()
             .map_err(|_| io::Error::other("head applier stopped"))?
@@ -89,8 +195,8 @@ pub struct Group {
     journal: JournalWriter,
     heads: Vec<File>,
     applier: HeadApplier,
-    pending: Vec<Pending>,
-    pending_bytes: usize,
+    /// Stored bytes appended since the last commit.
+    uncommitted: usize,
     /// Highest seq made durable (fsynced) in the journal.
     pub durable_seq: u64,
     pub durable_time_ns: u64,
@@ -99,7 +205,7 @@ pub struct Group {
     pub stored_in: u64,
 }
 
-/// Raw bytes held for the head images before a commit is forced.
+/// Bytes appended before a commit is forced (group commit's upper bound).
 pub const PENDING_LIMIT: usize = 64 << 20;
 
 impl Group {
@@ -150,15 +256,18 @@ impl Group {
                     .with_context(|| format!("open head image {}", path.display()))?,
             );
         }
-        let applier = HeadApplier::start(&heads)?;
+        // Placeholder until the heads are caught up below; replaced right after.
+        let (placeholder, _) = crossbeam_channel::unbounded();
         let mut group = Group {
             dir,
             meta,
             journal,
             heads,
-            applier,
-            pending: Vec::new(),
-            pending_bytes: 0,
+            applier: HeadApplier {
+                tx: placeholder,
+                applied: Arc::new(AtomicU64::new(0)),
+            },
+            uncommitted: 0,
             durable_seq: report.last_seq,
             durable_time_ns: report.last_time_ns,
             records_in: 0,
@@ -166,6 +275,13 @@ impl Group {
             stored_in: 0,
         };
         group.catch_up_heads()?;
+        let cursor = Cursor {
+            dir: group.dir.clone(),
+            segment: group.journal.current_segment().clone(),
+            pos: group.journal.current_len(),
+            applied: group.durable_seq,
+        };
+        group.applier = HeadApplier::start(&group.heads, cursor)?;
         Ok((group, known))
     }
 
@@ -199,26 +315,11 @@ impl Group {
                         seg.path.display()
                     );
                 };
-                let data = if r.header.kind.carries_data() {
-                    r.payload()
-                        .with_context(|| format!("seq {} in {}", e.seq, seg.path.display()))?
-                        .into_owned()
-                } else {
-                    Vec::new()
-                };
-                apply(
-                    &self.heads,
-                    &Pending {
-                        disk: r.header.disk,
-                        kind: r.header.kind,
-                        offset: r.header.offset,
-                        length: r.header.length,
-                        data,
-                    },
-                )?;
+                apply_record(&self.heads, &r)
+                    .with_context(|| format!("seq {} in {}", e.seq, seg.path.display()))?;
             }
         }
-        self.sync_heads()?;
+        self.mark_heads()?;
         Ok(())
     }
 
@@ -258,23 +359,14 @@ impl Group {
                     volume.size
                 );
             }
-            let data = if h.kind.carries_data() {
+            if h.kind.carries_data() {
+                // The payload itself is checked too (decompressed, crc) before it is stored.
                 r.payload()
-                    .with_context(|| format!("record seq {}", h.seq))?
-                    .into_owned()
-            } else {
-                Vec::new()
-            };
-            self.pending_bytes += data.len();
+                    .with_context(|| format!("record seq {}", h.seq))?;
+            }
+            self.uncommitted += h.record_len();
             self.bytes_in += if h.kind.carries_data() { h.length } else { 0 };
             self.stored_in += h.record_len() as u64;
-            self.pending.push(Pending {
-                disk: h.disk,
-                kind: h.kind,
-                offset: h.offset,
-                length: h.length,
-                data,
-            });
             accepted.push(r);
             next += 1;
         }
@@ -287,7 +379,7 @@ impl Group {
 
     /// Whether enough is pending that the caller should commit before reading more.
     pub fn should_commit(&self) -> bool {
-        self.pending_bytes >= PENDING_LIMIT
+        self.uncommitted >= PENDING_LIMIT
     }
 
     /// Makes what was ingested durable (fsync), then applies it to the head images. Returns the
@@ -300,8 +392,8 @@ impl Group {
         self.journal.sync().context("fsync journal")?;
         self.durable_seq = self.journal.last_seq();
         self.durable_time_ns = self.journal.last_time_ns();
-        self.applier.apply(std::mem::take(&mut self.pending))?;
-        self.pending_bytes = 0;
+        self.applier.durable(self.durable_seq);
+        self.uncommitted = 0;
         if self.journal.current_segment().first_seq != before {
             // A segment was sealed: a good moment to checkpoint the head images.
             self.sync_heads()?;
@@ -309,9 +401,19 @@ impl Group {
         Ok(self.durable_seq)
     }
 
+    /// The seq the head images have reached (shared with retention).
+    pub fn head_applied(&self) -> Arc<AtomicU64> {
+        self.applier.applied()
+    }
+
     /// Flushes the head images and records the seq they hold.
     pub fn sync_heads(&mut self) -> anyhow::Result<()> {
-        self.applier.drain()?;
+        self.applier.drain(self.durable_seq)?;
+        self.mark_heads()
+    }
+
+    /// Flushes the head images (already at the durable seq) and records that seq.
+    fn mark_heads(&mut self) -> anyhow::Result<()> {
         for f in &self.heads {
             f.sync_data()?;
         }
@@ -327,7 +429,7 @@ impl Group {
 
     /// Hashes of the head image of `disk`, one per [`wire::HASH_CHUNK`].
     pub fn head_hashes(&self, disk: usize) -> io::Result<Vec<u128>> {
-        self.applier.drain()?;
+        self.applier.drain(self.durable_seq)?;
         let size = self.meta.volumes[disk].size;
         let file = &self.heads[disk];
         let chunk = wire::HASH_CHUNK;
@@ -368,11 +470,18 @@ pub fn check_volumes(dir: &GroupDir, meta: &GroupMeta, volumes: &[Volume]) -> an
     Ok(())
 }
 
-fn apply(heads: &[File], p: &Pending) -> io::Result<()> {
-    let file = &heads[usize::from(p.disk)];
-    match p.kind {
-        Kind::Write | Kind::SyncData => file.write_all_at(&p.data, p.offset),
-        Kind::Zero | Kind::Trim => punch(file, p.offset, p.length),
+/// Applies one checked record to the head images.
+fn apply_record(heads: &[File], r: &RecordRef<'_>) -> io::Result<()> {
+    let h = &r.header;
+    let file = &heads[usize::from(h.disk)];
+    match h.kind {
+        Kind::Write | Kind::SyncData => {
+            let data = r.payload().map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("seq {}: {e}", h.seq))
+            })?;
+            file.write_all_at(&data, h.offset)
+        }
+        Kind::Zero | Kind::Trim => punch(file, h.offset, h.length),
         _ => Ok(()),
     }
 }

@@ -41,14 +41,20 @@ pub struct RetentionState {
     pub folded_segments: u64,
 }
 
-pub fn run(dir: GroupDir, meta: GroupMeta, policy: Retention) {
+pub fn run(
+    dir: GroupDir,
+    meta: GroupMeta,
+    policy: Retention,
+    head: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
     let mut state: RetentionState =
         store::read_json(&dir.path.join("retention.json")).unwrap_or_default();
     state.retention_secs = policy.max_age.map(|d| d.as_secs());
     state.max_store_size = policy.max_size;
     loop {
         std::thread::sleep(policy.interval);
-        if let Err(e) = pass(&dir, &meta, &policy, &mut state) {
+        let head_seq = head.load(std::sync::atomic::Ordering::Acquire);
+        if let Err(e) = pass(&dir, &meta, &policy, &mut state, head_seq) {
             warn!(group = %meta.name, "retention pass failed: {e:#}");
         }
     }
@@ -61,6 +67,7 @@ pub fn pass(
     meta: &GroupMeta,
     policy: &Retention,
     state: &mut RetentionState,
+    head_seq: u64,
 ) -> anyhow::Result<()> {
     let cutoff = policy
         .max_age
@@ -82,7 +89,8 @@ pub fn pass(
             fs::remove_file(&seg.path)?;
             continue;
         };
-        if pinned.is_some_and(|p| last.seq > p) {
+        // Nor beyond a pin, nor beyond what the head images have read (they read the journal).
+        if pinned.is_some_and(|p| last.seq > p) || last.seq > head_seq {
             break;
         }
         let old_enough = cutoff.is_some_and(|c| last.time_ns < c);

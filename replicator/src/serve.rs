@@ -294,7 +294,8 @@ fn start_retention(slot: &Arc<Slot>, group: &Group, opts: &Options) {
     let dir = group.dir.clone();
     let meta = group.meta.clone();
     let policy = opts.retention.clone();
-    std::thread::spawn(move || retention::run(dir, meta, policy));
+    let head = group.head_applied();
+    std::thread::spawn(move || retention::run(dir, meta, policy, head));
 }
 
 /// The live part of `replicator status`, written to the group's status.json.
