@@ -228,12 +228,18 @@ where
                 if let Err(e) = discard(&mut reader, u64::from(header.payload_len())).await {
                     break Err(e);
                 }
-                let _ = replies.send(Reply::error(
-                    header.cookie,
-                    structured,
-                    e.errno(),
-                    &e.to_string(),
-                ));
+                // An error reply holds memory until it is on the wire, like any other: a
+                // client that sends garbage and reads nothing stops being read from.
+                let Ok(permit) = budget
+                    .clone()
+                    .acquire_many_owned(REQUEST_COST_BYTES as u32)
+                    .await
+                else {
+                    break Ok(());
+                };
+                let mut reply = Reply::error(header.cookie, structured, e.errno(), &e.to_string());
+                reply._permit = Some(permit);
+                let _ = replies.send(reply);
                 continue;
             }
         };
@@ -338,6 +344,14 @@ async fn execute<B: BlockBackend>(
         Ok(()) => Reply::header(reply::simple(cookie, None)),
         Err(e) => io_failure(cookie, structured, what, &e),
     };
+    if command.length() == Some(0) {
+        // The spec leaves zero-length requests to the server (it should not disconnect): they
+        // succeed and change nothing; no backend sees them.
+        return match (command, structured) {
+            (Command::Read { .. }, true) => Reply::header(reply::done(cookie)),
+            _ => Reply::header(reply::simple(cookie, None)),
+        };
+    }
     match command {
         Command::Read { offset, length, df } => {
             read(

@@ -95,6 +95,21 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The length of a ranged command (None for flush and disconnect).
+    pub fn length(&self) -> Option<u32> {
+        match *self {
+            Command::Read { length, .. }
+            | Command::Write { length, .. }
+            | Command::Trim { length, .. }
+            | Command::Cache { length, .. }
+            | Command::WriteZeroes { length, .. }
+            | Command::BlockStatus { length, .. } => Some(length),
+            Command::Disconnect | Command::Flush => None,
+        }
+    }
+}
+
 /// What the export allows, as agreed in the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

@@ -300,3 +300,98 @@ fn structured_reads_send_holes_as_offset_hole_and_df_as_one_chunk() {
     assert!(chunk.payload[8 + 4096..].iter().all(|&b| b == 0));
     f.proxy.stop().unwrap();
 }
+
+/// 106 MiB of refused requests from a client that reads no reply: the error replies count
+/// against the connection's in-flight budget, so the server stops reading (TCP pushes back)
+/// instead of queueing millions of replies. Before: nbd-proxy grew from 4 to 456 MiB.
+#[test]
+fn error_replies_count_against_the_memory_bound() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let mut f = fixture(&[]);
+    let c = connect(&f, false);
+    let rss_before = f.proxy.peak_rss_bytes().unwrap();
+    const REQUESTS: u64 = 106 * MIB / 28;
+    let sent = std::sync::Arc::new(AtomicU64::new(0));
+    let mut writer = c.stream.try_clone().unwrap();
+    let progress = sent.clone();
+    let blaster = std::thread::spawn(move || {
+        // Unknown command 42: EINVAL each, 28 bytes each, no payload.
+        let batch: Vec<u8> = (0..4096u64)
+            .flat_map(|i| request_bytes(42, 0, i, 0, 0))
+            .collect();
+        let mut n = 0;
+        while n < REQUESTS {
+            let k = (REQUESTS - n).min(4096);
+            writer.write_all(&batch[..k as usize * 28]).unwrap();
+            n += k;
+            progress.store(n, Ordering::SeqCst);
+        }
+    });
+    // Let the server take what it will: until the blaster stops making progress (it is
+    // pushed back) or finishes.
+    let mut last = 0;
+    let mut still_since = std::time::Instant::now();
+    while !blaster.is_finished() && still_since.elapsed() < std::time::Duration::from_secs(3) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let now = sent.load(Ordering::SeqCst);
+        if now != last {
+            last = now;
+            still_since = std::time::Instant::now();
+        }
+    }
+    let grown = f.proxy.peak_rss_bytes().unwrap().saturating_sub(rss_before);
+    assert!(
+        !blaster.is_finished() || grown < 64 * MIB,
+        "the server read {} MiB of garbage and grew by {} MiB",
+        sent.load(Ordering::SeqCst) * 28 / MIB,
+        grown / MIB
+    );
+    // Now read every reply: each is EINVAL with its cookie, and the server goes on.
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, c.stream.try_clone().unwrap());
+    let mut reply = [0u8; 16];
+    for i in 0..REQUESTS {
+        reader.read_exact(&mut reply).unwrap();
+        assert_eq!(be32(&reply[4..8]), EINVAL);
+        assert_eq!(
+            u64::from_be_bytes(reply[8..16].try_into().unwrap()),
+            i % 4096
+        );
+    }
+    blaster.join().unwrap();
+    let grown = f.proxy.peak_rss_bytes().unwrap().saturating_sub(rss_before);
+    assert!(grown < 64 * MIB, "peak RSS grew by {} MiB", grown / MIB);
+    let mut c = c;
+    assert_serves(&mut c);
+    f.proxy.stop().unwrap();
+}
+
+/// Zero-length commands (which the spec leaves to the server) succeed and change nothing, in
+/// both reply modes; the connection goes on.
+#[test]
+fn zero_length_commands_succeed_and_change_nothing() {
+    let mut f = fixture(&[]);
+    let before = read_file(&f.image);
+    for structured in [false, true] {
+        let mut c = connect(&f, structured);
+        for (i, kind) in [CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES, CMD_READ]
+            .into_iter()
+            .enumerate()
+        {
+            let cookie = 100 + i as u64;
+            c.request(kind, 0, cookie, 4096, 0, &[]);
+            if structured && kind == CMD_READ {
+                // One chunk: NBD_REPLY_TYPE_NONE with the DONE flag.
+                let chunk = c.chunk();
+                assert_eq!((chunk.cookie, chunk.kind, chunk.flags & 1), (cookie, 0, 1));
+            } else {
+                assert_eq!(c.simple_reply(), (0, cookie), "command {kind}");
+            }
+        }
+        if !structured {
+            assert_serves(&mut c);
+        }
+    }
+    f.proxy.stop().unwrap();
+    assert!(read_file(&f.image) == before);
+}
