@@ -2,15 +2,20 @@
 //! their indexes, the wire protocol between nbd-proxy and the replicator, and the store layout
 //! that the replicator writes and restore reads.
 //!
-//! `record`, `segment` and `wire` do no I/O and are tested on bytes; `store` is the thin layer
-//! that puts them in files.
+//! `record`, `segment`, `checkpoint` and `wire` do no I/O and are tested on bytes; `store` (the
+//! layout), `writer` (the append end and its corruption policy) and `read` (the one reader and
+//! replay) are the thin layers that put them in files.
 
+pub mod checkpoint;
+pub mod names;
 pub mod pit;
+pub mod read;
 pub mod record;
 pub mod segment;
 pub mod store;
 pub mod units;
 pub mod wire;
+pub mod writer;
 
 pub use record::{Encoded, Header, Kind, RecordRef};
 

@@ -59,7 +59,13 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    // Digits only: `parse` would take a sign (`+6`) as part of a number.
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let d = s.get(r)?;
+        d.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| d.parse().ok())?
+    };
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
     if b[13] != b':' || b[16] != b':' || !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
@@ -81,10 +87,21 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
     }
     let offset_s = match rest {
         "Z" | "z" => 0,
-        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) => {
+        _ if rest.len() == 6
+            && (rest.starts_with('+') || rest.starts_with('-'))
+            && rest.as_bytes()[3] == b':' =>
+        {
             let sign = if rest.starts_with('-') { -1 } else { 1 };
-            let oh: i64 = rest.get(1..3)?.parse().ok()?;
-            let om: i64 = rest.get(4..6)?.parse().ok()?;
+            let digits = |r: std::ops::Range<usize>| -> Option<i64> {
+                let d = rest.get(r)?;
+                d.bytes()
+                    .all(|c| c.is_ascii_digit())
+                    .then(|| d.parse().ok())?
+            };
+            let (oh, om) = (digits(1..3)?, digits(4..6)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
             sign * (oh * 3600 + om * 60)
         }
         _ => return None,
@@ -98,10 +115,11 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146097 + doe - 719468;
     let secs = days * 86400 + h * 3600 + mi * 60 + sec - offset_s;
-    if secs < 0 {
-        return None;
-    }
-    Some(secs as u64 * 1_000_000_000 + frac_ns as u64)
+    // Nanoseconds since 1970 fit in a u64 until 2554: later times are refused, not wrapped.
+    u64::try_from(secs)
+        .ok()?
+        .checked_mul(1_000_000_000)?
+        .checked_add(frac_ns as u64)
 }
 
 /// Unix nanoseconds as `2026-11-22T10:15:03Z`.
@@ -164,6 +182,11 @@ pub struct History {
     pub flushes: u64,
     pub last_flush: Option<(u64, u64)>,
     pub inconsistent: Vec<Window>,
+    /// A record that does not read back although the journal holds it durably: the history
+    /// ends before it, and points after it are refused.
+    pub damage: Option<crate::read::Corrupt>,
+    /// A retention fold under way (or interrupted): points before its end are gone.
+    pub fold: Option<crate::store::FoldMark>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +226,13 @@ pub enum PointError {
         before: String,
         after: String,
     },
+    #[error("{what} of group {group} is past a damaged record: {damage}; restore can serve points up to seq {last} (run `replicator check`)")]
+    Damaged {
+        group: String,
+        what: String,
+        damage: String,
+        last: u64,
+    },
     #[error("group {group} has no bookmark {name:?}; bookmarks: {known}")]
     UnknownBookmark {
         group: String,
@@ -213,9 +243,14 @@ pub enum PointError {
 
 impl History {
     /// Reads the group's metadata and every segment's index (scanning the newest, unsealed one).
+    /// A record that does not read back where the journal is durable ends the history there
+    /// ([`History::damage`]); a torn end of the segment being written just ends it.
     pub fn load(dir: &GroupDir) -> io::Result<History> {
         let meta = dir.meta()?;
         let base = dir.mark("base")?;
+        let fold = dir.fold_mark()?.filter(|f| f.to > base.seq);
+        // Read before the segments: the files hold at least what it names.
+        let durable_seq = dir.checkpoint()?.map(|c| c.last_seq);
         let mut h = History {
             meta,
             base,
@@ -226,26 +261,38 @@ impl History {
             flushes: 0,
             last_flush: None,
             inconsistent: Vec::new(),
+            damage: None,
+            fold,
         };
         let mut open: Option<Window> = None;
-        let mut bookmark_file: Option<(std::fs::File, PathBuf)> = None;
-        for seg in dir.segments()? {
+        let segments = dir.segments()?;
+        let count = segments.len();
+        for (i, seg) in segments.into_iter().enumerate() {
             let (mut entries, scan) = seg.load_index()?;
+            let mut stop = None;
             if let Some(scan) = scan {
-                // An unsealed segment: what is valid of it (a torn tail is not history).
+                // No index: what is valid of it. Past the durable position (or in the segment
+                // being written, when no checkpoint exists) a bad end is a torn tail, not history;
+                // before it, it is damage.
                 entries.truncate(scan.entries.len());
-                if let Some((pos, why)) = &scan.stop {
-                    if !matches!(why, crate::segment::ScanStop::Truncated) {
-                        tracing::warn!(
-                            "{} at byte {pos}: {why}; the history of group {} ends before it \
-                             (run `replicator check`)",
-                            seg.path.display(),
-                            h.meta.name
-                        );
+                if let Some((pos, why)) = scan.stop {
+                    let next = entries.last().map_or(seg.first_seq, |e| e.seq + 1);
+                    let durable = match durable_seq {
+                        Some(d) => next <= d,
+                        None => i + 1 < count,
+                    };
+                    if durable {
+                        stop = Some(crate::read::Corrupt {
+                            path: seg.path.clone(),
+                            pos,
+                            seq: next,
+                            why: why.to_string(),
+                        });
                     }
                 }
             }
             entries.retain(|e| e.seq > base.seq);
+            let file = crate::read::SegmentFile::open(&seg.path)?;
             for e in &entries {
                 if e.seq != h.last_seq + 1 {
                     return Err(io::Error::new(
@@ -260,56 +307,22 @@ impl History {
                 }
                 h.last_seq = e.seq;
                 h.last_time_ns = e.time_ns;
-                match e.kind {
-                    Kind::Flush => {
-                        h.flushes += 1;
-                        h.last_flush = Some((e.seq, e.time_ns));
-                    }
-                    Kind::Bookmark => {
-                        if bookmark_file.as_ref().is_none_or(|(_, p)| *p != seg.path) {
-                            bookmark_file =
-                                Some((std::fs::File::open(&seg.path)?, seg.path.clone()));
-                        }
-                        if let Some((f, _)) = &bookmark_file {
-                            let mut buf = Vec::new();
-                            crate::store::read_record(f, e, &mut buf)?;
-                            if let Ok(Some(r)) = crate::record::parse(&buf) {
-                                h.bookmarks.push(Bookmark {
-                                    name: r.text(),
-                                    seq: e.seq,
-                                    time_ns: e.time_ns,
-                                });
-                            }
-                        }
-                    }
-                    Kind::SyncBegin if open.is_none() => {
-                        open = Some(Window {
-                            start: e.seq,
-                            end: None,
-                            start_time_ns: e.time_ns,
-                            end_time_ns: None,
-                        });
-                    }
-                    Kind::SyncEnd => {
-                        let mut w = open.take().unwrap_or(Window {
-                            // The begin was folded into the base: the base is inside the window.
-                            start: base.seq,
-                            end: None,
-                            start_time_ns: base.time_ns,
-                            end_time_ns: None,
-                        });
-                        w.end = Some(e.seq);
-                        w.end_time_ns = Some(e.time_ns);
-                        h.inconsistent.push(w);
-                    }
-                    _ => {}
-                }
+                h.note(e, &file, &mut open);
             }
             h.segments.push(Segment {
                 path: seg.path.clone(),
                 first_seq: seg.first_seq,
                 entries,
             });
+            if let Some(c) = stop {
+                tracing::warn!(
+                    "{c}; the history of group {} ends at seq {} (run `replicator check`)",
+                    h.meta.name,
+                    h.last_seq
+                );
+                h.damage = Some(c);
+                break;
+            }
         }
         if let Some(w) = open {
             h.inconsistent.push(w);
@@ -317,8 +330,66 @@ impl History {
         Ok(h)
     }
 
+    /// Takes note of one entry: flushes, bookmarks (their names read from `file`), windows.
+    fn note(&mut self, e: &IndexEntry, file: &crate::read::SegmentFile, open: &mut Option<Window>) {
+        match e.kind {
+            Kind::Flush => {
+                self.flushes += 1;
+                self.last_flush = Some((e.seq, e.time_ns));
+            }
+            Kind::Bookmark => {
+                let mut buf = Vec::new();
+                match file.read(e, &mut buf) {
+                    Ok(r) => self.bookmarks.push(Bookmark {
+                        name: r.text(),
+                        seq: e.seq,
+                        time_ns: e.time_ns,
+                    }),
+                    // A bookmark holds no disk bytes: its point stays, its name is lost.
+                    Err(err) => tracing::warn!("bookmark at seq {} is unreadable: {err}", e.seq),
+                }
+            }
+            Kind::SyncBegin if open.is_none() => {
+                *open = Some(Window {
+                    start: e.seq,
+                    end: None,
+                    start_time_ns: e.time_ns,
+                    end_time_ns: None,
+                });
+            }
+            Kind::SyncEnd => {
+                let mut w = open.take().unwrap_or(Window {
+                    // The begin was folded into the base: the base is inside the window.
+                    start: self.base.seq,
+                    end: None,
+                    start_time_ns: self.base.time_ns,
+                    end_time_ns: None,
+                });
+                w.end = Some(e.seq);
+                w.end_time_ns = Some(e.time_ns);
+                self.inconsistent.push(w);
+            }
+            _ => {}
+        }
+    }
+
+    /// The oldest point: the base, or the end of a fold under way.
     pub fn oldest_seq(&self) -> u64 {
-        self.base.seq
+        self.fold.map_or(self.base.seq, |f| f.to.max(self.base.seq))
+    }
+
+    /// Time of the oldest point: the base's, or the first record's when nothing was folded.
+    pub fn oldest_time_ns(&self) -> u64 {
+        if let Some(f) = self.fold {
+            return f.to_time_ns;
+        }
+        if self.base.seq > 0 {
+            return self.base.time_ns;
+        }
+        self.segments
+            .iter()
+            .find_map(|s| s.entries.first())
+            .map_or(self.base.time_ns, |e| e.time_ns)
     }
 
     /// Time of the record at `seq` (the base's time for the base seq).
@@ -355,6 +426,24 @@ impl History {
     #[allow(clippy::result_large_err)]
     pub fn resolve(&self, point: &Point) -> Result<u64, PointError> {
         let group = self.meta.name.clone();
+        if let Some(d) = &self.damage {
+            // The newest point, or a time past the last readable record, lies beyond it.
+            let beyond = match point {
+                Point::Latest => Some("the latest point".to_owned()),
+                Point::Time(t) if *t > self.last_time_ns => {
+                    Some(format!("time {}", format_time(*t)))
+                }
+                _ => None,
+            };
+            if let Some(what) = beyond {
+                return Err(PointError::Damaged {
+                    group,
+                    what,
+                    damage: d.to_string(),
+                    last: self.last_seq,
+                });
+            }
+        }
         let seq = match point {
             Point::Latest => {
                 // The newest consistent point.
@@ -386,19 +475,15 @@ impl History {
             },
             Point::Time(t) => {
                 let t = *t;
-                let oldest_time = if self.base.seq > 0 {
-                    self.base.time_ns
-                } else {
-                    self.segments
-                        .iter()
-                        .find_map(|s| s.entries.first())
-                        .map_or(u64::MAX, |e| e.time_ns)
+                let oldest_time = match self.oldest_time_ns() {
+                    0 => u64::MAX,
+                    t => t,
                 };
                 if t < oldest_time {
                     return Err(PointError::TimeBeforeWindow {
                         group,
                         time: format_time(t),
-                        oldest: self.base.seq,
+                        oldest: self.oldest_seq(),
                         oldest_time: format_time(oldest_time.min(self.last_time_ns)),
                     });
                 }
@@ -413,12 +498,20 @@ impl History {
                 self.last_at_or_before(t)
             }
         };
-        if seq < self.base.seq {
+        if seq < self.oldest_seq() {
             return Err(PointError::BeforeWindow {
                 group,
                 seq,
-                oldest: self.base.seq,
-                oldest_time: format_time(self.base.time_ns),
+                oldest: self.oldest_seq(),
+                oldest_time: format_time(self.oldest_time_ns()),
+            });
+        }
+        if let Some(d) = self.damage.as_ref().filter(|_| seq > self.last_seq) {
+            return Err(PointError::Damaged {
+                group,
+                what: format!("seq {seq}"),
+                damage: d.to_string(),
+                last: self.last_seq,
             });
         }
         if seq > self.last_seq {
@@ -430,7 +523,7 @@ impl History {
             });
         }
         if let Some(w) = self.window_of(seq) {
-            let before = if w.start > self.base.seq {
+            let before = if w.start > self.oldest_seq() {
                 format!("seq:{}", w.start - 1)
             } else {
                 "none before it".into()

@@ -185,7 +185,10 @@ impl Header {
 #[derive(Debug, Clone, Copy)]
 pub struct RecordRef<'a> {
     pub header: Header,
+    /// The stored payload (compressed when `header.compressed`).
     pub stored: &'a [u8],
+    /// The whole record as it travels and is stored: header, then `stored`.
+    pub bytes: &'a [u8],
 }
 
 impl<'a> RecordRef<'a> {
@@ -220,11 +223,16 @@ pub fn parse(buf: &[u8]) -> Result<Option<RecordRef<'_>>, FormatError> {
         return Ok(None);
     };
     let header = Header::decode(head)?;
-    let Some(stored) = buf.get(HEADER_LEN..header.record_len()) else {
+    let Some(bytes) = buf.get(..header.record_len()) else {
         return Ok(None);
     };
+    let stored = &bytes[HEADER_LEN..];
     verify(head, stored)?;
-    Ok(Some(RecordRef { header, stored }))
+    Ok(Some(RecordRef {
+        header,
+        stored,
+        bytes,
+    }))
 }
 
 /// Checks a record's checksum.
@@ -351,16 +359,26 @@ impl Encoded {
 
 /// Reads the seq of a sealed record without decoding the rest.
 pub fn seq_of(sealed: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&sealed[8..16]);
-    u64::from_le_bytes(a)
+    le64_at(sealed, 8)
 }
 
 /// Reads the time of a sealed record without decoding the rest.
 pub fn time_of(sealed: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&sealed[16..24]);
-    u64::from_le_bytes(a)
+    le64_at(sealed, 16)
+}
+
+/// Where each part of a record sits in `sealed` (0 when `sealed` is too short to hold it).
+pub fn range_of(sealed: &[u8]) -> (u16, u64, u64) {
+    let disk = sealed
+        .get(6..8)
+        .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+    (disk, le64_at(sealed, 24), le64_at(sealed, 32))
+}
+
+fn le64_at(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 #[cfg(test)]

@@ -13,14 +13,14 @@
 //!
 //! Metadata files are replaced atomically (write, fsync, rename, fsync the directory).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::segment::{self, IndexEntry, Scan, SegmentHeader, SEGMENT_HEADER_LEN};
+use crate::checkpoint::Checkpoint;
+use crate::segment::{self, IndexEntry, Scan};
 use crate::wire::Volume;
 
 pub const FORMAT: u32 = 1;
@@ -40,20 +40,105 @@ pub struct SeqMark {
     pub time_ns: u64,
 }
 
+/// A retention fold under way: the base images hold every record up to `from`, and some of
+/// those up to `to`, until the fold completes. Written before the fold touches the base, removed
+/// after `base.json` moved to `to`; a replicator that finds it at start-up finishes the fold.
+/// Readers treat points before `to` as gone (their bytes may already be overwritten).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FoldMark {
+    /// First seq of the segment being folded (its file name).
+    pub segment: u64,
+    pub from: u64,
+    pub to: u64,
+    pub to_time_ns: u64,
+}
+
 /// A group's directory in the store.
 #[derive(Debug, Clone)]
 pub struct GroupDir {
     pub path: PathBuf,
 }
 
-/// A group name is used as a directory name: keep it to a safe alphabet.
-pub fn valid_group_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+/// How a store file is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    ReadWrite,
+    /// Created; it must not exist yet.
+    Create,
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// The names of a group's metadata: group and volume names valid, volumes unique.
+fn check_meta(meta: &GroupMeta) -> Result<(), String> {
+    crate::names::check("group", &meta.name)?;
+    crate::names::check_volumes(meta.volumes.iter().map(|v| v.name.as_str()))
+}
+
+/// Opens `rel` beneath `dir` with openat2(RESOLVE_BENEATH): no `..` or symlink may take the
+/// path outside `dir`. Where the kernel lacks openat2, a path with `..` is refused instead.
+fn open_beneath(dir: &Path, rel: &str, access: Access) -> io::Result<File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let flags = libc::O_CLOEXEC
+        | match access {
+            Access::Read => libc::O_RDONLY,
+            Access::ReadWrite => libc::O_RDWR,
+            Access::Create => libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+        };
+    /// `struct open_how` of openat2(2).
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    const RESOLVE_BENEATH: u64 = 0x08;
+    let how = OpenHow {
+        flags: flags as u64,
+        // openat2 refuses a mode without O_CREAT.
+        mode: if access == Access::Create { 0o644 } else { 0 },
+        resolve: RESOLVE_BENEATH,
+    };
+    let dirf = File::open(dir)?;
+    let c = std::ffi::CString::new(rel.as_bytes()).map_err(|_| invalid("a NUL in a path"))?;
+    // SAFETY: openat2 reads `how` (size given) and the NUL-terminated path; both outlive the
+    // call, and the returned descriptor, if any, is owned by the File made from it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dirf.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: a fresh descriptor from openat2, owned by nobody else.
+        return Ok(unsafe { File::from_raw_fd(fd as i32) });
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(e);
+    }
+    let path = Path::new(std::ffi::OsStr::from_bytes(rel.as_bytes()));
+    if path.is_absolute()
+        || path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(invalid(format!("{rel}: leaves the group directory")));
+    }
+    let mut o = fs::OpenOptions::new();
+    match access {
+        Access::Read => o.read(true),
+        Access::ReadWrite => o.read(true).write(true),
+        Access::Create => o.read(true).write(true).create_new(true),
+    };
+    o.open(dir.join(path))
 }
 
 /// The groups found in a store directory, sorted by name.
@@ -81,13 +166,15 @@ impl GroupDir {
     }
 
     /// Creates the group's directories, empty (sparse) base and head images, and metadata.
+    /// The names must be valid ([`crate::names`]); no file outside the group is touched.
     pub fn create(&self, meta: &GroupMeta) -> io::Result<()> {
+        check_meta(meta).map_err(|e| invalid(format!("{}: {e}", self.path.display())))?;
         for dir in ["base", "head", "journal"] {
             fs::create_dir_all(self.path.join(dir))?;
         }
         for v in &meta.volumes {
             for dir in ["base", "head"] {
-                let f = File::create(self.image(dir, &v.name))?;
+                let f = self.open_image(dir, &v.name, Access::Create)?;
                 f.set_len(v.size)?;
                 f.sync_all()?;
             }
@@ -103,6 +190,8 @@ impl GroupDir {
 
     pub fn meta(&self) -> io::Result<GroupMeta> {
         let meta: GroupMeta = read_json(&self.path.join("group.json"))?;
+        check_meta(&meta)
+            .map_err(|e| invalid(format!("{}: {e}", self.path.join("group.json").display())))?;
         if meta.format != FORMAT {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -117,7 +206,18 @@ impl GroupDir {
     }
 
     pub fn image(&self, which: &str, volume: &str) -> PathBuf {
+        debug_assert!(crate::names::valid(volume));
         self.path.join(which).join(format!("{volume}.img"))
+    }
+
+    /// Opens a volume's base or head image, resolved beneath the group's directory: a name
+    /// that would leave it (`..`, a symlink out) fails instead of reaching another file.
+    pub fn open_image(&self, which: &str, volume: &str, access: Access) -> io::Result<File> {
+        crate::names::check("volume", volume).map_err(invalid)?;
+        let rel = format!("{which}/{volume}.img");
+        open_beneath(&self.path, &rel, access).map_err(|e| {
+            io::Error::new(e.kind(), format!("{}: {e}", self.path.join(&rel).display()))
+        })
     }
 
     pub fn mark(&self, which: &str) -> io::Result<SeqMark> {
@@ -130,6 +230,76 @@ impl GroupDir {
 
     pub fn journal_dir(&self) -> PathBuf {
         self.path.join("journal")
+    }
+
+    /// The stream whose records the journal ends with (see [`crate::wire::Hello::stream`]).
+    pub fn stream_owner(&self) -> io::Result<Option<String>> {
+        #[derive(Deserialize)]
+        struct Owner {
+            stream: String,
+        }
+        match read_json::<Owner>(&self.path.join("stream.json")) {
+            Ok(o) => Ok(Some(o.stream)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records that the records from now on are `stream`'s (synced before it returns).
+    pub fn set_stream_owner(&self, stream: &str) -> io::Result<()> {
+        write_json_atomic(
+            &self.path.join("stream.json"),
+            &serde_json::json!({ "stream": stream }),
+        )
+    }
+
+    fn fold_path(&self) -> PathBuf {
+        self.path.join("fold.json")
+    }
+
+    /// The retention fold under way, if one is.
+    pub fn fold_mark(&self) -> io::Result<Option<FoldMark>> {
+        match read_json(&self.fold_path()) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn set_fold_mark(&self, mark: Option<&FoldMark>) -> io::Result<()> {
+        match mark {
+            Some(m) => write_json_atomic(&self.fold_path(), m),
+            None => match fs::remove_file(self.fold_path()) {
+                Ok(()) => sync_dir(&self.path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// The durable checkpoint ([`crate::checkpoint`]) of the journal.
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.journal_dir().join("durable")
+    }
+
+    /// The journal's durable position: None for a store written before checkpoints existed.
+    /// A checkpoint file with no valid slot is an error (the durable position is unknown).
+    pub fn checkpoint(&self) -> io::Result<Option<Checkpoint>> {
+        let path = self.checkpoint_path();
+        match fs::read(&path) {
+            Ok(bytes) => Checkpoint::decode_file(&bytes).map(Some).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: the journal's durable checkpoint is unreadable, so which records were \
+                         acknowledged is unknown (run `replicator check`)",
+                        path.display()
+                    ),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        }
     }
 
     /// Segment files, by first seq.
@@ -270,278 +440,6 @@ impl SegmentPath {
     }
 }
 
-/// The journal's writing end: appends records to the newest segment, rotates segments.
-#[derive(Debug)]
-pub struct JournalWriter {
-    dir: GroupDir,
-    file: File,
-    current: SegmentPath,
-    len: u64,
-    entries: Vec<IndexEntry>,
-    last_seq: u64,
-    last_time_ns: u64,
-    segment_limit: u64,
-}
-
-/// What opening the journal found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpenReport {
-    pub last_seq: u64,
-    pub last_time_ns: u64,
-    /// A torn or bad tail that was cut off: where, how many bytes, and why.
-    pub truncated: Option<(PathBuf, u64, u64, String)>,
-}
-
-impl JournalWriter {
-    /// Opens the newest segment for appending (creating the first one if there is none), after
-    /// reading it whole and cutting off a torn tail. `base_seq` is where the journal starts when
-    /// it is empty.
-    pub fn open(
-        dir: &GroupDir,
-        base_seq: u64,
-        segment_limit: u64,
-    ) -> io::Result<(JournalWriter, OpenReport)> {
-        let segments = dir.segments()?;
-        let Some(newest) = segments.last().cloned() else {
-            let w = JournalWriter::create_segment(dir, base_seq + 1, segment_limit, base_seq, 0)?;
-            return Ok((
-                w,
-                OpenReport {
-                    last_seq: base_seq,
-                    last_time_ns: 0,
-                    truncated: None,
-                },
-            ));
-        };
-        if fs::metadata(&newest.path)?.len() < SEGMENT_HEADER_LEN as u64 {
-            // A crash while the segment was being created: it holds no record.
-            fs::remove_file(&newest.path)?;
-            sync_dir(&dir.journal_dir())?;
-            let (w, mut report) = JournalWriter::open(dir, base_seq, segment_limit)?;
-            report.truncated.get_or_insert((
-                newest.path.clone(),
-                0,
-                0,
-                "segment created but never written (removed)".into(),
-            ));
-            return Ok((w, report));
-        }
-        let mut last_time_ns = 0;
-        let scan = newest.scan(|r, _| last_time_ns = r.header.time_ns)?;
-        let mut truncated = None;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&newest.path)?;
-        let file_len = file.metadata()?.len();
-        if scan.valid_len < file_len {
-            let why = scan
-                .stop
-                .as_ref()
-                .map(|(_, s)| s.to_string())
-                .unwrap_or_default();
-            file.set_len(scan.valid_len)?;
-            file.sync_all()?;
-            truncated = Some((
-                newest.path.clone(),
-                scan.valid_len,
-                file_len - scan.valid_len,
-                why,
-            ));
-        }
-        // A stale index of the newest segment would disagree with appended records.
-        let _ = fs::remove_file(newest.index_path());
-        let last_seq = scan
-            .entries
-            .last()
-            .map(|e| e.seq)
-            .unwrap_or(newest.first_seq - 1);
-        if last_time_ns == 0 {
-            // An empty newest segment: the time of the last record is in the previous one's index.
-            if let Some(prev) = segments.len().checked_sub(2).map(|i| &segments[i]) {
-                if let Ok((entries, _)) = prev.load_index() {
-                    if let Some(e) = entries.last() {
-                        last_time_ns = read_header_at(&prev.path, e.pos)
-                            .map(|h| h.time_ns)
-                            .unwrap_or(0);
-                    }
-                }
-            }
-        }
-        Ok((
-            JournalWriter {
-                dir: dir.clone(),
-                file,
-                current: newest,
-                len: scan.valid_len,
-                entries: scan.entries,
-                last_seq,
-                last_time_ns,
-                segment_limit,
-            },
-            OpenReport {
-                last_seq,
-                last_time_ns,
-                truncated,
-            },
-        ))
-    }
-
-    fn create_segment(
-        dir: &GroupDir,
-        first_seq: u64,
-        segment_limit: u64,
-        last_seq: u64,
-        last_time_ns: u64,
-    ) -> io::Result<JournalWriter> {
-        let current = dir.segment_path(first_seq);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&current.path)?;
-        let header = SegmentHeader {
-            first_seq,
-            created_ns: crate::now_ns(),
-        };
-        file.write_all(&header.encode())?;
-        file.sync_all()?;
-        sync_dir(&dir.journal_dir())?;
-        Ok(JournalWriter {
-            dir: dir.clone(),
-            file,
-            current,
-            len: SEGMENT_HEADER_LEN as u64,
-            entries: Vec::new(),
-            last_seq,
-            last_time_ns,
-            segment_limit,
-        })
-    }
-
-    pub fn last_seq(&self) -> u64 {
-        self.last_seq
-    }
-
-    pub fn last_time_ns(&self) -> u64 {
-        self.last_time_ns
-    }
-
-    /// Appends already-checked records (sealed bytes, consecutive seqs after `last_seq`).
-    /// Not durable until [`JournalWriter::sync`].
-    pub fn append(&mut self, records: &[crate::record::RecordRef<'_>]) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(records.iter().map(|r| r.header.record_len()).sum());
-        let mut pos = self.len;
-        for r in records {
-            debug_assert_eq!(r.header.seq, self.last_seq + 1);
-            let mut head = [0u8; crate::record::HEADER_LEN];
-            encode_header_bytes(r, &mut head);
-            buf.extend_from_slice(&head);
-            buf.extend_from_slice(r.stored);
-            self.entries.push(IndexEntry::from_header(&r.header, pos));
-            pos += r.header.record_len() as u64;
-            self.last_seq = r.header.seq;
-            self.last_time_ns = r.header.time_ns;
-        }
-        self.file.write_all_at(&buf, self.len)?;
-        self.len = pos;
-        Ok(())
-    }
-
-    /// Makes every appended record durable; then seals the segment if it is full.
-    pub fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_data()?;
-        if self.len >= self.segment_limit {
-            self.rotate()?;
-        }
-        Ok(())
-    }
-
-    /// Seals the current segment (writes its index) and starts the next.
-    pub fn rotate(&mut self) -> io::Result<()> {
-        if self.entries.is_empty() {
-            return Ok(());
-        }
-        let idx = segment::encode_index(self.current.first_seq, self.len, &self.entries);
-        write_file_atomic(&self.current.index_path(), &idx)?;
-        let next = JournalWriter::create_segment(
-            &self.dir,
-            self.last_seq + 1,
-            self.segment_limit,
-            self.last_seq,
-            self.last_time_ns,
-        )?;
-        *self = next;
-        Ok(())
-    }
-
-    /// Index entries of the segment being written.
-    pub fn current_entries(&self) -> &[IndexEntry] {
-        &self.entries
-    }
-
-    /// Bytes written to the current segment (header included).
-    pub fn current_len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn current_segment(&self) -> &SegmentPath {
-        &self.current
-    }
-}
-
-fn encode_header_bytes(
-    r: &crate::record::RecordRef<'_>,
-    out: &mut [u8; crate::record::HEADER_LEN],
-) {
-    let h = &r.header;
-    out[0..4].copy_from_slice(&crate::record::MAGIC.to_le_bytes());
-    out[4] = h.kind as u8;
-    out[5] = u8::from(h.compressed);
-    out[6..8].copy_from_slice(&h.disk.to_le_bytes());
-    out[8..16].copy_from_slice(&h.seq.to_le_bytes());
-    out[16..24].copy_from_slice(&h.time_ns.to_le_bytes());
-    out[24..32].copy_from_slice(&h.offset.to_le_bytes());
-    out[32..40].copy_from_slice(&h.length.to_le_bytes());
-    out[40..44].copy_from_slice(&h.stored_len.to_le_bytes());
-    out[44..48].copy_from_slice(&h.data_crc.to_le_bytes());
-    out[48..52].fill(0);
-    out[52..56].copy_from_slice(&h.crc.to_le_bytes());
-}
-
-/// Reads and decodes the record header at `pos` of a segment file.
-pub fn read_header_at(path: &Path, pos: u64) -> io::Result<crate::record::Header> {
-    let f = File::open(path)?;
-    let mut head = [0u8; crate::record::HEADER_LEN];
-    f.read_exact_at(&mut head, pos)?;
-    crate::record::Header::decode(&head)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
-}
-
-/// Reads a whole record at `entry` from an open segment file, checking it.
-pub fn read_record(file: &File, entry: &IndexEntry, buf: &mut Vec<u8>) -> io::Result<()> {
-    buf.resize(entry.end() as usize - entry.pos as usize, 0);
-    file.read_exact_at(buf, entry.pos)?;
-    match crate::record::parse(buf) {
-        Ok(Some(r)) if r.header.seq == entry.seq => Ok(()),
-        Ok(Some(r)) => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "expected seq {} at {}, found {}",
-                entry.seq, entry.pos, r.header.seq
-            ),
-        )),
-        Ok(None) => Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("record seq {} at {} is cut short", entry.seq, entry.pos),
-        )),
-        Err(e) => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("record seq {} at {}: {e}", entry.seq, entry.pos),
-        )),
-    }
-}
-
 pub fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> io::Result<T> {
     let mut s = String::new();
     File::open(path)
@@ -558,6 +456,28 @@ pub fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> io::Result<T> {
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     bytes.push(b'\n');
+    write_file_atomic(path, &bytes)
+}
+
+/// Bytes a file written by [`write_json_in_place`] is padded to.
+const IN_PLACE_LEN: usize = 4096;
+
+/// Writes small, often-rewritten JSON (live status) over the file's existing bytes, padded with
+/// spaces, so that it needs no new block: it still works on a full file system. A reader may
+/// see a torn write; such files hold nothing another file does not also hold durably.
+pub fn write_json_in_place<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    let existing = fs::metadata(path).map(|m| m.len() as usize).unwrap_or(0);
+    let len = existing.max(IN_PLACE_LEN).max(bytes.len());
+    bytes.resize(len, b' ');
+    if existing >= len {
+        return fs::OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .write_all_at(&bytes, 0);
+    }
     write_file_atomic(path, &bytes)
 }
 
@@ -578,83 +498,4 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::record::{Encoded, Kind};
-
-    fn meta() -> GroupMeta {
-        GroupMeta {
-            format: FORMAT,
-            name: "g".into(),
-            volumes: vec![Volume {
-                name: "root".into(),
-                size: 1 << 20,
-            }],
-            created_ns: 1,
-        }
-    }
-
-    fn append(w: &mut JournalWriter, seqs: std::ops::RangeInclusive<u64>) {
-        let sealed: Vec<Vec<u8>> = seqs
-            .map(|s| Encoded::data(Kind::Write, 0, s * 512, &[s as u8; 512], true).seal(s, s))
-            .collect();
-        let refs: Vec<_> = sealed
-            .iter()
-            .map(|b| crate::record::parse(b).unwrap().unwrap())
-            .collect();
-        w.append(&refs).unwrap();
-        w.sync().unwrap();
-    }
-
-    #[test]
-    fn journal_appends_rotates_and_reopens_after_a_torn_tail() {
-        let tmp = tempfile::tempdir().unwrap();
-        let g = GroupDir::new(tmp.path(), "g");
-        g.create(&meta()).unwrap();
-        let (mut w, report) = JournalWriter::open(&g, 0, 1024).unwrap();
-        assert_eq!(report.last_seq, 0);
-        append(&mut w, 1..=10);
-        append(&mut w, 11..=20);
-        let segs = g.segments().unwrap();
-        assert!(segs.len() >= 2, "rotated at 1 KiB: {segs:?}");
-        // Sealed segments have valid indexes.
-        let (entries, scan) = segs[0].load_index().unwrap();
-        assert!(scan.is_none());
-        assert_eq!(entries[0].seq, 1);
-        drop(w);
-
-        // A crash while creating a segment leaves a file shorter than its header.
-        let newest = g.segments().unwrap().last().unwrap().clone();
-        let f = OpenOptions::new().write(true).open(&newest.path).unwrap();
-        f.set_len(7).unwrap();
-        let (mut w, report) = JournalWriter::open(&g, 0, 1 << 20).unwrap();
-        assert_eq!(report.last_seq, 20);
-        assert!(report.truncated.is_some());
-        assert!(!newest.path.exists());
-        append(&mut w, 21..=25);
-        drop(w);
-
-        // Tear the newest segment's tail.
-        let newest = g.segments().unwrap().last().unwrap().clone();
-        let len = fs::metadata(&newest.path).unwrap().len();
-        let f = OpenOptions::new().write(true).open(&newest.path).unwrap();
-        f.set_len(len - 7).unwrap();
-        let (w, report) = JournalWriter::open(&g, 0, 1 << 20).unwrap();
-        assert_eq!(report.last_seq, 24);
-        let (path, _, cut, _) = report.truncated.unwrap();
-        assert_eq!(path, newest.path);
-        assert!(cut > 0);
-        assert_eq!(w.last_seq(), 24);
-    }
-
-    #[test]
-    fn group_names_are_safe_directory_names() {
-        assert!(valid_group_name("web-01.prod_a"));
-        for bad in ["", "..", ".hidden", "a/b", "x y", &"a".repeat(200)] {
-            assert!(!valid_group_name(bad), "{bad:?}");
-        }
-    }
 }

@@ -11,14 +11,21 @@
 //! ```text
 //! proxy                                   replicator
 //! Hello {protocol, group, volumes,  ───▶
-//!        want_hashes}
-//!                                   ◀───  Welcome {protocol, known, durable_seq}
+//!        want_hashes, stream,
+//!        link_timeout_ms}
+//!                                   ◀───  Welcome {protocol, known, durable_seq, stream,
+//!                                                  link_timeout_ms}
 //!                                   ◀───  Hashes {disk, first_chunk, xxh3-128 per chunk} ...
 //!                                   ◀───  HashesDone            (only if want_hashes)
 //! Batch {sealed records, seq order} ───▶
 //!                                   ◀───  Ack {durable_seq}     (after fsync)
+//! Keepalive                         ◀──▶  Keepalive             (when otherwise idle)
+//!                                   ◀───  Refused {seq, reason} (a record it will not store)
 //! ...                                     Error {text} either way, then close
 //! ```
+//!
+//! Each side sends a Keepalive when it has sent nothing for a quarter of the shorter of the two
+//! link timeouts, and takes a peer silent for its own timeout to be gone (no FIN needed).
 //!
 //! Hello and Welcome bodies are JSON so they can grow fields; the hot frames are binary.
 //! Records inside a batch carry their own checksums ([`crate::record`]).
@@ -27,13 +34,17 @@ use serde::{Deserialize, Serialize};
 
 pub const FRAME_HEADER_LEN: usize = 16;
 pub const MAGIC: u32 = u32::from_le_bytes(*b"CDPW");
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 /// Largest frame body accepted.
 pub const MAX_BODY: u32 = 64 * 1024 * 1024;
+/// Largest frame body accepted before the peer's Hello/Welcome was accepted.
+pub const MAX_HANDSHAKE_BODY: u32 = 64 * 1024;
 /// Bytes of disk each hash in a `Hashes` frame covers.
 pub const HASH_CHUNK: u64 = 256 * 1024;
-/// Hashes per `Hashes` frame.
-pub const HASHES_PER_FRAME: usize = 64 * 1024;
+/// Hashes per `Hashes` frame (a frame covers 1 GiB of disk).
+pub const HASHES_PER_FRAME: usize = 4 * 1024;
+/// Largest volume a group may declare (1 PiB).
+pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -45,6 +56,8 @@ pub enum FrameType {
     Batch = 5,
     Ack = 6,
     Error = 7,
+    Keepalive = 8,
+    Refused = 9,
 }
 
 impl FrameType {
@@ -57,6 +70,8 @@ impl FrameType {
             5 => FrameType::Batch,
             6 => FrameType::Ack,
             7 => FrameType::Error,
+            8 => FrameType::Keepalive,
+            9 => FrameType::Refused,
             _ => return None,
         })
     }
@@ -70,6 +85,8 @@ pub enum WireError {
     Type(u8),
     #[error("frame body of {0} bytes is larger than the limit")]
     TooLarge(u32),
+    #[error("a {0:?} frame is not allowed before the handshake completes")]
+    NotYet(FrameType),
     #[error("frame checksum mismatch")]
     Checksum,
     #[error("malformed {what} frame: {detail}")]
@@ -116,14 +133,23 @@ pub fn check_body(crc: u32, body: &[u8]) -> Result<(), WireError> {
 }
 
 /// Reads one frame from a blocking stream, checked: the only I/O in this module, shared by
-/// both ends.
-pub fn read_frame(r: &mut impl std::io::Read) -> std::io::Result<(FrameType, Vec<u8>)> {
+/// both ends. The body may be at most `limit` bytes ([`MAX_BODY`], or [`MAX_HANDSHAKE_BODY`]
+/// before the handshake), and memory grows only as its bytes arrive, so a header that claims
+/// a large body costs nothing until the body is really sent.
+pub fn read_frame(r: &mut impl std::io::Read, limit: u32) -> std::io::Result<(FrameType, Vec<u8>)> {
+    use std::io::Read;
     let mut head = [0u8; FRAME_HEADER_LEN];
     r.read_exact(&mut head)?;
     let invalid = |e: WireError| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
     let (kind, len, crc) = parse_header(&head).map_err(invalid)?;
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body)?;
+    if len > limit {
+        return Err(invalid(WireError::TooLarge(len)));
+    }
+    let mut body = Vec::with_capacity((len as usize).min(1 << 20));
+    let read = r.take(u64::from(len)).read_to_end(&mut body)?;
+    if read != len as usize {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     check_body(crc, &body).map_err(invalid)?;
     Ok((kind, body))
 }
@@ -173,6 +199,11 @@ pub struct Hello {
     pub volumes: Vec<Volume>,
     /// Send hashes of the latest image (the proxy does not know what the replicator holds).
     pub want_hashes: bool,
+    /// Who numbers this stream: the same id across the proxy's restarts while its activity
+    /// log is trusted, a new one otherwise. Records of another stream are not its records.
+    pub stream: String,
+    /// The proxy takes a replicator silent this long to be gone.
+    pub link_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +213,37 @@ pub struct Welcome {
     pub known: bool,
     /// Highest seq the replicator holds durably; the proxy sends what follows.
     pub durable_seq: u64,
+    /// The stream whose records the journal ends with (None for a new group). When it is not
+    /// the proxy's own, the seqs after `durable_seq` are not the proxy's: it must compare.
+    pub stream: Option<String>,
+    /// The replicator takes a proxy silent this long to be gone.
+    pub link_timeout_ms: u64,
+}
+
+/// The replicator will not store the record at `seq` (nor anything after it in the stream):
+/// the session ends, and the proxy must not send that record again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    pub seq: u64,
+    pub reason: String,
+}
+
+impl Refused {
+    pub fn encode(&self) -> Vec<u8> {
+        json(FrameType::Refused, self)
+    }
+    pub fn decode(frame: &Frame<'_>) -> Result<Refused, WireError> {
+        from_json(frame, FrameType::Refused, "refused")
+    }
+}
+
+/// How often to send a keepalive on an otherwise idle link, given both sides' timeouts.
+pub fn keepalive_interval_ms(own_timeout_ms: u64, peer_timeout_ms: u64) -> u64 {
+    (own_timeout_ms.min(peer_timeout_ms) / 4).clamp(50, 5_000)
+}
+
+pub fn keepalive() -> Vec<u8> {
+    frame(FrameType::Keepalive, &[])
 }
 
 fn json<T: Serialize>(kind: FrameType, v: &T) -> Vec<u8> {
@@ -224,11 +286,21 @@ impl Hello {
     }
     pub fn decode(frame: &Frame<'_>) -> Result<Hello, WireError> {
         let h: Hello = from_json(frame, FrameType::Hello, "hello")?;
-        if h.group.is_empty() || h.volumes.is_empty() || h.volumes.len() > usize::from(u16::MAX) {
-            return Err(WireError::Malformed {
-                what: "hello",
-                detail: "a group needs a name and 1 to 65535 volumes".into(),
-            });
+        let malformed = |detail: String| WireError::Malformed {
+            what: "hello",
+            detail,
+        };
+        crate::names::check("group", &h.group).map_err(malformed)?;
+        crate::names::check_volumes(h.volumes.iter().map(|v| v.name.as_str()))
+            .map_err(malformed)?;
+        if let Some(v) = h.volumes.iter().find(|v| v.size > MAX_VOLUME_BYTES) {
+            return Err(malformed(format!(
+                "volume {} declares {} bytes; at most {MAX_VOLUME_BYTES} are allowed",
+                v.name, v.size
+            )));
+        }
+        if h.stream.is_empty() || h.stream.len() > 64 {
+            return Err(malformed("the stream id needs 1 to 64 bytes".into()));
         }
         Ok(h)
     }
@@ -362,6 +434,8 @@ mod tests {
                 size: 1 << 30,
             }],
             want_hashes: true,
+            stream: "0123abcd".into(),
+            link_timeout_ms: 5000,
         };
         let bytes = hello.encode();
         let (f, used) = parse(&bytes).unwrap().unwrap();
@@ -375,6 +449,56 @@ mod tests {
             Welcome::decode(&f),
             Err(WireError::Unexpected { .. })
         ));
+    }
+
+    #[test]
+    fn hostile_hellos_are_refused() {
+        let ok = Hello {
+            protocol: PROTOCOL,
+            group: "g".into(),
+            volumes: vec![Volume {
+                name: "root".into(),
+                size: 1 << 20,
+            }],
+            want_hashes: false,
+            stream: "s".into(),
+            link_timeout_ms: 5000,
+        };
+        let decode = |h: &Hello| {
+            let bytes = h.encode();
+            let (f, _) = parse(&bytes).unwrap().unwrap();
+            Hello::decode(&f)
+        };
+        assert!(decode(&ok).is_ok());
+        let mut bad = ok.clone();
+        bad.volumes[0].name = "../../../outside/precious".into();
+        assert!(decode(&bad).is_err());
+        let mut bad = ok.clone();
+        bad.volumes.push(bad.volumes[0].clone());
+        assert!(decode(&bad).unwrap_err().to_string().contains("twice"));
+        let mut bad = ok.clone();
+        bad.volumes[0].name = String::new();
+        assert!(decode(&bad).is_err());
+        let mut bad = ok.clone();
+        bad.volumes[0].size = u64::MAX;
+        assert!(decode(&bad).is_err());
+        let mut bad = ok.clone();
+        bad.group = "a/b".into();
+        assert!(decode(&bad).is_err());
+    }
+
+    #[test]
+    fn a_frame_is_read_only_as_far_as_its_limit() {
+        let big = frame(FrameType::Batch, &vec![7u8; 100_000]);
+        let err = read_frame(&mut &big[..], MAX_HANDSHAKE_BODY).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        let (kind, body) = read_frame(&mut &big[..], MAX_BODY).unwrap();
+        assert_eq!((kind, body.len()), (FrameType::Batch, 100_000));
+        // A header that claims a large body, with none sent: an EOF, nothing allocated for it.
+        let mut head = big[..FRAME_HEADER_LEN].to_vec();
+        head[8..12].copy_from_slice(&(MAX_BODY).to_le_bytes());
+        let err = read_frame(&mut &head[..], MAX_BODY).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
     #[test]

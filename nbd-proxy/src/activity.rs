@@ -33,6 +33,10 @@ struct Header {
     /// The replicator's copy equals the disks except in marked extents. False until a first
     /// full comparison completes: until then the file proves nothing.
     synced: bool,
+    /// The id of the stream this proxy numbers ([`journal::wire::Hello::stream`]): kept while
+    /// the file is trusted, so a restarted proxy continues its own stream.
+    #[serde(default)]
+    stream: String,
 }
 
 #[derive(Debug)]
@@ -58,6 +62,7 @@ pub struct ActivityLog {
     disks: Vec<Extents>,
     acked_seq: AtomicU64,
     synced: std::sync::atomic::AtomicBool,
+    stream: String,
     /// Marking generations: handed out, and written to the file.
     marked: AtomicU64,
     written: AtomicU64,
@@ -91,14 +96,25 @@ impl ActivityLog {
             .create(true)
             .truncate(false)
             .open(path)?;
-        let recovered = std::fs::read(path)
+        let trusted = std::fs::read(path)
             .ok()
             .and_then(|bytes| decode(&bytes))
-            .filter(|(h, _)| h.synced && h.group == group && h.sizes == sizes && h.extent == EXTENT)
-            .map(|(h, bits)| Recovered {
-                extents: bits,
-                acked_seq: h.acked_seq,
+            .filter(|(h, _)| {
+                h.synced
+                    && h.group == group
+                    && h.sizes == sizes
+                    && h.extent == EXTENT
+                    && !h.stream.is_empty()
             });
+        // A file that proves nothing starts a new stream: the replicator's records after its
+        // durable seq may not be this proxy's.
+        let stream = trusted
+            .as_ref()
+            .map_or_else(new_stream_id, |(h, _)| h.stream.clone());
+        let recovered = trusted.map(|(h, bits)| Recovered {
+            extents: bits,
+            acked_seq: h.acked_seq,
+        });
         let disks = sizes
             .iter()
             .map(|&size| {
@@ -120,6 +136,7 @@ impl ActivityLog {
             disks,
             acked_seq: AtomicU64::new(recovered.as_ref().map_or(0, |r| r.acked_seq)),
             synced: std::sync::atomic::AtomicBool::new(recovered.is_some()),
+            stream,
             marked: AtomicU64::new(0),
             written: AtomicU64::new(0),
             opened: std::time::Instant::now(),
@@ -139,6 +156,11 @@ impl ActivityLog {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The id of the stream this proxy numbers.
+    pub fn stream(&self) -> &str {
+        &self.stream
     }
 
     fn set_hot(&self, disk: usize, extent: u64, on: bool) -> bool {
@@ -213,6 +235,20 @@ impl ActivityLog {
                 None => last.store(UNRECORDED, Ordering::SeqCst),
             }
             self.disks[disk].in_flight[e as usize].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A change whose record was dropped (refused by the replicator): its extents hold a
+    /// change no record carries, until a resync completes.
+    pub fn unrecorded(&self, disk: usize, offset: u64, length: u64) {
+        for e in Self::extents(offset, length) {
+            if let Some(last) = self
+                .disks
+                .get(disk)
+                .and_then(|d| d.last_seq.get(e as usize))
+            {
+                last.store(UNRECORDED, Ordering::SeqCst);
+            }
         }
     }
 
@@ -303,6 +339,7 @@ impl ActivityLog {
             extent: EXTENT,
             acked_seq: self.acked_seq.load(Ordering::SeqCst),
             synced: self.synced.load(Ordering::SeqCst),
+            stream: self.stream.clone(),
         };
         let bits: Vec<Vec<u64>> = self
             .disks
@@ -316,6 +353,20 @@ impl ActivityLog {
         self.written.fetch_max(generation, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// 128 random bits as hex, from the kernel's generator (time and pid if that fails).
+pub fn new_stream_id() -> String {
+    let mut b = [0u8; 16];
+    let random = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok();
+    if !random {
+        let t = journal::now_ns().to_le_bytes();
+        b[..8].copy_from_slice(&t);
+        b[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn encode(header: &Header, bits: &[Vec<u64>]) -> Vec<u8> {

@@ -140,6 +140,13 @@ pub struct Capture {
     pub syncing: AtomicBool,
     pub stats: Stats,
     pub activity: Option<crate::activity::ActivityLog>,
+    /// Sync mode: how long a write waits for the replicator before sync mode degrades to
+    /// async (None: wait for as long as it takes).
+    pub sync_timeout: Option<std::time::Duration>,
+    /// Sync mode is degraded: writes are acknowledged before the replicator has them, until
+    /// it has caught up with every record captured up to `degraded_until`.
+    pub degraded: AtomicBool,
+    degraded_until: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -153,6 +160,10 @@ pub struct Stats {
     pub syncs_completed: AtomicU64,
     /// Capture time of the oldest record not yet durable (0: none).
     pub oldest_unacked_ns: AtomicU64,
+    /// The last record the replicator refused, and why.
+    pub last_refusal: Mutex<Option<String>>,
+    /// Chunks a sync could not read (it left its window open and will retry).
+    pub sync_read_failures: AtomicU64,
     /// Replication lag samples in microseconds (record sealed → durable ack), most recent last.
     pub lag_us: Mutex<VecDeque<u64>>,
 }
@@ -163,6 +174,7 @@ impl Capture {
         capacity: u64,
         mode: Mode,
         on_full: OnFull,
+        sync_timeout: Option<std::time::Duration>,
         activity: Option<(
             crate::activity::ActivityLog,
             Option<crate::activity::Recovered>,
@@ -204,6 +216,9 @@ impl Capture {
             syncing: AtomicBool::new(false),
             stats: Stats::default(),
             activity,
+            sync_timeout,
+            degraded: AtomicBool::new(false),
+            degraded_until: AtomicU64::new(0),
         };
         (Arc::new(capture), rx)
     }
@@ -256,7 +271,15 @@ impl Capture {
         let len = enc.len() as u64;
         let seq = st.next_seq;
         st.next_seq += 1;
-        let bytes = enc.seal(seq, journal::now_ns());
+        let now = journal::now_ns();
+        let bytes = enc.seal(seq, now);
+        // The log was empty: this record is now the oldest one not yet durable.
+        let _ = self.stats.oldest_unacked_ns.compare_exchange(
+            0,
+            now,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
         self.log_bytes.fetch_add(len, Ordering::AcqRel);
         self.stats.records.fetch_add(1, Ordering::Relaxed);
         // The shipper holds the receiver for the life of the process.
@@ -279,7 +302,7 @@ impl Capture {
     ) -> Option<u64> {
         // Sync mode never trades a guest write for a dirty mark while records are kept: a
         // full log makes the write wait, as --on-full block does.
-        let wait = wait || self.on_full == OnFull::Block || self.mode == Mode::Sync;
+        let wait = wait || self.on_full == OnFull::Block || self.sync_waits();
         loop {
             let room = self.space.notified();
             tokio::pin!(room);
@@ -334,8 +357,35 @@ impl Capture {
         }
     }
 
+    /// Whether sync mode makes writes wait for the replicator now (it does not once degraded).
+    pub fn sync_waits(&self) -> bool {
+        self.mode == Mode::Sync && !self.degraded.load(Ordering::Acquire)
+    }
+
+    /// A sync-mode write waited `--sync-timeout` in vain: from now on writes are acknowledged
+    /// without waiting (async, with dirty tracking when the log fills) until the replicator has
+    /// everything captured so far.
+    fn degrade(&self, seq: u64) {
+        self.degraded_until
+            .fetch_max(self.last_seq(), Ordering::AcqRel);
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            warn!(
+                "sync mode DEGRADED: the replicator has not acknowledged seq {seq} within \
+                 --sync-timeout ({:?}); writes are acknowledged before they are replicated \
+                 (RPO > 0) until it catches up",
+                self.sync_timeout.unwrap_or_default()
+            );
+        }
+    }
+
     /// Called by the shipper when records up to `seq` are durable.
     pub fn release(&self, bytes: u64, seq: u64) {
+        if self.degraded.load(Ordering::Acquire)
+            && seq >= self.degraded_until.load(Ordering::Acquire)
+            && self.degraded.swap(false, Ordering::AcqRel)
+        {
+            tracing::info!("sync mode restored: the replicator has caught up (seq {seq})");
+        }
         self.log_bytes.fetch_sub(bytes, Ordering::AcqRel);
         self.acked.send_if_modified(|a| {
             if seq > *a {
@@ -374,17 +424,23 @@ impl Capture {
     /// The shipper's view at a handshake, taken under the sequencer lock so no record is
     /// numbered meanwhile: drains records not yet seen by the shipper into `unacked`, then
     /// decides whether the stream can resume after `durable`.
+    /// `ours`: the replicator's journal ends with this proxy's own stream (see
+    /// [`journal::wire::Hello::stream`]); when it does not, only a full comparison will do.
     pub fn handshake(
         &self,
         durable: u64,
         known: bool,
+        ours: bool,
         rx: &crossbeam_channel::Receiver<Sealed>,
         unacked: &mut VecDeque<Sealed>,
         have_hashes: bool,
     ) -> Handshake {
         let mut st = self.state();
+        if !ours {
+            st.full_sync_needed = true;
+        }
         if let Some(acked) = st.adopt_seq.take() {
-            if known && durable >= acked {
+            if known && durable >= acked && ours {
                 // The activity log names every extent that may differ: resync those.
                 st.next_seq = durable + 1;
             } else {
@@ -469,6 +525,50 @@ impl Capture {
         dirty
     }
 
+    /// The replicator refused the record at `seq` and will store nothing after it: that record
+    /// and every later one leave the log (their ranges become dirty chunks, also in the
+    /// activity log), numbering goes back to `seq`, and dirty tracking stays on until a resync
+    /// sends those chunks' current content. So a refused record is never sent again.
+    pub fn refused(
+        &self,
+        seq: u64,
+        rx: &crossbeam_channel::Receiver<Sealed>,
+        log: &mut VecDeque<Sealed>,
+    ) -> u64 {
+        let mut st = self.state();
+        while let Ok(r) = rx.try_recv() {
+            log.push_back(r);
+        }
+        let keep = log.partition_point(|r| r.seq < seq);
+        let mut freed = 0u64;
+        let mut dropped = 0u64;
+        for r in log.drain(keep..) {
+            freed += r.bytes.len() as u64;
+            dropped += 1;
+            let (disk, offset, length) = journal::record::range_of(&r.bytes);
+            let changes = r
+                .bytes
+                .get(4)
+                .copied()
+                .and_then(Kind::from_u8)
+                .is_some_and(Kind::changes_data);
+            if changes && length > 0 {
+                if let Some(d) = st.dirty.get_mut(usize::from(disk)) {
+                    d.mark(offset, length);
+                }
+                if let Some(al) = &self.activity {
+                    al.unrecorded(usize::from(disk), offset, length);
+                }
+            }
+        }
+        st.next_seq = st.next_seq.min(seq);
+        st.live = false;
+        drop(st);
+        self.log_bytes.fetch_sub(freed, Ordering::AcqRel);
+        self.space.notify_waiters();
+        dropped
+    }
+
     /// Puts chunks a sync could not send back into the dirty set.
     pub fn requeue(&self, disk: usize, chunks: impl Iterator<Item = u64>) {
         let mut st = self.state();
@@ -525,6 +625,10 @@ impl CaptureBackend {
         enc: Encoded,
         apply: impl std::future::Future<Output = Result<(), E>>,
     ) -> Result<(), E> {
+        if length == 0 {
+            // Changes nothing: nothing to lock, mark or record (a record would be refused).
+            return apply.await;
+        }
         let seq = {
             let _range = self.locks.lock(offset, length).await;
             self.begin(offset, length)?;
@@ -546,8 +650,19 @@ impl CaptureBackend {
     }
 
     async fn after_change(&self, seq: Option<u64>) {
-        if let (Mode::Sync, Some(seq)) = (self.capture.mode, seq) {
-            self.capture.durable(seq).await;
+        let Some(seq) = seq.filter(|_| self.capture.sync_waits()) else {
+            return;
+        };
+        match self.capture.sync_timeout {
+            None => self.capture.durable(seq).await,
+            Some(limit) => {
+                if tokio::time::timeout(limit, self.capture.durable(seq))
+                    .await
+                    .is_err()
+                {
+                    self.capture.degrade(seq);
+                }
+            }
         }
     }
 
@@ -574,6 +689,9 @@ impl BlockBackend for CaptureBackend {
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        if data.is_empty() {
+            return self.file.write(offset, data, fua).await;
+        }
         let enc = Encoded::data(Kind::Write, self.disk, offset, data, true);
         self.change(
             offset,

@@ -42,6 +42,9 @@ pub struct Status {
     pub link: String,
     pub link_since_ns: u64,
     pub link_error: Option<String>,
+    /// Sessions established since the start.
+    #[serde(default)]
+    pub link_connects: u64,
     pub captured_seq: u64,
     pub durable_seq: u64,
     pub lag_seq: u64,
@@ -61,6 +64,15 @@ pub struct Status {
     pub sync_chunks_unchanged: u64,
     pub sync_bytes_sent: u64,
     pub syncs_completed: u64,
+    /// Chunks a sync could not read from the disks (its window stays open; it retries).
+    #[serde(default)]
+    pub sync_read_failures: u64,
+    /// Sync mode is degraded to async: the replicator was away longer than --sync-timeout.
+    #[serde(default)]
+    pub sync_degraded: bool,
+    /// The last record the replicator refused (dropped, and its range resynchronized).
+    #[serde(default)]
+    pub last_refusal: Option<String>,
     pub records: u64,
     /// Extents the activity log marks as possibly not yet at the replicator.
     pub activity_log_extents: u64,
@@ -81,6 +93,7 @@ impl Control {
         let captured = c.last_seq();
         let durable = *c.acked.borrow();
         let oldest = c.stats.oldest_unacked_ns.load(Ordering::Relaxed);
+        // From the oldest record not yet durable: it grows while the replicator is away.
         let lag_ms = if captured > durable && oldest > 0 {
             journal::now_ns().saturating_sub(oldest) / 1_000_000
         } else {
@@ -96,6 +109,7 @@ impl Control {
             link: link.state.to_owned(),
             link_since_ns: link.since_ns,
             link_error: link.last_error,
+            link_connects: link.connects,
             captured_seq: captured,
             durable_seq: durable,
             lag_seq: captured.saturating_sub(durable),
@@ -115,6 +129,9 @@ impl Control {
             sync_chunks_unchanged: c.stats.sync_chunks_skipped.load(Ordering::Relaxed),
             sync_bytes_sent: c.stats.sync_bytes_sent.load(Ordering::Relaxed),
             syncs_completed: c.stats.syncs_completed.load(Ordering::Relaxed),
+            sync_read_failures: c.stats.sync_read_failures.load(Ordering::Relaxed),
+            sync_degraded: c.degraded.load(Ordering::Relaxed),
+            last_refusal: c.stats.last_refusal.lock().ok().and_then(|l| l.clone()),
             records: c.stats.records.load(Ordering::Relaxed),
             activity_log_extents: c.activity.as_ref().map_or(0, |al| al.hot_count()),
             disks: self
@@ -133,6 +150,16 @@ impl Control {
     async fn bookmark(&self, name: &str, timeout: Duration) -> Result<serde_json::Value, String> {
         if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
             return Err("a bookmark name needs 1 to 200 printable characters".into());
+        }
+        if self.capture.syncing.load(Ordering::Acquire) {
+            let st = &self.capture.stats;
+            return Err(format!(
+                "a seed or resync is running ({} of {} chunks): the disks at the replicator are \
+                 not a state the VM was in until it ends, so a bookmark now could never be \
+                 restored. Retry once `nbd-proxy status` shows no sync running",
+                st.sync_chunks_done.load(Ordering::Relaxed),
+                st.sync_chunks_total.load(Ordering::Relaxed)
+            ));
         }
         if !self.capture.is_live() {
             return Err(
@@ -255,6 +282,21 @@ pub fn print_status(s: &Status) {
             "tracking    DIRTY CHUNKS: {} chunks ({}) changed without records; a resync will send them",
             s.dirty_chunks,
             human_bytes(s.dirty_bytes)
+        );
+    }
+    if s.sync_degraded {
+        println!(
+            "sync mode   DEGRADED to async: the replicator was away longer than --sync-timeout; \
+             writes are acknowledged before they are replicated until it catches up"
+        );
+    }
+    if let Some(r) = &s.last_refusal {
+        println!("refused     the replicator refused record {r} (dropped and resynchronized)");
+    }
+    if s.sync_read_failures > 0 {
+        println!(
+            "sync errors {} chunks could not be read from the disks; the resync retries them",
+            s.sync_read_failures
         );
     }
     if s.sync_running {

@@ -84,6 +84,19 @@ struct Cli {
     )]
     mode: capture::Mode,
 
+    /// Sync mode: how long a write waits for the replicator's acknowledgement before sync mode
+    /// degrades to async (writes acknowledged before they are replicated, dirty tracking when
+    /// the log fills) until the replicator has caught up; `never` keeps writes waiting for as
+    /// long as the replicator is away (RPO 0, but the VM stalls with it).
+    #[arg(long, value_name = "AGE|never", value_parser = parse_sync_timeout, default_value = "10s", help_heading = "Replication")]
+    sync_timeout: SyncTimeout,
+
+    /// A replicator that sends nothing (not even a keepalive) for this long is taken to be gone,
+    /// even when its host vanished without closing the connection; every write to it has the
+    /// same deadline. The proxy then reconnects.
+    #[arg(long, value_name = "AGE", value_parser = parse_duration, default_value = "5s", help_heading = "Replication")]
+    link_timeout: Duration,
+
     /// Memory for changes not yet acknowledged by the replicator.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256MiB", help_heading = "Replication")]
     log_capacity: u64,
@@ -151,6 +164,16 @@ Protect a VM: replicate every change to a replicator, with a control socket:
 Socket activation (LISTEN_FDS, as systemd or `nbdinfo -- [ nbd-proxy --disk ... ]` pass it) is used
 when present, in place of --socket and --listen.
 Logs go to stderr; RUST_LOG=debug shows connections and refused requests.";
+
+#[derive(Debug, Clone, Copy)]
+struct SyncTimeout(Option<Duration>);
+
+fn parse_sync_timeout(s: &str) -> Result<SyncTimeout, String> {
+    if s == "never" {
+        return Ok(SyncTimeout(None));
+    }
+    parse_duration(s).map(|d| SyncTimeout(Some(d)))
+}
 
 #[derive(Debug, Clone)]
 struct Disk {
@@ -354,9 +377,13 @@ fn start_replication(
         Some(g) => g.clone(),
         None => default_group(&cli.disks[0]),
     };
-    if !journal::store::valid_group_name(&group) {
-        bail!("group name {group:?} is not allowed: use letters, digits, '-', '_' and '.'");
-    }
+    journal::names::check("group", &group).map_err(|e| anyhow::anyhow!("--group: {e}"))?;
+    // Disk names become file names in the replicator's store.
+    journal::names::check_volumes(cli.disks.iter().map(|d| d.name.as_str())).map_err(|e| {
+        anyhow::anyhow!(
+            "--disk: {e} (with --replicate, a disk's name names its files at the replicator)"
+        )
+    })?;
     let sizes: Vec<u64> = files.iter().map(|(_, f)| f.size_bytes()).collect();
     let al_path = cli.activity_log.clone().unwrap_or_else(|| {
         let mut p = cli.disks[0].path.clone().into_os_string();
@@ -376,11 +403,13 @@ fn start_replication(
             al_path.display()
         ),
     }
+    let stream = al.stream().to_owned();
     let (capture, rx) = capture::Capture::new(
         sizes,
         cli.log_capacity.max(1 << 20),
         cli.mode,
         cli.on_full,
+        cli.sync_timeout.0,
         Some((al, recovered)),
     );
     let disks: Vec<Arc<capture::CaptureBackend>> = files
@@ -411,16 +440,24 @@ fn start_replication(
         disks: disks.clone(),
         runtime: runtime.handle().clone(),
         link: link.clone(),
+        stream,
+        link_timeout: cli.link_timeout.max(Duration::from_millis(200)),
     };
     std::thread::Builder::new()
         .name("shipper".into())
         .spawn(move || shipper.run(rx))?;
     runtime.spawn(clean_activity_log(capture.clone()));
     info!(
-        "replicating group {group} to {addr} (mode {:?}, change log {}, on full: {:?})",
+        "replicating group {group} to {addr} (mode {:?}{}, change log {}, on full: {:?}, link timeout {:?})",
         cli.mode,
+        match (cli.mode, cli.sync_timeout.0) {
+            (capture::Mode::Sync, Some(t)) => format!(", degrading to async after {t:?} without the replicator"),
+            (capture::Mode::Sync, None) => ", waiting for the replicator however long it is away".into(),
+            _ => String::new(),
+        },
         journal::units::human_bytes(cli.log_capacity),
-        cli.on_full
+        cli.on_full,
+        cli.link_timeout
     );
     if let Some(l) = control_listener {
         l.set_nonblocking(true)?;
@@ -473,7 +510,11 @@ fn default_group(disk: &Disk) -> String {
             }
         })
         .collect();
-    let cleaned = cleaned.trim_start_matches('.').to_owned();
+    let cleaned: String = cleaned
+        .trim_start_matches('.')
+        .chars()
+        .take(journal::names::MAX_NAME_LEN)
+        .collect();
     if cleaned.is_empty() {
         disk.name.clone()
     } else {

@@ -51,6 +51,7 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
         }
     );
     let mut buf = vec![0u8; HASH_CHUNK as usize];
+    let mut unread = 0u64;
     for (d, set) in sets.iter().enumerate() {
         let disk = &disks[d];
         let size = disk.size_bytes();
@@ -72,8 +73,14 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
             let len = HASH_CHUNK.min(size - off) as usize;
             let range = disk.locks.lock(off, len as u64).await;
             if let Err(e) = disk.file.read(off, &mut buf[..len]).await {
-                tracing::error!("{}: read of disk {d} at {off} failed: {e}", plan.reason);
+                tracing::error!(
+                    "{}: read of disk {d} at {off} failed: {e}; the chunk stays dirty and the \
+                     sync's window stays open (not consistent) until it is read",
+                    plan.reason
+                );
                 capture.requeue(d, std::iter::once(c));
+                stats.sync_read_failures.fetch_add(1, Ordering::Relaxed);
+                unread += 1;
                 continue;
             }
             let same = plan
@@ -101,6 +108,17 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
         capture.syncing.store(false, Ordering::Release);
         return;
     }
+    if unread > 0 {
+        // A window closes only when every chunk in it was sent: no SyncEnd. The unread chunks
+        // are dirty again; the shipper retries them, and that sync's SyncEnd closes the window.
+        tracing::error!(
+            "{} incomplete: {unread} of {total} chunks could not be read; points stay marked \
+             not consistent until a retry sends them",
+            plan.reason
+        );
+        capture.syncing.store(false, Ordering::Release);
+        return;
+    }
     let end = capture.push_control(Encoded::control(Kind::SyncEnd, 0, 0, 0, plan.reason));
     if let Some(end) = end {
         stats.syncs_completed.fetch_add(1, Ordering::Relaxed);
@@ -123,4 +141,88 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
         stats.sync_chunks_skipped.load(Ordering::Relaxed),
     );
     capture.syncing.store(false, Ordering::Release);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::{Mode, OnFull};
+    use nbd_server::FileBackend;
+
+    fn kinds(rx: &crossbeam_channel::Receiver<crate::capture::Sealed>) -> Vec<Kind> {
+        rx.try_iter()
+            .map(|r| {
+                journal::record::parse(&r.bytes)
+                    .unwrap()
+                    .unwrap()
+                    .header
+                    .kind
+            })
+            .collect()
+    }
+
+    /// A chunk that cannot be read keeps the sync's window open: no SyncEnd until a retry has
+    /// sent it. (Before the fix, a failed read still ended the window: a point missing that
+    /// chunk was marked consistent.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_that_cannot_be_read_keeps_the_window_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("d.img");
+        let size = 4 * HASH_CHUNK;
+        std::fs::write(&path, vec![7u8; size as usize]).unwrap();
+        let (capture, rx) = Capture::new(
+            vec![size],
+            64 << 20,
+            Mode::Async,
+            OnFull::Bitmap,
+            None,
+            None,
+        );
+        let disk = Arc::new(CaptureBackend {
+            file: FileBackend::open(&path, false).unwrap(),
+            locks: Default::default(),
+            capture: capture.clone(),
+            disk: 0,
+        });
+        // The image loses its second half under the proxy: those chunks fail to read.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(2 * HASH_CHUNK + 100)
+            .unwrap();
+        let plan = Plan {
+            full: true,
+            hashes: None,
+            reason: "seed",
+        };
+        capture.syncing.store(true, Ordering::Release);
+        run(capture.clone(), vec![disk.clone()], plan).await;
+        let got = kinds(&rx);
+        assert_eq!(got.first(), Some(&Kind::SyncBegin));
+        assert_eq!(got.iter().filter(|k| **k == Kind::SyncData).count(), 2);
+        assert!(!got.contains(&Kind::SyncEnd), "{got:?}");
+        assert_eq!(capture.dirty_chunks(), 2);
+        assert_eq!(capture.stats.sync_read_failures.load(Ordering::Relaxed), 2);
+        assert!(!capture.syncing.load(Ordering::Acquire));
+
+        // Once the chunks read again, the retry sends them and closes the window.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let retry = Plan {
+            full: false,
+            hashes: None,
+            reason: "resync",
+        };
+        capture.syncing.store(true, Ordering::Release);
+        run(capture.clone(), vec![disk], retry).await;
+        let got = kinds(&rx);
+        assert_eq!(got.iter().filter(|k| **k == Kind::SyncData).count(), 2);
+        assert_eq!(got.last(), Some(&Kind::SyncEnd));
+        assert_eq!(capture.dirty_chunks(), 0);
+    }
 }

@@ -1,13 +1,18 @@
 //! The shipper: one thread that keeps a connection to the replicator, sends records in seq
 //! order in checksummed batches, frees the log as durable acks arrive, and reconnects with
 //! backoff. After a reconnect it sends only what follows the replicator's durable seq.
+//!
+//! Every record not yet acknowledged stays in `log` (the shipper's part of the change log),
+//! whether it was sent or not, so the lag is always measured from the oldest of them. A
+//! replicator silent for `--link-timeout` (no ack, no keepalive) is gone; every write to it has
+//! that deadline; a record it refuses is dropped and its range resynchronized, never resent.
 
 use std::collections::VecDeque;
-use std::io::{IoSlice, Read, Write};
+use std::io::{IoSlice, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use crossbeam_channel::{select, Receiver};
@@ -20,6 +25,8 @@ use crate::resync::{self, Plan};
 
 /// Largest batch body sent in one frame.
 const BATCH_BYTES: usize = 4 << 20;
+/// A sync that left dirty chunks (a chunk it could not read) is retried this often.
+const SYNC_RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LinkInfo {
@@ -38,25 +45,54 @@ pub struct Shipper {
     pub disks: Vec<Arc<CaptureBackend>>,
     pub runtime: tokio::runtime::Handle,
     pub link: Arc<Mutex<LinkInfo>>,
+    /// This proxy's stream id ([`Hello::stream`]).
+    pub stream: String,
+    pub link_timeout: Duration,
 }
 
 enum Ended {
     NeedHashes,
 }
 
+/// The replicator refused a record: it must not be sent again.
+#[derive(Debug, thiserror::Error)]
+#[error("the replicator refused record seq {seq}: {reason}")]
+struct RecordRefused {
+    seq: u64,
+    reason: String,
+}
+
+/// What the replicator sent while records stream.
+enum FromReplicator {
+    Ack(u64),
+    Refused(RecordRefused),
+}
+
 impl Shipper {
     pub fn run(self, rx: Receiver<Sealed>) {
-        let mut unacked = VecDeque::new();
+        let mut log = VecDeque::new();
         let mut backoff = Duration::from_millis(100);
         let mut want_hashes = self.capture.full_sync_needed();
         self.set_link("connecting", None);
         loop {
-            match self.session(&rx, &mut unacked, want_hashes) {
+            match self.session(&rx, &mut log, want_hashes) {
                 Ok(Ended::NeedHashes) => {
                     want_hashes = true;
                     continue;
                 }
                 Err(e) => {
+                    if let Some(r) = e.downcast_ref::<RecordRefused>() {
+                        let dropped = self.capture.refused(r.seq, &rx, &mut log);
+                        warn!(
+                            "{r}; dropped it and the {} records after it; their ranges are \
+                             tracked as dirty chunks and resynchronized from the disks",
+                            dropped.saturating_sub(1)
+                        );
+                        if let Ok(mut last) = self.capture.stats.last_refusal.lock() {
+                            *last = Some(format!("seq {}: {}", r.seq, r.reason));
+                        }
+                        self.note_oldest(&log);
+                    }
                     let msg = format!("{e:#}");
                     let was = self.link_state();
                     if was == "connected"
@@ -69,7 +105,7 @@ impl Shipper {
                         warn!(
                             "replication link to {} is down: {msg}; retrying (guest I/O continues{})",
                             self.addr,
-                            if self.capture.mode == crate::capture::Mode::Sync {
+                            if self.capture.sync_waits() {
                                 ", but sync-mode writes wait for the replicator"
                             } else {
                                 ""
@@ -80,12 +116,40 @@ impl Shipper {
                         backoff = Duration::from_millis(100);
                     }
                     self.set_link("down", Some(msg));
-                    std::thread::sleep(backoff);
+                    self.wait(backoff, &rx, &mut log);
                     backoff = (backoff * 2).min(Duration::from_secs(3));
                 }
             }
             want_hashes = self.capture.full_sync_needed();
         }
+    }
+
+    /// Sleeps between attempts, taking new records into the log meanwhile (so the lag keeps
+    /// counting from the oldest one) and starting a resync if the log overflowed.
+    fn wait(&self, total: Duration, rx: &Receiver<Sealed>, log: &mut VecDeque<Sealed>) {
+        let until = Instant::now() + total;
+        loop {
+            while let Ok(r) = rx.try_recv() {
+                log.push_back(r);
+            }
+            self.note_oldest(log);
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(100)));
+        }
+    }
+
+    /// Keeps the capture time of the oldest record not yet durable where status finds it.
+    fn note_oldest(&self, log: &VecDeque<Sealed>) {
+        let oldest = log
+            .front()
+            .map_or(0, |r| journal::record::time_of(&r.bytes));
+        self.capture
+            .stats
+            .oldest_unacked_ns
+            .store(oldest, Ordering::Release);
     }
 
     fn link_state(&self) -> &'static str {
@@ -110,7 +174,7 @@ impl Shipper {
     fn session(
         &self,
         rx: &Receiver<Sealed>,
-        unacked: &mut VecDeque<Sealed>,
+        log: &mut VecDeque<Sealed>,
         want_hashes: bool,
     ) -> anyhow::Result<Ended> {
         let addr = self
@@ -119,32 +183,47 @@ impl Shipper {
             .with_context(|| format!("resolve {}", self.addr))?
             .next()
             .with_context(|| format!("{} resolves to no address", self.addr))?;
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        let connect_timeout = self.link_timeout.min(Duration::from_secs(5));
+        let mut stream = TcpStream::connect_timeout(&addr, connect_timeout)
             .with_context(|| format!("connect to replicator {addr}"))?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(600)))?;
+        stream.set_read_timeout(Some(self.link_timeout))?;
+        stream.set_write_timeout(Some(self.link_timeout))?;
+        let link_timeout_ms = self.link_timeout.as_millis() as u64;
         stream.write_all(
             &Hello {
                 protocol: wire::PROTOCOL,
                 group: self.group.clone(),
                 volumes: self.volumes.clone(),
                 want_hashes,
+                stream: self.stream.clone(),
+                link_timeout_ms,
             }
             .encode(),
         )?;
-        let (kind, body) = read_frame(&mut stream).context("read welcome")?;
+        let (kind, body) = read_frame(&mut stream, wire::MAX_HANDSHAKE_BODY, "the welcome")?;
         let welcome = Welcome::decode(&wire::Frame { kind, body: &body })?;
         let hashes = if want_hashes {
             Some(self.read_hashes(&mut stream)?)
         } else {
             None
         };
-        stream.set_read_timeout(None)?;
+        // The journal ends with another stream's records (another proxy, or this group's
+        // proxy with a lost activity log): what follows its durable seq is not ours to resume.
+        let ours = !welcome.known || welcome.stream.as_deref() == Some(self.stream.as_str());
+        if !ours && hashes.is_none() {
+            info!(
+                "the replicator's journal for group {} ends with another stream's records; \
+                 comparing every chunk by hash",
+                self.group
+            );
+        }
         let decision = self.capture.handshake(
             welcome.durable_seq,
             welcome.known,
+            ours,
             rx,
-            unacked,
+            log,
             hashes.is_some(),
         );
         if decision == Handshake::NeedHashes {
@@ -157,10 +236,10 @@ impl Shipper {
             if welcome.known { "known" } else { "new" },
             welcome.durable_seq,
             match decision {
-                Handshake::Resume => format!("resending {} unacknowledged records", unacked.len()),
+                Handshake::Resume => format!("resending {} unacknowledged records", log.len()),
                 Handshake::DirtySync => format!(
                     "resending {} records, then resyncing {} dirty chunks",
-                    unacked.len(),
+                    log.len(),
                     self.capture.dirty_chunks()
                 ),
                 Handshake::FullSync if !welcome.known => "seeding the disks".into(),
@@ -168,15 +247,14 @@ impl Shipper {
             }
         );
         self.set_link("connected", None);
+        self.note_oldest(log);
 
-        let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<anyhow::Result<u64>>();
+        let (from_tx, from_rx) = crossbeam_channel::unbounded::<anyhow::Result<FromReplicator>>();
         let mut reader = stream.try_clone()?;
         let ack_thread = std::thread::spawn(move || loop {
-            let r = read_frame(&mut reader).and_then(|(kind, body)| {
-                wire::decode_ack(&wire::Frame { kind, body: &body }).map_err(Into::into)
-            });
-            let stop = r.is_err();
-            if ack_tx.send(r).is_err() || stop {
+            let r = read_from_replicator(&mut reader);
+            let stop = r.is_err() || matches!(r, Ok(FromReplicator::Refused(_)));
+            if from_tx.send(r).is_err() || stop {
                 return;
             }
         });
@@ -193,7 +271,11 @@ impl Shipper {
             }),
             _ => None,
         };
-        let result = self.stream_records(&mut stream, rx, unacked, &ack_rx, sync);
+        let keepalive = Duration::from_millis(wire::keepalive_interval_ms(
+            link_timeout_ms,
+            welcome.link_timeout_ms,
+        ));
+        let result = self.stream_records(&mut stream, rx, log, &from_rx, sync, keepalive);
         let _ = stream.shutdown(std::net::Shutdown::Both);
         let _ = ack_thread.join();
         result
@@ -206,16 +288,21 @@ impl Shipper {
             .map(|v| Vec::with_capacity(v.size.div_ceil(wire::HASH_CHUNK) as usize))
             .collect();
         loop {
-            let (kind, body) = read_frame(stream).context("read hashes")?;
+            let (kind, body) = read_frame(stream, wire::MAX_BODY, "hashes")?;
             let frame = wire::Frame { kind, body: &body };
-            if kind == FrameType::HashesDone {
-                return Ok(out);
+            match kind {
+                FrameType::HashesDone => return Ok(out),
+                FrameType::Keepalive => continue,
+                _ => {}
             }
             let h = wire::Hashes::decode(&frame)?;
             let Some(list) = out.get_mut(usize::from(h.disk)) else {
                 bail!("hashes for unknown disk {}", h.disk);
             };
-            if h.first_chunk != list.len() as u64 {
+            let chunks = self.volumes[usize::from(h.disk)]
+                .size
+                .div_ceil(wire::HASH_CHUNK);
+            if h.first_chunk != list.len() as u64 || list.len() + h.hashes.len() > chunks as usize {
                 bail!("hashes arrived out of order");
             }
             list.extend(h.hashes);
@@ -226,60 +313,73 @@ impl Shipper {
         &self,
         stream: &mut TcpStream,
         rx: &Receiver<Sealed>,
-        unacked: &mut VecDeque<Sealed>,
-        ack_rx: &Receiver<anyhow::Result<u64>>,
+        log: &mut VecDeque<Sealed>,
+        from: &Receiver<anyhow::Result<FromReplicator>>,
         sync: Option<Plan>,
+        keepalive: Duration,
     ) -> anyhow::Result<Ended> {
-        // Resend what the replicator does not have yet.
-        let pending: Vec<&[u8]> = unacked.iter().map(|r| r.bytes.as_slice()).collect();
-        for batch in batches(&pending) {
-            send_batch(stream, batch)?;
+        // Resend what the replicator does not have yet: everything in the log.
+        let mut sent = 0;
+        while sent < log.len() {
+            sent += send_batch(stream, log.range(sent..))?;
         }
+        let mut last_sent = Instant::now();
         if let Some(plan) = sync {
             self.start_sync(plan);
         }
-        let mut batch: Vec<Sealed> = Vec::new();
+        let mut last_sync = Instant::now();
         loop {
             select! {
                 recv(rx) -> r => {
                     let Ok(r) = r else { bail!("capture ended") };
                     let mut bytes = r.bytes.len();
-                    batch.push(r);
+                    log.push_back(r);
                     while bytes < BATCH_BYTES {
                         match rx.try_recv() {
-                            Ok(r) => { bytes += r.bytes.len(); batch.push(r); }
+                            Ok(r) => { bytes += r.bytes.len(); log.push_back(r); }
                             Err(_) => break,
                         }
                     }
-                    if unacked.is_empty() {
-                        self.capture.stats.oldest_unacked_ns.store(journal::record::time_of(&batch[0].bytes), Ordering::Relaxed);
+                    if sent == 0 {
+                        self.note_oldest(log);
                     }
-                    let slices: Vec<&[u8]> = batch.iter().map(|r| r.bytes.as_slice()).collect();
-                    let sent = send_batch(stream, &slices);
-                    unacked.extend(batch.drain(..));
-                    sent?;
+                    while sent < log.len() {
+                        sent += send_batch(stream, log.range(sent..)).context("send records")?;
+                    }
+                    last_sent = Instant::now();
                 }
-                recv(ack_rx) -> a => {
-                    let seq = match a {
-                        Ok(Ok(seq)) => seq,
+                recv(from) -> a => {
+                    match a {
+                        Ok(Ok(FromReplicator::Ack(seq))) => {
+                            sent -= self.acked(log, seq).min(sent);
+                        }
+                        Ok(Ok(FromReplicator::Refused(r))) => return Err(r.into()),
                         Ok(Err(e)) => return Err(e.context("replicator link")),
                         Err(_) => bail!("replicator link closed"),
-                    };
-                    self.acked(unacked, seq);
+                    }
                 }
-                default(Duration::from_millis(100)) => {}
+                default(keepalive.min(Duration::from_millis(100))) => {}
             }
-            self.maybe_resync();
+            if last_sent.elapsed() >= keepalive {
+                stream
+                    .write_all(&wire::keepalive())
+                    .context("send a keepalive")?;
+                last_sent = Instant::now();
+            }
+            self.maybe_resync(&mut last_sync);
         }
     }
 
-    fn acked(&self, unacked: &mut VecDeque<Sealed>, seq: u64) {
+    /// Frees the records up to `seq`; returns how many left the log.
+    fn acked(&self, log: &mut VecDeque<Sealed>, seq: u64) -> usize {
         let mut freed = 0u64;
         let mut newest = None;
-        while unacked.front().is_some_and(|r| r.seq <= seq) {
-            if let Some(r) = unacked.pop_front() {
+        let mut count = 0;
+        while log.front().is_some_and(|r| r.seq <= seq) {
+            if let Some(r) = log.pop_front() {
                 freed += r.bytes.len() as u64;
                 newest = Some(r.at);
+                count += 1;
             }
         }
         if let Some(at) = newest {
@@ -290,22 +390,22 @@ impl Shipper {
                 lags.push_back(at.elapsed().as_micros() as u64);
             }
         }
-        self.capture.stats.oldest_unacked_ns.store(
-            unacked
-                .front()
-                .map_or(0, |r| journal::record::time_of(&r.bytes)),
-            Ordering::Relaxed,
-        );
+        self.note_oldest(log);
         self.capture.release(freed, seq);
+        count
     }
 
-    /// After the log overflowed (dirty tracking), resync once it has drained to half.
-    fn maybe_resync(&self) {
+    /// After the log overflowed (dirty tracking), resync once it has drained to half; after a
+    /// sync that could not read some chunks, retry those now and then.
+    fn maybe_resync(&self, last_sync: &mut Instant) {
         let c = &self.capture;
-        if !c.is_live()
-            && !c.syncing.load(Ordering::Acquire)
-            && c.log_bytes.load(Ordering::Acquire) <= c.capacity / 2
-        {
+        if c.syncing.load(Ordering::Acquire) {
+            return;
+        }
+        let overflowed = !c.is_live() && c.log_bytes.load(Ordering::Acquire) <= c.capacity / 2;
+        let unread = c.is_live() && c.dirty_chunks() > 0 && last_sync.elapsed() >= SYNC_RETRY;
+        if overflowed || unread {
+            *last_sync = Instant::now();
             self.start_sync(Plan {
                 full: false,
                 hashes: None,
@@ -323,39 +423,30 @@ impl Shipper {
     }
 }
 
-/// Splits records into batches of about [`BATCH_BYTES`].
-fn batches<'a>(records: &'a [&'a [u8]]) -> impl Iterator<Item = &'a [&'a [u8]]> {
-    let mut rest = records;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut bytes = 0;
-        let mut n = 0;
-        while n < rest.len() && (n == 0 || bytes + rest[n].len() <= BATCH_BYTES) {
-            bytes += rest[n].len();
-            n += 1;
-        }
-        let (batch, tail) = rest.split_at(n);
-        rest = tail;
-        Some(batch)
-    })
-}
-
-/// Sends records as one batch frame, without copying them into one buffer.
-fn send_batch(stream: &mut TcpStream, records: &[&[u8]]) -> std::io::Result<()> {
-    let len: usize = records.iter().map(|r| r.len()).sum();
-    let crc = records
-        .iter()
-        .fold(0u32, |crc, r| crc32c::crc32c_append(crc, r));
+/// Sends records from the front of `records` as one batch frame of about [`BATCH_BYTES`]
+/// (at least one record), without copying them; returns how many it sent.
+fn send_batch<'a>(
+    stream: &mut TcpStream,
+    records: impl Iterator<Item = &'a Sealed>,
+) -> std::io::Result<usize> {
+    let mut len = 0usize;
+    let mut crc = 0u32;
     let mut head = [0u8; FRAME_HEADER_LEN];
+    let mut slices: Vec<IoSlice<'_>> = vec![IoSlice::new(&[])];
+    for r in records {
+        if slices.len() > 1 && len + r.bytes.len() > BATCH_BYTES {
+            break;
+        }
+        len += r.bytes.len();
+        crc = crc32c::crc32c_append(crc, &r.bytes);
+        slices.push(IoSlice::new(&r.bytes));
+    }
+    let count = slices.len() - 1;
     head[0..4].copy_from_slice(&wire::MAGIC.to_le_bytes());
     head[4] = FrameType::Batch as u8;
     head[8..12].copy_from_slice(&(len as u32).to_le_bytes());
     head[12..16].copy_from_slice(&crc.to_le_bytes());
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(records.len() + 1);
-    slices.push(IoSlice::new(&head));
-    slices.extend(records.iter().map(|r| IoSlice::new(r)));
+    slices[0] = IoSlice::new(&head);
     let mut slices = &mut slices[..];
     while !slices.is_empty() {
         let n = stream.write_vectored(slices)?;
@@ -364,11 +455,37 @@ fn send_batch(stream: &mut TcpStream, records: &[&[u8]]) -> std::io::Result<()> 
         }
         IoSlice::advance_slices(&mut slices, n);
     }
-    Ok(())
+    Ok(count)
 }
 
-fn read_frame(r: &mut impl Read) -> anyhow::Result<(FrameType, Vec<u8>)> {
-    Ok(wire::read_frame(r)?)
+/// Reads a frame; a read that times out means the replicator fell silent.
+fn read_frame(r: &mut TcpStream, limit: u32, what: &str) -> anyhow::Result<(FrameType, Vec<u8>)> {
+    wire::read_frame(r, limit).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => anyhow::anyhow!(
+            "the replicator sent nothing for longer than --link-timeout (reading {what})"
+        ),
+        _ => anyhow::Error::new(e).context(format!("read {what}")),
+    })
+}
+
+/// The next frame that matters from the replicator: an ack or a refusal (keepalives skipped).
+fn read_from_replicator(r: &mut TcpStream) -> anyhow::Result<FromReplicator> {
+    loop {
+        let (kind, body) = read_frame(r, wire::MAX_HANDSHAKE_BODY, "acks")?;
+        let frame = wire::Frame { kind, body: &body };
+        return match kind {
+            FrameType::Keepalive => continue,
+            FrameType::Ack => Ok(FromReplicator::Ack(wire::decode_ack(&frame)?)),
+            FrameType::Refused => {
+                let r = wire::Refused::decode(&frame)?;
+                Ok(FromReplicator::Refused(RecordRefused {
+                    seq: r.seq,
+                    reason: r.reason,
+                }))
+            }
+            _ => Err(wire::unexpected(&frame, "ack").into()),
+        };
+    }
 }
 
 /// When each recent record became durable after it was captured, as percentiles (ms).

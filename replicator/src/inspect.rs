@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use journal::record::Kind;
+use journal::pit::History;
 use journal::segment::ScanStop;
 use journal::store::{self, GroupDir};
 use journal::units::human_bytes;
@@ -27,6 +27,8 @@ pub struct GroupStatus {
     pub bookmarks: Vec<String>,
     /// A seed or resync is open: the newest points are not consistent yet.
     pub syncing: bool,
+    /// A record that does not read back where the journal is durable: history ends before it.
+    pub damage: Option<String>,
     pub live: Option<LiveStatus>,
     /// The `replicator serve` that wrote `live` is still running.
     pub replicator_running: bool,
@@ -34,20 +36,20 @@ pub struct GroupStatus {
 }
 
 pub fn group_status(dir: &GroupDir) -> anyhow::Result<GroupStatus> {
-    let meta = dir.meta()?;
-    let base = dir.mark("base")?;
+    let history = History::load(dir)?;
     let mut status = GroupStatus {
-        group: meta.name.clone(),
-        volumes: meta.volumes.clone(),
-        durable_seq: base.seq,
-        oldest_seq: base.seq,
-        oldest_time_ns: base.time_ns,
-        newest_time_ns: base.time_ns,
-        segments: 0,
+        group: history.meta.name.clone(),
+        volumes: history.meta.volumes.clone(),
+        durable_seq: history.last_seq,
+        oldest_seq: history.oldest_seq(),
+        oldest_time_ns: history.oldest_time_ns(),
+        newest_time_ns: history.last_time_ns,
+        segments: history.segments.len(),
         journal_bytes: 0,
         store_bytes: dir.disk_usage()?,
-        bookmarks: Vec::new(),
-        syncing: false,
+        bookmarks: history.bookmarks.iter().map(|b| b.name.clone()).collect(),
+        syncing: history.inconsistent.last().is_some_and(|w| w.end.is_none()),
+        damage: history.damage.as_ref().map(|d| d.to_string()),
         live: store::read_json(&dir.path.join("status.json")).ok(),
         replicator_running: false,
         retention: store::read_json(&dir.path.join("retention.json")).ok(),
@@ -56,29 +58,8 @@ pub fn group_status(dir: &GroupDir) -> anyhow::Result<GroupStatus> {
         .live
         .as_ref()
         .is_some_and(|l| Path::new(&format!("/proc/{}", l.pid)).exists());
-    for seg in dir.segments()? {
-        status.segments += 1;
+    for seg in &history.segments {
         status.journal_bytes += std::fs::metadata(&seg.path)?.len();
-        let (entries, _) = seg.load_index()?;
-        let file = std::fs::File::open(&seg.path)?;
-        let mut buf = Vec::new();
-        for e in entries.iter().filter(|e| e.seq > base.seq) {
-            if status.oldest_time_ns == 0 {
-                status.oldest_time_ns = e.time_ns;
-            }
-            status.durable_seq = e.seq;
-            status.newest_time_ns = e.time_ns;
-            match e.kind {
-                Kind::SyncBegin => status.syncing = true,
-                Kind::SyncEnd => status.syncing = false,
-                Kind::Bookmark if store::read_record(&file, e, &mut buf).is_ok() => {
-                    if let Ok(Some(r)) = journal::record::parse(&buf) {
-                        status.bookmarks.push(r.text());
-                    }
-                }
-                _ => {}
-            }
-        }
     }
     Ok(status)
 }
@@ -125,6 +106,9 @@ pub fn status(store_dir: &Path, json: bool) -> anyhow::Result<()> {
             time(s.oldest_time_ns),
             time(s.newest_time_ns)
         );
+        if let Some(d) = &s.damage {
+            println!("  DAMAGED     {d}");
+        }
         if s.syncing {
             println!(
                 "  consistency a seed or resync is running: newest points are not consistent yet"

@@ -2,7 +2,9 @@
 //! an append-only journal), acknowledges what is durable, and applies retention.
 
 mod group;
+mod head;
 mod inspect;
+mod repair;
 mod retention;
 mod serve;
 
@@ -47,6 +49,18 @@ enum Command {
         /// How often retention runs.
         #[arg(long, value_name = "AGE", value_parser = parse_duration, default_value = "10s")]
         retention_interval: Duration,
+        /// A proxy that sends nothing (not even a keepalive) for this long is taken to be gone
+        /// and its connection closed, even without a FIN from its host. Every write to a proxy
+        /// has the same deadline.
+        #[arg(long, value_name = "AGE", value_parser = parse_duration, default_value = "5s")]
+        link_timeout: Duration,
+        /// Time a new connection has to introduce itself; silent ones are dropped.
+        #[arg(long, value_name = "AGE", value_parser = parse_duration, default_value = "10s")]
+        handshake_timeout: Duration,
+        /// Connections open at once (proxies, and any client still in its handshake); more
+        /// are refused.
+        #[arg(long, value_name = "N", default_value = "64")]
+        max_connections: usize,
     },
     /// Show each group's durable seq, history covered, store size and link state.
     Status {
@@ -61,6 +75,19 @@ enum Command {
     Check {
         #[arg(long, value_name = "DIR")]
         store: PathBuf,
+    },
+    /// Cut a damaged journal at its first unreadable record, so the group takes records again.
+    /// The history after that record is lost (its bytes are kept in GROUP/quarantine/); the
+    /// proxy then compares every chunk by hash, so the latest state is whole. Run it only with
+    /// `replicator serve` stopped, after `replicator check` named the damage.
+    Repair {
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+        #[arg(long, value_name = "NAME")]
+        group: String,
+        /// Say what would be cut, change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -92,9 +119,14 @@ fn main() -> anyhow::Result<()> {
             max_store_size,
             segment_size,
             retention_interval,
+            link_timeout,
+            handshake_timeout,
+            max_connections,
         } => {
             std::fs::create_dir_all(&store)
                 .with_context(|| format!("create store {}", store.display()))?;
+            // Before listening: a proxy is only served once its group's base is whole.
+            retention::finish_interrupted_folds(&store);
             let listener = std::net::TcpListener::bind(listen)
                 .with_context(|| format!("listen on {listen}"))?;
             info!(
@@ -112,12 +144,25 @@ fn main() -> anyhow::Result<()> {
                         max_size: max_store_size,
                         interval: retention_interval,
                     },
+                    link_timeout: link_timeout.max(Duration::from_millis(200)),
+                    handshake_timeout: handshake_timeout.max(Duration::from_millis(200)),
+                    max_connections: max_connections.max(1),
                 },
             )
         }
         Command::Status { store, json } => {
             journal::quiet_on_closed_pipe();
             inspect::status(&store, json)
+        }
+        Command::Repair {
+            store,
+            group,
+            dry_run,
+        } => {
+            if !repair::repair(&store, &group, dry_run)? {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Check { store } => {
             journal::quiet_on_closed_pipe();

@@ -1,20 +1,21 @@
 //! Retention: history older than `--retention` is folded into the base images, one sealed
 //! segment at a time, and `--max-store-size` folds more when the store is too large.
 //!
-//! A fold is crash-safe without a copy: apply the segment's records to the base images, fsync
-//! them, then move `base.json` to the segment's last seq (atomic rename), then delete the
-//! segment. A crash before the rename re-applies the same records in the same order next time,
-//! which gives the same bytes; a crash after it leaves a segment whose records are all at or
-//! below the base seq, which readers skip and the next pass deletes.
+//! A fold is crash-safe without a copy: write the fold mark (`fold.json`: which records go into
+//! the base), apply the segment's records to the base images, fsync them, move `base.json` to
+//! the segment's last seq (atomic rename), remove the mark, then delete the segment. A crash
+//! before `base.json` moved re-applies the same records in the same order when the replicator
+//! starts, which gives the same bytes; until then readers see the mark and refuse the points
+//! it covers (the base may already hold some of its records). A crash after it leaves a segment
+//! whose records are all at or below the base seq, which readers skip and the next pass deletes.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::time::Duration;
 
 use anyhow::Context;
-use journal::record::Kind;
-use journal::store::{self, GroupDir, GroupMeta, SeqMark};
+use journal::read::{self, Images};
+use journal::store::{self, Access, FoldMark, GroupDir, GroupMeta, SeqMark};
 use serde::{Deserialize, Serialize};
-use std::os::unix::fs::FileExt;
 use tracing::{info, warn};
 
 #[derive(Debug, Clone, Default)]
@@ -100,7 +101,9 @@ pub fn pass(
         if !old_enough {
             below_target = true;
         }
-        fold(dir, meta, seg, &entries)?;
+        if !fold(dir, meta, seg, &entries)? {
+            break;
+        }
         state.folded_segments += 1;
         state.last_fold_ns = journal::now_ns();
         if let Some(max) = policy.max_size {
@@ -121,57 +124,33 @@ pub fn pass(
     Ok(())
 }
 
+/// Folds one sealed segment into the base; false when a reader pinned a point inside it
+/// meanwhile (then nothing is changed).
 fn fold(
     dir: &GroupDir,
     meta: &GroupMeta,
     seg: &store::SegmentPath,
     entries: &[journal::segment::IndexEntry],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let base = dir.mark("base")?;
     let Some(last) = entries.last() else {
-        return Ok(());
+        return Ok(true);
     };
     if last.seq > base.seq {
-        let images: Vec<File> = meta
-            .volumes
-            .iter()
-            .map(|v| {
-                OpenOptions::new()
-                    .write(true)
-                    .open(dir.image("base", &v.name))
-                    .with_context(|| format!("open base image of {}", v.name))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        let file = File::open(&seg.path)?;
-        let mut buf = Vec::new();
-        for e in entries.iter().filter(|e| e.seq > base.seq) {
-            if !e.kind.changes_data() {
-                continue;
-            }
-            let image = &images[usize::from(e.disk)];
-            if e.kind.carries_data() {
-                store::read_record(&file, e, &mut buf)?;
-                let Ok(Some(r)) = journal::record::parse(&buf) else {
-                    anyhow::bail!("record seq {} in {} is bad", e.seq, seg.path.display());
-                };
-                let data = r
-                    .payload()
-                    .with_context(|| format!("seq {} in {}", e.seq, seg.path.display()))?;
-                image.write_all_at(&data, e.offset)?;
-            } else if matches!(e.kind, Kind::Zero | Kind::Trim) {
-                crate::group::punch(image, e.offset, e.length)?;
-            }
+        let mark = FoldMark {
+            segment: seg.first_seq,
+            from: base.seq,
+            to: last.seq,
+            to_time_ns: last.time_ns,
+        };
+        // The mark first, then the pins: a reader pins first, then looks for a mark, so either
+        // it sees the mark (and keeps off the points it covers) or the fold sees its pin.
+        dir.set_fold_mark(Some(&mark))?;
+        if dir.min_pinned().is_some_and(|p| p < last.seq) {
+            dir.set_fold_mark(None)?;
+            return Ok(false);
         }
-        for image in &images {
-            image.sync_data()?;
-        }
-        dir.set_mark(
-            "base",
-            SeqMark {
-                seq: last.seq,
-                time_ns: last.time_ns,
-            },
-        )?;
+        apply_fold(dir, meta, seg, entries, &mark)?;
     }
     fs::remove_file(&seg.path)?;
     let _ = fs::remove_file(seg.index_path());
@@ -182,5 +161,83 @@ fn fold(
         seg.path.display(),
         last.seq
     );
+    Ok(true)
+}
+
+/// Applies the records of `mark` to the base images, syncs them, moves `base.json`, and
+/// removes the mark. Applying the same records again in order gives the same bytes, so a fold
+/// interrupted anywhere is finished by running this again.
+fn apply_fold(
+    dir: &GroupDir,
+    meta: &GroupMeta,
+    seg: &store::SegmentPath,
+    entries: &[journal::segment::IndexEntry],
+    mark: &FoldMark,
+) -> anyhow::Result<()> {
+    let images: Vec<File> = meta
+        .volumes
+        .iter()
+        .map(|v| {
+            dir.open_image("base", &v.name, Access::ReadWrite)
+                .context("open a base image")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let segment = [(seg.clone(), entries.to_vec())];
+    read::replay(&segment, mark.from + 1, mark.to, &mut Images(&images))
+        .with_context(|| format!("fold {}", seg.path.display()))?;
+    for image in &images {
+        image.sync_data()?;
+    }
+    dir.set_mark(
+        "base",
+        SeqMark {
+            seq: mark.to,
+            time_ns: mark.to_time_ns,
+        },
+    )?;
+    dir.set_fold_mark(None)?;
+    Ok(())
+}
+
+/// Finishes the folds a crash interrupted, in every group of the store.
+pub fn finish_interrupted_folds(store_dir: &std::path::Path) {
+    let Ok(groups) = store::list_groups(store_dir) else {
+        return;
+    };
+    for dir in groups {
+        let finished = dir
+            .meta()
+            .map_err(anyhow::Error::from)
+            .and_then(|meta| finish_interrupted_fold(&dir, &meta));
+        if let Err(e) = finished {
+            warn!(
+                "{}: an interrupted fold could not be finished: {e:#}",
+                dir.path.display()
+            );
+        }
+    }
+}
+
+/// Finishes a fold a crash interrupted (the replicator does this before it serves the group).
+pub fn finish_interrupted_fold(dir: &GroupDir, meta: &GroupMeta) -> anyhow::Result<()> {
+    let Some(mark) = dir.fold_mark()? else {
+        return Ok(());
+    };
+    if dir.mark("base")?.seq < mark.to {
+        let seg = dir.segment_path(mark.segment);
+        let (entries, _) = seg
+            .load_index()
+            .with_context(|| format!("read {} to finish its fold", seg.path.display()))?;
+        info!(
+            group = %meta.name,
+            "finishing the fold of {} into the base (seq {}..={}) that a crash interrupted",
+            seg.path.display(),
+            mark.from + 1,
+            mark.to
+        );
+        apply_fold(dir, meta, &seg, &entries, &mark)?;
+    } else {
+        dir.set_fold_mark(None)?;
+    }
     Ok(())
 }

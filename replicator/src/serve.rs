@@ -1,22 +1,29 @@
-//! `replicator serve`: one thread per proxy connection. A connection's reader thread hands
-//! batches to its writer loop, which appends them, commits (fsync) whenever no more input is
-//! waiting (group commit), acknowledges the durable seq, then applies to the head images.
+//! `replicator serve`: one thread per proxy connection, at most `--max-connections` of them.
+//!
+//! A connection first has `--handshake-timeout` to send a Hello of at most
+//! [`wire::MAX_HANDSHAKE_BODY`] bytes. A Hello is checked (protocol, names, volumes against the
+//! stored group) before it is accepted; only an accepted session replaces the group's previous
+//! one, and a group's records come from one session at a time (the group's lock). Then a reader
+//! thread hands batches to the writer loop, which appends them, commits (fsync, then the
+//! durable checkpoint) whenever no more input is waiting (group commit), and acknowledges the
+//! durable seq. Either side silent for `--link-timeout` is gone; every write has that deadline.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, TryRecvError};
 use journal::store::{self, GroupDir};
 use journal::wire::{self, FrameType, Hello, Welcome};
 use serde::Serialize;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::group::Group;
+use crate::group::{Group, IngestError};
 use crate::retention::{self, Retention};
 
 #[derive(Debug, Clone)]
@@ -24,23 +31,41 @@ pub struct Options {
     pub store: PathBuf,
     pub segment_size: u64,
     pub retention: Retention,
+    /// A proxy silent this long (no batch, no keepalive) is gone.
+    pub link_timeout: Duration,
+    /// Time a new connection has to send its Hello.
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
 }
 
-/// A group known to this server: its store (when open) and its current connection.
+/// The connection that currently feeds a group.
+#[derive(Debug)]
+struct Session {
+    id: u64,
+    stream: TcpStream,
+}
+
+/// A group known to this server: its store (when open) and its current session.
 #[derive(Debug, Default)]
 struct Slot {
     group: Mutex<Option<Group>>,
-    connection: Mutex<Option<TcpStream>>,
+    session: Mutex<Option<Session>>,
     retention_started: Mutex<bool>,
 }
 
 type Slots = Arc<Mutex<HashMap<String, Arc<Slot>>>>;
 
+/// Batches queued between a session's reader and its writer (each at most [`wire::MAX_BODY`]).
+const QUEUED_BATCHES: usize = 2;
+
 pub fn serve(listener: TcpListener, opts: Options) -> anyhow::Result<()> {
     let slots: Slots = Arc::default();
     let opts = Arc::new(opts);
+    let open = Arc::new(AtomicUsize::new(0));
+    let next_session = Arc::new(AtomicU64::new(1));
+    let mut last_refusal_warning: Option<Instant> = None;
     for conn in listener.incoming() {
-        let stream = match conn {
+        let mut stream = match conn {
             Ok(s) => s,
             Err(e) => {
                 warn!("accept failed: {e}");
@@ -52,73 +77,139 @@ pub fn serve(listener: TcpListener, opts: Options) -> anyhow::Result<()> {
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
-        let (slots, opts) = (slots.clone(), opts.clone());
-        std::thread::Builder::new()
+        if open.load(Ordering::Acquire) >= opts.max_connections {
+            if last_refusal_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                warn!(
+                    %peer,
+                    "refusing connections: {} are open (--max-connections)", opts.max_connections
+                );
+                last_refusal_warning = Some(Instant::now());
+            }
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = stream.write_all(&wire::error(
+                "too many connections to this replicator; retry later",
+            ));
+            continue;
+        }
+        open.fetch_add(1, Ordering::AcqRel);
+        let (slots, opts, open, ids) = (
+            slots.clone(),
+            opts.clone(),
+            open.clone(),
+            next_session.clone(),
+        );
+        let spawned = std::thread::Builder::new()
             .name(format!("conn {peer}"))
-            .spawn(move || match handle(stream, &peer, &slots, &opts) {
-                Err(e) if is_disconnect(&e) => {
-                    debug!(%peer, "connection closed: {e:#}")
+            .spawn(move || {
+                match handle(stream, &peer, &slots, &opts, &ids) {
+                    Err(e) if is_disconnect(&e) => debug!(%peer, "connection closed: {e:#}"),
+                    Err(e) => warn!(%peer, "connection ended: {e:#}"),
+                    Ok(()) => {}
                 }
-                Err(e) => warn!(%peer, "connection ended: {e:#}"),
-                Ok(()) => {}
-            })?;
+                open.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a connection thread: {e}");
+        }
     }
     Ok(())
 }
 
-fn read_frame(r: &mut impl Read) -> anyhow::Result<(FrameType, Vec<u8>)> {
-    Ok(wire::read_frame(r)?)
+/// Tells the peer why it is refused (best effort, within the write deadline) and fails.
+fn refuse(stream: &mut TcpStream, msg: String) -> anyhow::Result<()> {
+    let _ = stream.write_all(&wire::error(&msg));
+    let _ = stream.shutdown(Shutdown::Both);
+    bail!(msg)
 }
 
-fn handle(mut stream: TcpStream, peer: &str, slots: &Slots, opts: &Options) -> anyhow::Result<()> {
+fn handle(
+    mut stream: TcpStream,
+    peer: &str,
+    slots: &Slots,
+    opts: &Options,
+    ids: &AtomicU64,
+) -> anyhow::Result<()> {
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let (kind, body) = read_frame(&mut stream).context("read hello")?;
+    stream.set_read_timeout(Some(opts.handshake_timeout))?;
+    stream.set_write_timeout(Some(opts.link_timeout))?;
+    let (kind, body) = match wire::read_frame(&mut stream, wire::MAX_HANDSHAKE_BODY) {
+        Ok(frame) => frame,
+        // Not our protocol, or a Hello too large: say so (a silent peer just times out).
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return refuse(&mut stream, format!("read hello: {e}"))
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("read hello")),
+    };
     let hello = match Hello::decode(&wire::Frame { kind, body: &body }) {
         Ok(h) => h,
-        Err(e) => {
-            let _ = stream.write_all(&wire::error(&e.to_string()));
-            return Err(e.into());
-        }
+        Err(e) => return refuse(&mut stream, e.to_string()),
     };
+    drop(body);
     if hello.protocol != wire::PROTOCOL {
         let msg = format!(
             "protocol {} is not supported (this replicator speaks {})",
             hello.protocol,
             wire::PROTOCOL
         );
-        let _ = stream.write_all(&wire::error(&msg));
-        bail!(msg);
+        return refuse(&mut stream, msg);
     }
-    if !store::valid_group_name(&hello.group) {
-        let msg = format!(
-            "group name {:?} is not allowed (letters, digits, '-', '_', '.')",
-            hello.group
-        );
-        let _ = stream.write_all(&wire::error(&msg));
-        bail!(msg);
+    // Checked against the stored group before it may displace anyone.
+    let dir = GroupDir::new(&opts.store, &hello.group);
+    if dir.exists() {
+        let checked = dir
+            .meta()
+            .map_err(anyhow::Error::from)
+            .and_then(|meta| crate::group::check_volumes(&dir, &meta, &hello.volumes));
+        if let Err(e) = checked {
+            return refuse(&mut stream, format!("{e:#}"));
+        }
     }
-    stream.set_read_timeout(None)?;
     let slot = slots
         .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .map_err(poison)?
         .entry(hello.group.clone())
         .or_default()
         .clone();
-    // A new connection for a group replaces the old one (the proxy reconnected).
-    if let Some(old) = slot
-        .connection
+    // Accepted: this session replaces the group's previous one (the proxy reconnected).
+    let id = ids.fetch_add(1, Ordering::Relaxed);
+    let previous = slot.session.lock().map_err(poison)?.replace(Session {
+        id,
+        stream: stream.try_clone()?,
+    });
+    if let Some(old) = previous {
+        info!(group = %hello.group, "closing the group's previous connection");
+        let _ = old.stream.shutdown(Shutdown::Both);
+    }
+    let result = run_session(&mut stream, peer, &slot, &hello, dir, opts, id);
+    let mut current = slot.session.lock().map_err(poison)?;
+    if current.as_ref().is_some_and(|s| s.id == id) {
+        *current = None;
+    }
+    result
+}
+
+/// Waits for the group (its previous session ends first), opens it, and serves the session.
+fn run_session(
+    stream: &mut TcpStream,
+    peer: &str,
+    slot: &Arc<Slot>,
+    hello: &Hello,
+    dir: GroupDir,
+    opts: &Options,
+    id: u64,
+) -> anyhow::Result<()> {
+    let mut guard = slot.group.lock().map_err(poison)?;
+    if slot
+        .session
         .lock()
         .map_err(poison)?
-        .replace(stream.try_clone()?)
+        .as_ref()
+        .is_none_or(|s| s.id != id)
     {
-        info!(group = %hello.group, "closing the group's previous connection");
-        let _ = old.shutdown(Shutdown::Both);
+        return Ok(()); // replaced by a newer session while waiting
     }
-    let mut guard = slot.group.lock().map_err(poison)?;
     if guard.is_none() {
-        let dir = GroupDir::new(&opts.store, &hello.group);
-        match Group::open(dir, &hello.group, &hello.volumes, opts.segment_size) {
+        match Group::open(dir.clone(), &hello.group, &hello.volumes, opts.segment_size) {
             Ok((g, known)) => {
                 info!(
                     group = %hello.group,
@@ -129,8 +220,9 @@ fn handle(mut stream: TcpStream, peer: &str, slots: &Slots, opts: &Options) -> a
                 *guard = Some(g);
             }
             Err(e) => {
-                let _ = stream.write_all(&wire::error(&format!("{e:#}")));
-                return Err(e);
+                let msg = format!("the replicator cannot take records for this group: {e:#}");
+                write_refusal_status(&dir, &msg);
+                return refuse(stream, msg);
             }
         }
     }
@@ -138,38 +230,65 @@ fn handle(mut stream: TcpStream, peer: &str, slots: &Slots, opts: &Options) -> a
         bail!("group not open");
     };
     if let Err(e) = crate::group::check_volumes(&group.dir, &group.meta, &hello.volumes) {
-        let _ = stream.write_all(&wire::error(&format!("{e:#}")));
-        return Err(e);
+        return refuse(stream, format!("{e:#}"));
     }
-    start_retention(&slot, group, opts);
+    // From here on the journal takes this stream's records; say whose it held before.
+    let owner = group.dir.stream_owner()?;
+    if owner.as_deref() != Some(hello.stream.as_str()) {
+        if let Err(e) = group.dir.set_stream_owner(&hello.stream) {
+            return refuse(
+                stream,
+                format!("the replicator cannot record the stream: {e}"),
+            );
+        }
+    }
+    start_retention(slot, group, opts);
     let known = group.records_in > 0 || group.durable_seq > 0;
     info!(
         group = %hello.group, %peer, durable_seq = group.durable_seq,
         "proxy connected{}", if hello.want_hashes { "; sending image hashes" } else { "" }
     );
+    let link_timeout_ms = opts.link_timeout.as_millis() as u64;
     stream.write_all(
         &Welcome {
             protocol: wire::PROTOCOL,
             known,
             durable_seq: group.durable_seq,
+            stream: owner,
+            link_timeout_ms,
         }
         .encode(),
     )?;
     if hello.want_hashes {
-        send_hashes(&mut stream, group)?;
+        send_hashes(stream, group)?;
     }
-    write_status(group, Some(peer));
-    let (tx, rx) = bounded::<Vec<u8>>(16);
+    write_status(group, Some(peer), None);
+    let keepalive = Duration::from_millis(wire::keepalive_interval_ms(
+        link_timeout_ms,
+        hello.link_timeout_ms,
+    ));
+    stream.set_read_timeout(Some(opts.link_timeout))?;
+    let (tx, rx) = bounded::<Vec<u8>>(QUEUED_BATCHES);
     let mut reader = stream.try_clone()?;
     let reader_thread = std::thread::spawn(move || -> anyhow::Result<()> {
         loop {
-            let (kind, body) = read_frame(&mut reader)?;
+            let (kind, body) = wire::read_frame(&mut reader, wire::MAX_BODY).map_err(|e| {
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) {
+                    anyhow::anyhow!("the proxy sent nothing for longer than --link-timeout")
+                } else {
+                    anyhow::Error::new(e)
+                }
+            })?;
             match kind {
                 FrameType::Batch => {
                     if tx.send(body).is_err() {
                         return Ok(());
                     }
                 }
+                FrameType::Keepalive => {}
                 FrameType::Error => {
                     bail!("proxy reported: {}", String::from_utf8_lossy(&body))
                 }
@@ -177,27 +296,40 @@ fn handle(mut stream: TcpStream, peer: &str, slots: &Slots, opts: &Options) -> a
             }
         }
     });
-    let result = ingest_loop(&mut stream, group, &rx, peer);
+    let result = ingest_loop(stream, group, &rx, peer, keepalive);
     let _ = stream.shutdown(Shutdown::Both);
     drop(rx);
     let read_end = reader_thread.join();
     // Whatever happened, what was appended becomes durable before the group is released.
     let committed = group.commit();
-    let _ = group.sync_heads();
-    write_status(group, None);
-    committed?;
-    match result {
-        Ok(()) => {}
-        Err(e) => return Err(e),
+    if let Err(e) = group.sync_heads() {
+        debug!("sync head images: {e:#}");
     }
+    let store_error = match (&result, &committed) {
+        (Err(e), _) if e.downcast_ref::<StoreFailed>().is_some() => Some(format!("{e:#}")),
+        (_, Err(e)) => Some(format!("{e:#}")),
+        _ => None,
+    };
+    write_status(group, None, store_error.as_deref());
+    if let Some(why) = group.failed().map(str::to_owned) {
+        error!(group = %hello.group, "the journal must be reopened: {why}");
+        *guard = None;
+    }
+    committed?;
+    result?;
     match read_end {
         Ok(Err(e)) if !is_disconnect(&e) => Err(e),
         _ => {
-            info!(group = %group.meta.name, %peer, durable_seq = group.durable_seq, "proxy disconnected");
+            info!(group = %hello.group, %peer, "proxy disconnected");
             Ok(())
         }
     }
 }
+
+/// A session ended because the store could not take records (it is not the proxy's fault).
+#[derive(Debug, thiserror::Error)]
+#[error("the replicator cannot store records: {0}")]
+struct StoreFailed(String);
 
 fn is_disconnect(e: &anyhow::Error) -> bool {
     e.chain()
@@ -219,15 +351,14 @@ fn poison<T>(_: T) -> anyhow::Error {
 
 fn send_hashes(stream: &mut TcpStream, group: &Group) -> anyhow::Result<()> {
     for disk in 0..group.meta.volumes.len() {
-        let hashes = group.head_hashes(disk)?;
-        for (i, part) in hashes.chunks(wire::HASHES_PER_FRAME).enumerate() {
+        group.head_hashes(disk, |first_chunk, part| {
             let frame = wire::Hashes {
                 disk: disk as u16,
-                first_chunk: (i * wire::HASHES_PER_FRAME) as u64,
+                first_chunk,
                 hashes: part.to_vec(),
             };
-            stream.write_all(&frame.encode())?;
-        }
+            stream.write_all(&frame.encode())
+        })?;
     }
     stream.write_all(&wire::frame(FrameType::HashesDone, &[]))?;
     Ok(())
@@ -238,16 +369,23 @@ fn ingest_loop(
     group: &mut Group,
     rx: &Receiver<Vec<u8>>,
     peer: &str,
+    keepalive: Duration,
 ) -> anyhow::Result<()> {
     let mut last_status = Instant::now();
+    let mut last_sent = Instant::now();
     let mut acked = group.durable_seq;
     loop {
-        let body = match rx.recv_timeout(Duration::from_secs(1)) {
+        let body = match rx.recv_timeout(keepalive) {
             Ok(body) => body,
             Err(RecvTimeoutError::Timeout) => {
-                // An idle link: keep the status fresh.
-                write_status(group, Some(peer));
-                last_status = Instant::now();
+                if last_sent.elapsed() >= keepalive {
+                    stream.write_all(&wire::keepalive())?;
+                    last_sent = Instant::now();
+                }
+                if last_status.elapsed() >= Duration::from_secs(1) {
+                    write_status(group, Some(peer), None);
+                    last_status = Instant::now();
+                }
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -263,24 +401,51 @@ fn ingest_loop(
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
-        let durable = group.commit()?;
+        let durable = match group.commit() {
+            Ok(seq) => seq,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                let _ = stream.write_all(&wire::error(&format!(
+                    "the replicator cannot store records: {msg}"
+                )));
+                return Err(StoreFailed(msg).into());
+            }
+        };
         if durable != acked {
             stream.write_all(&wire::ack(durable))?;
+            last_sent = Instant::now();
             acked = durable;
         }
         if last_status.elapsed() >= Duration::from_secs(1) {
-            write_status(group, Some(peer));
+            write_status(group, Some(peer), None);
             last_status = Instant::now();
         }
     }
 }
 
 fn ingest(stream: &mut TcpStream, group: &mut Group, body: &[u8]) -> anyhow::Result<()> {
-    if let Err(e) = group.ingest(body) {
-        let _ = stream.write_all(&wire::error(&format!("{e:#}")));
-        return Err(e.context("refused a batch"));
+    match group.ingest(body) {
+        Ok(()) => Ok(()),
+        Err(IngestError::Refused { seq, reason }) => {
+            warn!(group = %group.meta.name, "refusing record seq {seq}: {reason}");
+            let _ = stream.write_all(
+                &wire::Refused {
+                    seq,
+                    reason: reason.clone(),
+                }
+                .encode(),
+            );
+            bail!("refused record seq {seq}: {reason}")
+        }
+        Err(IngestError::Store(e)) => {
+            let msg = format!("{e:#}");
+            error!(group = %group.meta.name, "{msg}");
+            let _ = stream.write_all(&wire::error(&format!(
+                "the replicator cannot store records: {msg}"
+            )));
+            Err(StoreFailed(msg).into())
+        }
     }
-    Ok(())
 }
 
 fn start_retention(slot: &Arc<Slot>, group: &Group, opts: &Options) {
@@ -299,7 +464,7 @@ fn start_retention(slot: &Arc<Slot>, group: &Group, opts: &Options) {
 }
 
 /// The live part of `replicator status`, written to the group's status.json.
-#[derive(Debug, Serialize, serde::Deserialize)]
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
 pub struct LiveStatus {
     pub connected: bool,
     pub peer: Option<String>,
@@ -310,9 +475,13 @@ pub struct LiveStatus {
     pub bytes_in: u64,
     pub stored_in: u64,
     pub pid: u32,
+    /// Why the group last refused to take records (a full or failing store, a damaged
+    /// journal); cleared once records are stored again.
+    #[serde(default)]
+    pub store_error: Option<String>,
 }
 
-fn write_status(group: &Group, peer: Option<&str>) {
+fn write_status(group: &Group, peer: Option<&str>, store_error: Option<&str>) {
     let status = LiveStatus {
         connected: peer.is_some(),
         peer: peer.map(str::to_owned),
@@ -323,8 +492,26 @@ fn write_status(group: &Group, peer: Option<&str>) {
         bytes_in: group.bytes_in,
         stored_in: group.stored_in,
         pid: std::process::id(),
+        store_error: store_error.map(str::to_owned),
     };
-    if let Err(e) = store::write_json_atomic(&group.dir.path.join("status.json"), &status) {
-        warn!("write status: {e}");
+    put_status(&group.dir, &status);
+}
+
+/// Status of a group that could not even be opened (a damaged journal, a failing store).
+fn write_refusal_status(dir: &GroupDir, why: &str) {
+    let mut status: LiveStatus =
+        store::read_json(&dir.path.join("status.json")).unwrap_or_default();
+    status.connected = false;
+    status.peer = None;
+    status.updated_ns = journal::now_ns();
+    status.pid = std::process::id();
+    status.store_error = Some(why.to_owned());
+    put_status(dir, &status);
+}
+
+fn put_status(dir: &GroupDir, status: &LiveStatus) {
+    // In place: a full file system must not keep the status from saying so.
+    if let Err(e) = store::write_json_in_place(&dir.path.join("status.json"), status) {
+        warn!("write status of {}: {e}", dir.path.display());
     }
 }

@@ -94,8 +94,8 @@ struct PointArgs {
     #[arg(long, value_name = "NAME")]
     disk: Option<String>,
     /// The point: latest, seq:N, bookmark:NAME, a UTC time (2026-11-22T10:15:03Z) or a
-    /// relative one (-5m).
-    #[arg(long, value_name = "POINT")]
+    /// relative one (-5m: five minutes ago; `--at -5m` and `--at=-5m` both work).
+    #[arg(long, value_name = "POINT", allow_hyphen_values = true)]
     at: String,
 }
 
@@ -174,18 +174,11 @@ struct Listing {
 }
 
 fn listing(h: &History) -> Listing {
-    let oldest_time = if h.base.seq > 0 {
-        h.base.time_ns
-    } else {
-        h.segments
-            .iter()
-            .find_map(|s| s.entries.first())
-            .map_or(0, |e| e.time_ns)
-    };
+    let oldest_time = h.oldest_time_ns();
     Listing {
         group: h.meta.name.clone(),
         volumes: h.meta.volumes.clone(),
-        oldest_seq: h.base.seq,
+        oldest_seq: h.oldest_seq(),
         oldest_time: format_time(oldest_time),
         newest_seq: h.last_seq,
         newest_time: format_time(h.last_time_ns),
@@ -304,6 +297,9 @@ fn export(
     let overlay_dir = overlay
         .clone()
         .or_else(|| temp_overlay.as_ref().map(|t| t.path().to_owned()));
+    if let Some(o) = &overlay {
+        refuse_inside_store(&p.store, o)?;
+    }
     let mut opened = open::open_point(
         &p.store,
         &p.group,
@@ -413,6 +409,30 @@ fn export(
     Ok(true)
 }
 
+/// Restore never writes the store: an overlay (or an output) inside it is refused.
+fn refuse_inside_store(store: &Path, path: &Path) -> anyhow::Result<()> {
+    let store =
+        std::fs::canonicalize(store).with_context(|| format!("read store {}", store.display()))?;
+    // The path may not exist yet: resolve its nearest existing ancestor.
+    let mut probe = path.to_path_buf();
+    let resolved = loop {
+        if let Ok(r) = std::fs::canonicalize(&probe) {
+            break Some(r);
+        }
+        if !probe.pop() {
+            break None;
+        }
+    };
+    if resolved.is_some_and(|r| r.starts_with(&store)) {
+        bail!(
+            "{} is inside the store {}: restore never writes the store; put it elsewhere",
+            path.display(),
+            store.display()
+        );
+    }
+    Ok(())
+}
+
 fn materialize(p: &PointArgs, output: &Path, format: Format) -> anyhow::Result<bool> {
     let started = Instant::now();
     let dir = open::group_dir(&p.store, &p.group)?;
@@ -435,6 +455,7 @@ fn materialize(p: &PointArgs, output: &Path, format: Format) -> anyhow::Result<b
             output.display()
         );
     }
+    refuse_inside_store(&p.store, output)?;
     let opened = open::open_point(&p.store, &p.group, Some(&disk), &p.at, None)?;
     let (_, size, view) = &opened.disks[0];
     let raw_path = match format {

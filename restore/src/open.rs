@@ -17,7 +17,8 @@ pub struct Opened {
     pub time_ns: u64,
     /// (volume name, size, view)
     pub disks: Vec<(String, u64, PointView)>,
-    _pin: Pin,
+    /// None on a store restore cannot write to (then no replicator folds it either).
+    _pin: Option<Pin>,
 }
 
 pub fn group_dir(store: &Path, group: &str) -> anyhow::Result<GroupDir> {
@@ -56,7 +57,7 @@ pub fn open_point(
     for _attempt in 0..10 {
         // Pin the base first so no fold runs while the history is read; then pin the point.
         let base = dir.mark("base")?;
-        let early_pin = dir.pin(base.seq)?;
+        let early_pin = pin(&dir, base.seq)?;
         let history =
             History::load(&dir).with_context(|| format!("read the journal of {group}"))?;
         let sources = Sources::open(&history);
@@ -65,7 +66,7 @@ pub fn open_point(
         }
         let sources = sources?;
         let seq = history.resolve(&point)?;
-        let pin = dir.pin(seq)?;
+        let pin = pin(&dir, seq)?;
         drop(early_pin);
         let volumes = history.meta.volumes.clone();
         let all_volumes: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
@@ -79,9 +80,9 @@ pub fn open_point(
             if disk.is_some_and(|d| d != v.name) {
                 continue;
             }
-            let base_path = dir.image("base", &v.name);
-            let base = std::fs::File::open(&base_path)
-                .with_context(|| format!("open {}", base_path.display()))?;
+            let base = dir
+                .open_image("base", &v.name, journal::store::Access::Read)
+                .context("open a base image")?;
             let overlay_file = match overlay {
                 Some((o, false)) => Some(
                     tempfile::Builder::new()
@@ -126,6 +127,32 @@ pub fn open_point(
         });
     }
     bail!("the store kept changing under retention while reading it; try again")
+}
+
+/// Pins `seq` against retention. A store restore may not write to (a read-only mount, a
+/// snapshot, a backup medium) has no replicator folding it: the point is served unpinned.
+fn pin(dir: &GroupDir, seq: u64) -> anyhow::Result<Option<Pin>> {
+    match dir.pin(seq) {
+        Ok(p) => Ok(Some(p)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            ) =>
+        {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::info!(
+                    "the store is read-only ({e}): serving without a pin (a running replicator \
+                     could fold history under this point; on a read-only store none can)"
+                )
+            });
+            Ok(None)
+        }
+        Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("pin a point in {}", dir.path.display())))
+        }
+    }
 }
 
 /// The views as `Arc`s for the server (the pin stays with `opened`).

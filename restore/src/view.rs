@@ -9,10 +9,10 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use journal::pit::{DiskMap, History, Source};
+use journal::read::SegmentFile;
 use nbd_server::{BlockBackend, Capabilities, Extent, ZeroError, ZeroMode};
 use tracing::error;
 
@@ -36,7 +36,7 @@ struct Cache {
 /// segment readable even if retention removes it meanwhile.
 #[derive(Debug)]
 pub struct Sources {
-    segments: Vec<(File, PathBuf)>,
+    segments: Vec<SegmentFile>,
     cache: Mutex<Cache>,
 }
 
@@ -45,8 +45,8 @@ impl Sources {
         let segments = history
             .segments
             .iter()
-            .map(|s| Ok((File::open(&s.path)?, s.path.clone())))
-            .collect::<io::Result<_>>()?;
+            .map(|s| SegmentFile::open(&s.path))
+            .collect::<Result<_, _>>()?;
         Ok(Arc::new(Sources {
             segments,
             cache: Mutex::new(Cache {
@@ -66,35 +66,20 @@ impl Sources {
                 return Ok(data.clone());
             }
         }
-        let (file, path) = &self.segments[segment as usize];
-        let fail = |what: String| {
-            error!("{what}; this read fails with EIO and no byte of the record is served");
-            io::Error::from_raw_os_error(libc::EIO)
-        };
-        let mut bytes = vec![0u8; len as usize];
-        file.read_exact_at(&mut bytes, pos).map_err(|e| {
-            fail(format!(
-                "read record at byte {pos} of {}: {e}",
-                path.display()
-            ))
+        let file = self.segments.get(segment as usize).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a view names an unknown segment",
+            )
         })?;
-        let seq = journal::record::seq_of(&bytes);
-        let data = journal::record::parse(&bytes)
-            .map_err(|e| e.to_string())
-            .and_then(|r| match r {
-                Some(r) if r.header.record_len() == bytes.len() => Ok(r),
-                _ => Err("its length differs from the index".to_owned()),
-            })
-            .and_then(|r| {
-                r.payload()
-                    .map(|p| p.into_owned())
-                    .map_err(|e| e.to_string())
-            })
+        let mut bytes = Vec::new();
+        let data = file
+            .read_at(pos, u64::from(len), None, &mut bytes)
+            .map_err(io::Error::from)
+            .and_then(|r| Ok(file.payload(pos, &r)?.into_owned()))
             .map_err(|e| {
-                fail(format!(
-                    "corrupt record seq {seq} at byte {pos} of {}: {e}",
-                    path.display()
-                ))
+                error!("{e}; this read fails with EIO and no byte of the record is served");
+                io::Error::from_raw_os_error(libc::EIO)
             })?;
         let data = Arc::new(data);
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -241,6 +226,9 @@ impl BlockBackend for PointView {
         let Some(ov) = &self.overlay else {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         };
+        if data.is_empty() {
+            return Ok(());
+        }
         // Whole blocks: partial ones are filled from the point first. One writer at a time.
         let mut written = ov.written.lock().unwrap_or_else(|p| p.into_inner());
         let first = offset / BLOCK;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use journal::record::Kind;
 use journal::store::{self, GroupDir};
+use journal::wire;
 
 use crate::{bin, wait_for};
 
@@ -79,6 +80,32 @@ impl Replicator {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id() as i32)
+            .expect("replicator running")
+    }
+
+    /// Sends a signal (SIGSTOP freezes it as a vanished host would look, SIGCONT thaws it).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal)
+            .expect("signal the replicator");
+    }
+
+    /// Fails when the log has an ERROR line other than those `allowed` mentions.
+    pub fn assert_no_errors_but(&self, allowed: &[&str]) -> anyhow::Result<()> {
+        let log = self.log_text();
+        if let Some(l) = log
+            .lines()
+            .filter(|l| l.contains(" ERROR "))
+            .find(|l| !allowed.iter().any(|a| l.contains(a)))
+        {
+            bail!("the replicator logged an unexpected ERROR: {l}\nlog:\n{log}");
+        }
+        Ok(())
     }
 
     pub fn restart(&mut self) -> anyhow::Result<()> {
@@ -188,6 +215,99 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>) {
         let _ = to.shutdown(Shutdown::Both);
         let _ = from.shutdown(Shutdown::Both);
     });
+}
+
+/// A raw peer of the replicator's protocol, for what no well-behaved proxy sends.
+#[derive(Debug)]
+pub struct RawPeer {
+    pub stream: TcpStream,
+}
+
+impl RawPeer {
+    pub fn connect(addr: &str) -> RawPeer {
+        let stream = TcpStream::connect(addr).expect("connect to the replicator");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        RawPeer { stream }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    pub fn frame(&mut self) -> std::io::Result<(wire::FrameType, Vec<u8>)> {
+        wire::read_frame(&mut self.stream, wire::MAX_BODY)
+    }
+
+    /// Introduces itself; the Welcome, or the replicator's error text. With `want_hashes`,
+    /// reads the hashes up to HashesDone (and returns how many came).
+    pub fn hello(
+        &mut self,
+        group: &str,
+        volumes: &[(&str, u64)],
+        stream: &str,
+        want_hashes: bool,
+    ) -> Result<(wire::Welcome, usize), String> {
+        let hello = wire::Hello {
+            protocol: wire::PROTOCOL,
+            group: group.into(),
+            volumes: volumes
+                .iter()
+                .map(|(name, size)| wire::Volume {
+                    name: (*name).into(),
+                    size: *size,
+                })
+                .collect(),
+            want_hashes,
+            stream: stream.into(),
+            link_timeout_ms: 30_000,
+        };
+        self.send(&hello.encode()).map_err(|e| e.to_string())?;
+        let (kind, body) = self.frame().map_err(|e| e.to_string())?;
+        let frame = wire::Frame { kind, body: &body };
+        if kind == wire::FrameType::Error {
+            return Err(String::from_utf8_lossy(&body).into_owned());
+        }
+        let welcome = wire::Welcome::decode(&frame).map_err(|e| e.to_string())?;
+        let mut hashes = 0;
+        if !want_hashes {
+            return Ok((welcome, hashes));
+        }
+        loop {
+            let (kind, body) = self.frame().map_err(|e| e.to_string())?;
+            match kind {
+                wire::FrameType::HashesDone => break,
+                wire::FrameType::Hashes => {
+                    hashes += wire::Hashes::decode(&wire::Frame { kind, body: &body })
+                        .map_err(|e| e.to_string())?
+                        .hashes
+                        .len()
+                }
+                _ => {}
+            }
+        }
+        Ok((welcome, hashes))
+    }
+
+    /// Sends sealed records as one batch.
+    pub fn batch(&mut self, records: &[Vec<u8>]) -> std::io::Result<()> {
+        let body: Vec<u8> = records.concat();
+        self.send(&wire::frame(wire::FrameType::Batch, &body))
+    }
+
+    /// The next ack (keepalives skipped); Err with the text of an Error or Refused frame.
+    pub fn ack(&mut self) -> Result<u64, String> {
+        loop {
+            let (kind, body) = self.frame().map_err(|e| e.to_string())?;
+            let frame = wire::Frame { kind, body: &body };
+            match kind {
+                wire::FrameType::Keepalive => continue,
+                wire::FrameType::Ack => return wire::decode_ack(&frame).map_err(|e| e.to_string()),
+                _ => return Err(String::from_utf8_lossy(&body).into_owned()),
+            }
+        }
+    }
 }
 
 /// `nbd-proxy status --json` of a running proxy.
@@ -411,3 +531,136 @@ impl Drop for Export {
 }
 
 pub use store::SeqMark;
+
+/// Starts `nbd-proxy` replicating `disks` (NAME, image) to `rep` as group `g`, with its control
+/// socket at `DIR/ctl` and its unix socket at `DIR/nbd.sock`.
+pub fn start_proxy(dir: &Path, rep: &str, disks: &[(&str, &Path)], extra: &[&str]) -> crate::Proxy {
+    let mut args: Vec<String> = Vec::new();
+    for (name, path) in disks {
+        args.push("--disk".into());
+        args.push(format!("{name}={}", path.display()));
+    }
+    for a in ["--replicate", rep, "--group", "g", "--control"] {
+        args.push(a.into());
+    }
+    args.push(dir.join("ctl").display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    crate::Proxy::start(&dir.join("nbd.sock"), &args).expect("start nbd-proxy")
+}
+
+/// Runs one of the project's binaries: (success, stdout then stderr).
+pub fn cli(program: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin(program))
+        .args(args)
+        .output()
+        .expect("run a project binary");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// qemu-io commands against an NBD URI (a third-party client).
+pub fn qemu_io(uri: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", "raw", uri];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    crate::run("qemu-io", &args).expect("qemu-io");
+}
+
+/// Base + journal replay equals each image, the head images follow, and `replicator check`
+/// passes.
+pub fn replica_equals(store: &Path, disks: &[(&str, &Path)]) {
+    let group = GroupDir::new(store, "g");
+    let records = read_journal(&group).expect("read the journal");
+    let replayed = replay(&group, &records, u64::MAX).expect("replay");
+    for (i, (name, image)) in disks.iter().enumerate() {
+        assert!(
+            replayed[i] == crate::read_file(image),
+            "base + journal replay of {name} equals its image"
+        );
+        wait_head_equals(&group, name, image).expect("head image");
+    }
+    check_store(store).expect("replicator check");
+}
+
+/// A relay between proxy and replicator that can flip one payload bit of the next batch and
+/// fix the frame's checksum, so the batch arrives whole but one record's own checksum fails:
+/// what a bug (or a hostile peer) would send.
+#[derive(Debug)]
+pub struct CorruptingRelay {
+    pub addr: String,
+    corrupt: Arc<AtomicBool>,
+}
+
+impl CorruptingRelay {
+    pub fn start(target: &str) -> CorruptingRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr").to_string();
+        let corrupt = Arc::new(AtomicBool::new(false));
+        let (target, flag) = (target.to_owned(), corrupt.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                pipe(
+                    server.try_clone().expect("clone"),
+                    client.try_clone().expect("clone"),
+                    Arc::default(),
+                );
+                let flag = flag.clone();
+                std::thread::spawn(move || relay_frames(client, server, &flag));
+            }
+        });
+        CorruptingRelay { addr, corrupt }
+    }
+
+    pub fn corrupt_next_batch(&self) {
+        self.corrupt.store(true, Ordering::SeqCst);
+    }
+}
+
+fn relay_frames(mut from: TcpStream, mut to: TcpStream, corrupt: &AtomicBool) {
+    loop {
+        let mut head = [0u8; wire::FRAME_HEADER_LEN];
+        if from.read_exact(&mut head).is_err() {
+            break;
+        }
+        let len = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
+        let mut body = vec![0u8; len];
+        if from.read_exact(&mut body).is_err() {
+            break;
+        }
+        let batch = head[4] == wire::FrameType::Batch as u8;
+        if batch
+            && body.len() > journal::record::HEADER_LEN + 1
+            && corrupt.swap(false, Ordering::SeqCst)
+        {
+            body[journal::record::HEADER_LEN] ^= 0x01;
+            head[12..16].copy_from_slice(&crc32c(&body).to_le_bytes());
+        }
+        if to
+            .write_all(&head)
+            .and_then(|()| to.write_all(&body))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+fn crc32c(bytes: &[u8]) -> u32 {
+    // The frame checksum, computed the way the wire module does (through a frame).
+    let f = wire::frame(wire::FrameType::Batch, bytes);
+    u32::from_le_bytes([f[12], f[13], f[14], f[15]])
+}

@@ -251,18 +251,22 @@ impl Proxy {
 
     /// Peak resident memory of the process, from /proc (VmHWM).
     pub fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .context("VmHWM")?;
-        let kib: u64 = line
-            .split_whitespace()
-            .nth(1)
-            .context("VmHWM value")?
-            .parse()?;
-        Ok(kib * 1024)
+        Ok(proc_status(self.pid(), "VmHWM")? * 1024)
     }
+}
+
+/// A number from /proc/PID/status (`VmHWM` and `VmRSS` in KiB, `Threads` a count).
+pub fn proc_status(pid: i32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.split(':').next() == Some(field))
+        .with_context(|| format!("{field} in /proc/{pid}/status"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .with_context(|| format!("{field} value"))?
+        .parse()?)
 }
 
 impl Drop for Proxy {

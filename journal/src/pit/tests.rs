@@ -1,7 +1,8 @@
 use super::*;
 use crate::record::Encoded;
-use crate::store::{GroupMeta, JournalWriter, FORMAT};
+use crate::store::{GroupMeta, FORMAT};
 use crate::wire::Volume;
+use crate::writer::JournalWriter;
 use proptest::prelude::*;
 
 #[test]
@@ -32,6 +33,13 @@ fn points_parse() {
         "yesterday",
         "2026-13-01T00:00:00Z",
         "-5",
+        // Past what nanoseconds since 1970 hold (found by the fuzzer: it overflowed).
+        "2555-01-01T00:00:00Z",
+        "2554-07-21T23:34:33.9Z",
+        // Signs inside fields, and an offset without its colon.
+        "\n6007-+6-20T-3:40:00+60+60",
+        "2026-+1-22T10:15:03Z",
+        "2026-11-22T10:15:03+0100",
     ] {
         assert!(parse_point(bad, now).is_err(), "{bad:?}");
     }

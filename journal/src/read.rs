@@ -1,0 +1,411 @@
+//! Reading records back from segment files: the one place that reads, checks and replays them.
+//!
+//! Every reader of the journal goes through here: the replicator's head applier, its start-up
+//! catch-up and retention folds, `replicator status` and `check`, restore's views and history.
+//! A record is trusted only after its record crc, its seq and its length (as the index or the
+//! stream expects them) are checked; a data record's payload also after decompression against
+//! its own crc. A failure names its place: file, byte and seq ([`Corrupt`]).
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::record::{self, Kind, RecordRef, HEADER_LEN};
+use crate::segment::{IndexEntry, SEGMENT_HEADER_LEN};
+use crate::store::SegmentPath;
+
+/// A record that is not what its place promises, and where it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("corrupt record seq {seq} at byte {pos} of {}: {why}", path.display())]
+pub struct Corrupt {
+    pub path: PathBuf,
+    pub pos: u64,
+    /// The seq expected at this place.
+    pub seq: u64,
+    pub why: String,
+}
+
+/// Why a record could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Corrupt(#[from] Corrupt),
+}
+
+impl From<ReadError> for io::Error {
+    fn from(e: ReadError) -> io::Error {
+        match e {
+            ReadError::Io { source, path } => {
+                io::Error::new(source.kind(), format!("read {}: {source}", path.display()))
+            }
+            ReadError::Corrupt(c) => io::Error::new(io::ErrorKind::InvalidData, c),
+        }
+    }
+}
+
+impl From<Corrupt> for io::Error {
+    fn from(c: Corrupt) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, c)
+    }
+}
+
+/// A segment file open for reading. An open descriptor keeps the records readable even if
+/// retention removes the file meanwhile.
+#[derive(Debug)]
+pub struct SegmentFile {
+    file: File,
+    path: PathBuf,
+}
+
+impl SegmentFile {
+    pub fn open(path: &Path) -> Result<SegmentFile, ReadError> {
+        let file = File::open(path).map_err(|source| ReadError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(SegmentFile {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The record an index entry names: one read, then its checks (crc, seq, length).
+    pub fn read<'b>(
+        &self,
+        entry: &IndexEntry,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<RecordRef<'b>, ReadError> {
+        let len = HEADER_LEN as u64 + u64::from(entry.stored_len);
+        self.read_at(entry.pos, len, Some(entry.seq), buf)
+    }
+
+    /// The record of `len` bytes at `pos`, which should hold `seq` (when given).
+    pub fn read_at<'b>(
+        &self,
+        pos: u64,
+        len: u64,
+        seq: Option<u64>,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<RecordRef<'b>, ReadError> {
+        let corrupt = |seq: u64, why: String| Corrupt {
+            path: self.path.clone(),
+            pos,
+            seq,
+            why,
+        };
+        if len < HEADER_LEN as u64 || len > HEADER_LEN as u64 + u64::from(record::MAX_STORED) {
+            return Err(corrupt(seq.unwrap_or(0), format!("a record of {len} bytes")).into());
+        }
+        buf.resize(len as usize, 0);
+        self.file
+            .read_exact_at(buf, pos)
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::UnexpectedEof => {
+                    corrupt(seq.unwrap_or(0), "the file ends inside the record".into()).into()
+                }
+                _ => ReadError::Io {
+                    path: self.path.clone(),
+                    source,
+                },
+            })?;
+        let expected = seq.unwrap_or_else(|| record::seq_of(buf));
+        let r = match record::parse(buf) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(corrupt(expected, "record is cut short".into()).into()),
+            Err(e) => return Err(corrupt(expected, e.to_string()).into()),
+        };
+        if r.header.record_len() as u64 != len {
+            return Err(corrupt(expected, "its length differs from the index".into()).into());
+        }
+        if r.header.seq != expected {
+            return Err(corrupt(expected, format!("found seq {} there", r.header.seq)).into());
+        }
+        Ok(r)
+    }
+
+    /// A data record's payload, decompressed and checked against its own crc.
+    pub fn payload<'b>(&self, pos: u64, r: &RecordRef<'b>) -> Result<Cow<'b, [u8]>, Corrupt> {
+        r.payload().map_err(|e| Corrupt {
+            path: self.path.clone(),
+            pos,
+            seq: r.header.seq,
+            why: e.to_string(),
+        })
+    }
+}
+
+/// Where replayed records go: disks as files (head and base images) or in memory (tests).
+pub trait Apply {
+    fn write(&mut self, disk: u16, offset: u64, data: &[u8]) -> io::Result<()>;
+    fn zero(&mut self, disk: u16, offset: u64, length: u64) -> io::Result<()>;
+}
+
+/// Image files, one per disk; zeroing punches holes.
+#[derive(Debug)]
+pub struct Images<'a>(pub &'a [File]);
+
+impl Apply for Images<'_> {
+    fn write(&mut self, disk: u16, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file(disk)?.write_all_at(data, offset)
+    }
+
+    fn zero(&mut self, disk: u16, offset: u64, length: u64) -> io::Result<()> {
+        punch(self.file(disk)?, offset, length)
+    }
+}
+
+impl Images<'_> {
+    fn file(&self, disk: u16) -> io::Result<&File> {
+        self.0.get(usize::from(disk)).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a record names disk {disk} of {}", self.0.len()),
+            )
+        })
+    }
+}
+
+/// In-memory disks (tests and models).
+impl Apply for Vec<Vec<u8>> {
+    fn write(&mut self, disk: u16, offset: u64, data: &[u8]) -> io::Result<()> {
+        let d = &mut self[usize::from(disk)];
+        d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn zero(&mut self, disk: u16, offset: u64, length: u64) -> io::Result<()> {
+        self[usize::from(disk)][offset as usize..(offset + length) as usize].fill(0);
+        Ok(())
+    }
+}
+
+/// Why a record could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("apply record seq {seq}: {source}")]
+    Target {
+        seq: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl From<Corrupt> for ApplyError {
+    fn from(c: Corrupt) -> ApplyError {
+        ApplyError::Read(ReadError::Corrupt(c))
+    }
+}
+
+impl From<ApplyError> for io::Error {
+    fn from(e: ApplyError) -> io::Error {
+        match e {
+            ApplyError::Read(r) => r.into(),
+            ApplyError::Target { seq, source } => {
+                io::Error::new(source.kind(), format!("apply record seq {seq}: {source}"))
+            }
+        }
+    }
+}
+
+/// Applies one record read from `file` at `pos`: a data record writes its checked payload,
+/// zero and trim zero their range, the others change nothing.
+pub fn apply(
+    file: &SegmentFile,
+    pos: u64,
+    r: &RecordRef<'_>,
+    to: &mut impl Apply,
+) -> Result<(), ApplyError> {
+    let h = &r.header;
+    let target = |source| ApplyError::Target { seq: h.seq, source };
+    match h.kind {
+        Kind::Write | Kind::SyncData => {
+            let data = file.payload(pos, r)?;
+            to.write(h.disk, h.offset, &data).map_err(target)
+        }
+        Kind::Zero | Kind::Trim => to.zero(h.disk, h.offset, h.length).map_err(target),
+        Kind::Flush | Kind::Bookmark | Kind::SyncBegin | Kind::SyncEnd => Ok(()),
+    }
+}
+
+/// Replays the records of `segments` (with their index entries) whose seq is in `from..=to`,
+/// in order; returns the last seq applied.
+pub fn replay(
+    segments: &[(SegmentPath, Vec<IndexEntry>)],
+    from: u64,
+    to: u64,
+    target: &mut impl Apply,
+) -> Result<Option<u64>, ApplyError> {
+    let mut buf = Vec::new();
+    let mut last = None;
+    for (seg, entries) in segments {
+        let wanted = || entries.iter().filter(|e| e.seq >= from && e.seq <= to);
+        if wanted().next().is_none() {
+            continue;
+        }
+        let file = SegmentFile::open(&seg.path)?;
+        for e in wanted() {
+            if !e.kind.changes_data() {
+                last = Some(e.seq);
+                continue;
+            }
+            let r = file.read(e, &mut buf)?;
+            apply(&file, e.pos, &r, target)?;
+            last = Some(e.seq);
+        }
+    }
+    Ok(last)
+}
+
+/// Reads a segment from a byte position onwards, record by record, in windows (the head
+/// applier follows the journal's end this way). Records are checked as they are read.
+#[derive(Debug)]
+pub struct Stream {
+    file: SegmentFile,
+    /// Position of the next record.
+    pos: u64,
+    window: Vec<u8>,
+    /// Where `window` starts in the file, and how much of it is filled.
+    window_pos: u64,
+    window_len: usize,
+}
+
+const STREAM_WINDOW: usize = 8 << 20;
+
+impl Stream {
+    /// A stream at the first record of a segment.
+    pub fn open(path: &Path) -> Result<Stream, ReadError> {
+        Stream::open_at(path, SEGMENT_HEADER_LEN as u64)
+    }
+
+    pub fn open_at(path: &Path, pos: u64) -> Result<Stream, ReadError> {
+        Ok(Stream {
+            file: SegmentFile::open(path)?,
+            pos,
+            window: Vec::new(),
+            window_pos: pos,
+            window_len: 0,
+        })
+    }
+
+    pub fn file(&self) -> &SegmentFile {
+        &self.file
+    }
+
+    pub fn pos(&self) -> u64 {
+        self.pos
+    }
+
+    /// The next record, which must have seq `seq`, with its file and position; None when the
+    /// file ends before it (it is not written yet). The record is valid until the next call.
+    pub fn next(
+        &mut self,
+        seq: u64,
+    ) -> Result<Option<(&SegmentFile, u64, RecordRef<'_>)>, ReadError> {
+        let pos = self.pos;
+        // The header, then the whole record, within the window (refilled as needed).
+        let len = match self.fill(HEADER_LEN)? {
+            None => return Ok(None),
+            Some(head) => {
+                let mut h = [0u8; HEADER_LEN];
+                h.copy_from_slice(head);
+                record::Header::decode(&h)
+                    .map(|h| h.record_len())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let len = len.map_err(|why| self.corrupt(pos, seq, why))?;
+        if self.fill(len)?.is_none() {
+            return Ok(None);
+        }
+        let at = (pos - self.window_pos) as usize;
+        // Past the record whatever it holds: after an error the stream is not read on.
+        self.pos = pos + len as u64;
+        let this = &*self;
+        match record::parse(&this.window[at..at + len]) {
+            Ok(Some(r)) if r.header.seq == seq => Ok(Some((&this.file, pos, r))),
+            Ok(Some(r)) => Err(this.corrupt(pos, seq, format!("found seq {} there", r.header.seq))),
+            Ok(None) => Err(this.corrupt(pos, seq, "record is cut short".into())),
+            Err(e) => Err(this.corrupt(pos, seq, e.to_string())),
+        }
+    }
+
+    fn corrupt(&self, pos: u64, seq: u64, why: String) -> ReadError {
+        ReadError::Corrupt(Corrupt {
+            path: self.file.path.clone(),
+            pos,
+            seq,
+            why,
+        })
+    }
+
+    /// Makes `need` bytes from `self.pos` available in the window; None if the file is shorter.
+    fn fill(&mut self, need: usize) -> Result<Option<&[u8]>, ReadError> {
+        let have = (self.window_pos + self.window_len as u64).saturating_sub(self.pos) as usize;
+        if self.pos < self.window_pos || have < need {
+            let size = need.max(STREAM_WINDOW);
+            if self.window.len() < size {
+                self.window.resize(size, 0);
+            }
+            let n = read_up_to(&self.file.file, &mut self.window[..size], self.pos).map_err(
+                |source| ReadError::Io {
+                    path: self.file.path.clone(),
+                    source,
+                },
+            )?;
+            self.window_pos = self.pos;
+            self.window_len = n;
+            if n < need {
+                return Ok(None);
+            }
+        }
+        let at = (self.pos - self.window_pos) as usize;
+        Ok(Some(&self.window[at..at + need]))
+    }
+}
+
+/// Reads as much of `buf` as the file holds at `pos`.
+fn read_up_to(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], pos + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Zeroes a range by punching a hole; writes zeroes where the file system cannot.
+pub fn punch(file: &File, offset: u64, length: u64) -> io::Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate on a descriptor owned by `file`; no memory is passed.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, length as i64) };
+    if r == 0 {
+        return Ok(());
+    }
+    let zeroes = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < length {
+        let n = (length - done).min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,216 @@
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+
+use super::*;
+use crate::record::{Encoded, Kind};
+use crate::store::{GroupMeta, FORMAT};
+use crate::wire::Volume;
+
+fn group(tmp: &tempfile::TempDir) -> GroupDir {
+    let g = GroupDir::new(tmp.path(), "g");
+    g.create(&GroupMeta {
+        format: FORMAT,
+        name: "g".into(),
+        volumes: vec![Volume {
+            name: "root".into(),
+            size: 1 << 20,
+        }],
+        created_ns: 1,
+    })
+    .unwrap();
+    g
+}
+
+fn sealed(seqs: std::ops::RangeInclusive<u64>) -> Vec<Vec<u8>> {
+    seqs.map(|s| Encoded::data(Kind::Write, 0, s * 512, &[s as u8; 512], true).seal(s, s))
+        .collect()
+}
+
+/// Appends and syncs each record on its own (one commit each), as acknowledged records are.
+fn commit(w: &mut JournalWriter, seqs: std::ops::RangeInclusive<u64>) {
+    for bytes in sealed(seqs) {
+        let r = crate::record::parse(&bytes).unwrap().unwrap();
+        w.append(&[r]).unwrap();
+        w.sync().unwrap();
+    }
+}
+
+fn open(g: &GroupDir, limit: u64) -> Result<(JournalWriter, OpenReport), OpenError> {
+    JournalWriter::open(g, 0, limit)
+}
+
+#[test]
+fn appends_rotate_and_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = group(&tmp);
+    let (mut w, report) = open(&g, 1024).unwrap();
+    assert_eq!((report.last_seq, report.legacy), (0, false));
+    commit(&mut w, 1..=20);
+    assert_eq!(w.durable_seq(), 20);
+    let segs = g.segments().unwrap();
+    assert!(segs.len() >= 2, "rotated at 1 KiB: {segs:?}");
+    let (entries, scan) = segs[0].load_index().unwrap();
+    assert!(scan.is_none(), "sealed segments have valid indexes");
+    assert_eq!(entries[0].seq, 1);
+    drop(w);
+    let (w, report) = open(&g, 1024).unwrap();
+    assert_eq!((report.last_seq, report.durable_seq), (20, 20));
+    assert!(report.cut.is_none());
+    assert_eq!(w.last_seq(), 20);
+}
+
+#[test]
+fn a_bit_flip_before_the_durable_position_is_damage_and_nothing_is_cut() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = group(&tmp);
+    let (mut w, _) = open(&g, 1 << 20).unwrap();
+    commit(&mut w, 1..=10);
+    drop(w);
+    let seg = g.segments().unwrap().pop().unwrap();
+    let (entries, _) = seg.load_index().unwrap();
+    let third = entries[2];
+    let len = fs::metadata(&seg.path).unwrap().len();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg.path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, third.pos + 57).unwrap();
+    f.write_all_at(&[b[0] ^ 0x08], third.pos + 57).unwrap();
+    let err = open(&g, 1 << 20).unwrap_err();
+    let OpenError::Damaged(d) = err else {
+        panic!("expected damage, got {err}");
+    };
+    assert_eq!((d.seq, d.pos, d.durable_seq), (3, third.pos, 10));
+    assert_eq!(d.path, seg.path);
+    assert!(d.to_string().contains("nothing was cut"), "{d}");
+    assert_eq!(
+        fs::metadata(&seg.path).unwrap().len(),
+        len,
+        "no byte was cut"
+    );
+    // It stays refused on every open until repaired.
+    assert!(matches!(open(&g, 1 << 20), Err(OpenError::Damaged(_))));
+}
+
+#[test]
+fn a_torn_tail_past_the_durable_position_is_cut_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = group(&tmp);
+    let (mut w, _) = open(&g, 1 << 20).unwrap();
+    commit(&mut w, 1..=5);
+    // Records 6..8 written but never synced, the last one cut short (a crash mid-commit).
+    let more = sealed(6..=8);
+    let refs: Vec<_> = more
+        .iter()
+        .map(|b| crate::record::parse(b).unwrap().unwrap())
+        .collect();
+    w.append(&refs).unwrap();
+    let seg = w.current_segment().clone();
+    drop(w);
+    let len = fs::metadata(&seg.path).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg.path)
+        .unwrap()
+        .set_len(len - 7)
+        .unwrap();
+    let (w, report) = open(&g, 1 << 20).unwrap();
+    assert_eq!((report.last_seq, report.durable_seq), (7, 5));
+    let cut = report.cut.unwrap();
+    assert_eq!(cut.path, seg.path);
+    assert!(cut.bytes > 0 && cut.why.contains("torn"), "{cut:?}");
+    assert_eq!(w.last_seq(), 7);
+    // The records kept past the old checkpoint are durable now.
+    assert_eq!(w.durable_seq(), 7);
+}
+
+#[test]
+fn garbage_past_the_durable_position_is_cut_even_with_valid_records_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = group(&tmp);
+    let (mut w, _) = open(&g, 1 << 20).unwrap();
+    commit(&mut w, 1..=3);
+    let seg = w.current_segment().clone();
+    let end = w.current_len();
+    drop(w);
+    // Pages of an unsynced commit written back out of order: zeroes, then a valid record.
+    let f = OpenOptions::new().write(true).open(&seg.path).unwrap();
+    f.write_all_at(&[0u8; 600], end).unwrap();
+    f.write_all_at(&sealed(5..=5)[0], end + 600).unwrap();
+    let (_, report) = open(&g, 1 << 20).unwrap();
+    assert_eq!(report.last_seq, 3);
+    assert_eq!(report.cut.unwrap().at, end);
+}
+
+#[test]
+fn a_segment_created_by_rotation_but_torn_is_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = group(&tmp);
+    let (mut w, _) = open(&g, 1024).unwrap();
+    commit(&mut w, 1..=4);
+    drop(w);
+    // A crash while the next segment's header was written: shorter than a header.
+    let next = g.segment_path(5);
+    let _ = fs::remove_file(&next.path);
+    fs::write(&next.path, b"CDPJ").unwrap();
+    let (mut w, report) = open(&g, 1024).unwrap();
+    assert_eq!(report.last_seq, 4);
+    assert!(report.cut.is_some());
+    commit(&mut w, 5..=6);
+    assert_eq!(w.last_seq(), 6);
+}
+
+#[test]
+fn without_a_checkpoint_the_tail_is_judged_by_its_shape_and_the_report_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = group(&tmp);
+    let (mut w, _) = open(&g, 1 << 20).unwrap();
+    commit(&mut w, 1..=4);
+    let seg = w.current_segment().clone();
+    drop(w);
+    fs::remove_file(g.checkpoint_path()).unwrap();
+    let len = fs::metadata(&seg.path).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg.path)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    let (w, report) = open(&g, 1 << 20).unwrap();
+    assert!(report.legacy);
+    assert_eq!(report.last_seq, 3);
+    assert_eq!(w.durable_seq(), 3, "a checkpoint is written from now on");
+    assert!(g.checkpoint().unwrap().is_some());
+}
+
+#[test]
+fn an_unreadable_checkpoint_refuses_to_guess() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = group(&tmp);
+    let (mut w, _) = open(&g, 1 << 20).unwrap();
+    commit(&mut w, 1..=2);
+    drop(w);
+    fs::write(
+        g.checkpoint_path(),
+        vec![0xA5u8; crate::checkpoint::FILE_LEN],
+    )
+    .unwrap();
+    let err = open(&g, 1 << 20).unwrap_err().to_string();
+    assert!(err.contains("checkpoint is unreadable"), "{err}");
+}
+
+#[test]
+fn appends_must_continue_the_sequence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = group(&tmp);
+    let (mut w, _) = open(&g, 1 << 20).unwrap();
+    let gap = sealed(2..=2);
+    let r = crate::record::parse(&gap[0]).unwrap().unwrap();
+    assert!(w.append(&[r]).is_err());
+    assert_eq!(
+        (w.last_seq(), w.current_len()),
+        (0, SEGMENT_HEADER_LEN as u64)
+    );
+}

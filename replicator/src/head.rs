@@ -1,0 +1,196 @@
+//! Head images: each volume's latest durable state, kept so that a proxy can be told chunk
+//! hashes (delta sync) without replaying the journal. They are a cache, rebuilt from the journal.
+//!
+//! A thread per group follows the journal's end: told the durable seq, it reads the records
+//! back from the segment files (in the page cache) and applies them, so ingest (check, append,
+//! fsync, ack) never waits for head writes and holds no payloads for them.
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use journal::read::{self, ApplyError, Images, Stream};
+use journal::store::{GroupDir, SegmentPath};
+
+#[derive(Debug)]
+pub struct HeadApplier {
+    tx: crossbeam_channel::Sender<Work>,
+    /// Highest seq applied to the head images (retention folds nothing beyond it).
+    applied: Arc<AtomicU64>,
+    /// False once a record could not be applied: the images no longer follow the journal.
+    valid: Arc<AtomicBool>,
+}
+
+enum Work {
+    /// Records up to this seq are durable.
+    Durable(u64),
+    /// Replies once everything up to the seq is applied (with the first error, if any).
+    Drain(u64, crossbeam_channel::Sender<io::Result<()>>),
+}
+
+/// Where the applier reads next.
+struct Follower {
+    dir: GroupDir,
+    segment: SegmentPath,
+    pos: u64,
+    stream: Option<Stream>,
+    applied: u64,
+}
+
+impl Follower {
+    /// Applies every record up to `durable`, following segment rotations.
+    fn advance(&mut self, heads: &[File], durable: u64) -> Result<(), ApplyError> {
+        while self.applied < durable {
+            let stream = match &mut self.stream {
+                Some(s) => s,
+                None => self
+                    .stream
+                    .insert(Stream::open_at(&self.segment.path, self.pos)?),
+            };
+            match stream.next(self.applied + 1)? {
+                Some((file, pos, r)) => {
+                    read::apply(file, pos, &r, &mut Images(heads))?;
+                    self.applied = r.header.seq;
+                    self.pos = pos + r.bytes.len() as u64;
+                }
+                None => {
+                    // The segment ends here: the next one starts after the last applied seq.
+                    let next = self.dir.segment_path(self.applied + 1);
+                    if next.path == self.segment.path || !next.path.exists() {
+                        return Err(ApplyError::Read(read::ReadError::Io {
+                            path: next.path,
+                            source: io::Error::new(
+                                io::ErrorKind::NotFound,
+                                format!(
+                                    "seq {} is durable but no segment holds it",
+                                    self.applied + 1
+                                ),
+                            ),
+                        }));
+                    }
+                    self.segment = next;
+                    self.pos = journal::segment::SEGMENT_HEADER_LEN as u64;
+                    self.stream = None;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HeadApplier {
+    /// Starts the thread, reading from byte `pos` of `segment`, where seq `applied + 1` is.
+    pub fn start(
+        dir: &GroupDir,
+        heads: &[File],
+        segment: SegmentPath,
+        pos: u64,
+        applied: u64,
+    ) -> io::Result<HeadApplier> {
+        let files = heads
+            .iter()
+            .map(File::try_clone)
+            .collect::<io::Result<Vec<_>>>()?;
+        let shared = Arc::new(AtomicU64::new(applied));
+        let valid = Arc::new(AtomicBool::new(true));
+        let (tx, rx) = crossbeam_channel::unbounded::<Work>();
+        let mut follower = Follower {
+            dir: dir.clone(),
+            segment,
+            pos,
+            stream: None,
+            applied,
+        };
+        let (applied_out, valid_out) = (shared.clone(), valid.clone());
+        std::thread::Builder::new()
+            .name("head-applier".into())
+            .spawn(move || {
+                let mut failed: Option<String> = None;
+                let mut durable = follower.applied;
+                while let Ok(first) = rx.recv() {
+                    // Take everything queued: only the newest durable seq matters.
+                    let mut drains = Vec::new();
+                    for work in std::iter::once(first).chain(rx.try_iter()) {
+                        match work {
+                            Work::Durable(seq) => durable = durable.max(seq),
+                            Work::Drain(seq, reply) => {
+                                durable = durable.max(seq);
+                                drains.push(reply);
+                            }
+                        }
+                    }
+                    if failed.is_none() {
+                        if let Err(e) = follower.advance(&files, durable) {
+                            tracing::error!(
+                                "head images stop at seq {}: {e}; delta sync compares nothing \
+                                 until the group is reopened",
+                                follower.applied
+                            );
+                            valid_out.store(false, Ordering::Release);
+                            failed = Some(e.to_string());
+                        }
+                    }
+                    applied_out.store(follower.applied, Ordering::Release);
+                    for reply in drains {
+                        let _ = reply.send(match &failed {
+                            None => Ok(()),
+                            Some(e) => Err(io::Error::other(e.clone())),
+                        });
+                    }
+                }
+            })?;
+        Ok(HeadApplier {
+            tx,
+            applied: shared,
+            valid,
+        })
+    }
+
+    /// Highest seq in the head images, for retention (which folds nothing beyond it).
+    pub fn applied(&self) -> Arc<AtomicU64> {
+        self.applied.clone()
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.valid.load(Ordering::Acquire)
+    }
+
+    pub fn durable(&self, seq: u64) {
+        let _ = self.tx.send(Work::Durable(seq));
+    }
+
+    /// Waits until the images hold everything up to `seq`.
+    pub fn drain(&self, seq: u64) -> io::Result<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.tx
+            .send(Work::Drain(seq, tx))
+            .map_err(|_| io::Error::other("head applier stopped"))?;
+        rx.recv()
+            .map_err(|_| io::Error::other("head applier stopped"))?
+    }
+}
+
+/// Brings head images from `head_seq` up to `durable` by replaying the journal (after a crash).
+pub fn catch_up(
+    dir: &GroupDir,
+    heads: &[File],
+    head_seq: u64,
+    durable: u64,
+) -> Result<(), ApplyError> {
+    let mut segments = Vec::new();
+    for seg in dir.segments().map_err(|source| read::ReadError::Io {
+        path: dir.journal_dir(),
+        source,
+    })? {
+        let (entries, _) = seg.load_index().map_err(|source| read::ReadError::Io {
+            path: seg.path.clone(),
+            source,
+        })?;
+        if entries.last().is_some_and(|e| e.seq > head_seq) {
+            segments.push((seg, entries));
+        }
+    }
+    read::replay(&segments, head_seq + 1, durable, &mut Images(heads))?;
+    Ok(())
+}
