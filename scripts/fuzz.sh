@@ -55,7 +55,7 @@ else
 	mapfile -t targets < <("$CARGO" fuzz list)
 fi
 
-echo "fuzz: building ${targets[*]} (sanitizer: $SANITIZER)"
+echo "fuzz: building the fuzz targets (sanitizer: $SANITIZER); will run: ${targets[*]}"
 build_start=$(date +%s)
 "$CARGO" fuzz build "${fuzz_flags[@]}"
 echo "fuzz: built in $(($(date +%s) - build_start)) s; ${SECONDS_PER_TARGET} s per target"
