@@ -3,8 +3,9 @@
 
 CARGO ?= cargo
 BENCH_ARGS ?=
+FUZZ_SECONDS ?= 60
 
-.PHONY: all setup build test lint check demo bench vm-image vm-selftest clean help
+.PHONY: all setup build test lint check demo bench fuzz vm-image vm-selftest clean help
 
 all: build
 
@@ -16,6 +17,7 @@ help:
 	@echo "make vm-image  build the small test guest (kernel, initramfs, disk image)"
 	@echo "make vm-selftest  boot the guest on qemu-nbd and check its commands"
 	@echo "make check     lint (rustfmt, clippy) and test"
+	@echo "make fuzz      fuzz every parser for FUZZ_SECONDS (default 60) each, on stable (see fuzz/)"
 
 # Installs missing Debian packages (needs root), then builds the release binaries.
 setup:
@@ -40,6 +42,9 @@ lint:
 	$(CARGO) clippy --release --all-targets -- -D warnings
 
 check: lint test
+
+fuzz:
+	@bash scripts/fuzz.sh $(FUZZ_SECONDS)
 
 demo: setup vm-image
 	@bash scripts/demo.sh
