@@ -11,7 +11,7 @@ all: build
 
 help:
 	@echo "make demo      boot a VM through nbd-proxy and show it survive a proxy restart"
-	@echo "make test      run every test (unit, property, end-to-end with real clients, VM)"
+	@echo "make test      run every test (unit, property, end-to-end with real clients, VM, faults, fuzzing)"
 	@echo "make bench     nbd-proxy vs nbdkit vs qemu-nbd; replication on/off; restore (see BENCHMARKS.md)"
 	@echo "make setup     install the Debian packages and build in release mode"
 	@echo "make vm-image  build the small test guest (kernel, initramfs, disk image)"
@@ -34,8 +34,10 @@ vm-selftest: vm-image
 vm-image:
 	@bash vm-images/build.sh
 
+# Unit, property, end-to-end and fault tests, then every fuzz target for FUZZ_SECONDS each.
 test: setup vm-image
 	$(CARGO) test --release --workspace
+	@bash scripts/fuzz.sh $(FUZZ_SECONDS)
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -16,6 +16,8 @@ declare -A want=(
   [mkfs.ext4]=e2fsprogs
   [debugfs]=e2fsprogs
   [cpio]=cpio
+  [ip]=iproute2
+  [iptables]=iptables
 )
 missing=()
 for prog in "${!want[@]}"; do

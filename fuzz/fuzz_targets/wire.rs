@@ -6,7 +6,8 @@
 #![no_main]
 
 use journal::wire::{
-    self, ack, batch_records, decode_ack, read_frame, Frame, FrameType, Hashes, Hello, Welcome,
+    self, ack, batch_records, decode_ack, read_frame, Frame, FrameType, Hashes, Hello, Refused,
+    Welcome,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -23,6 +24,7 @@ fn check(frame: &Frame<'_>, raw: &[u8]) {
     let welcome = Welcome::decode(frame);
     let acked = decode_ack(frame);
     let hashes = Hashes::decode(frame);
+    let refused = Refused::decode(frame);
     let _ = wire::unexpected(frame, "fuzz");
     if frame.kind != FrameType::Hello {
         assert!(hello.is_err());
@@ -35,6 +37,9 @@ fn check(frame: &Frame<'_>, raw: &[u8]) {
     }
     if frame.kind != FrameType::Hashes {
         assert!(hashes.is_err());
+    }
+    if frame.kind != FrameType::Refused {
+        assert!(refused.is_err());
     }
     match frame.kind {
         FrameType::Hello => {
@@ -66,7 +71,12 @@ fn check(frame: &Frame<'_>, raw: &[u8]) {
             }
             assert!(used <= frame.body.len());
         }
-        FrameType::HashesDone | FrameType::Error => {}
+        FrameType::Refused => {
+            if let Ok(r) = refused {
+                assert_eq!(Refused::decode(&reparse(&r.encode())), Ok(r));
+            }
+        }
+        FrameType::HashesDone | FrameType::Error | FrameType::Keepalive => {}
     }
 }
 
@@ -76,8 +86,8 @@ fuzz_target!(|data: &[u8]| {
         let mut reader = rest;
         match wire::parse(rest) {
             Ok(Some((frame, used))) => {
-                let (kind, body) =
-                    read_frame(&mut reader).expect("read_frame reads what parse parses");
+                let (kind, body) = read_frame(&mut reader, wire::MAX_BODY)
+                    .expect("read_frame reads what parse parses");
                 assert_eq!((kind, body.as_slice()), (frame.kind, frame.body));
                 assert_eq!(reader.len(), rest.len() - used);
                 assert_eq!(wire::header(frame.kind, frame.body), rest[..16]);
@@ -88,7 +98,7 @@ fuzz_target!(|data: &[u8]| {
             // first, up to MAX_BODY), so it is not asked.
             Ok(None) => return,
             Err(_) => {
-                assert!(read_frame(&mut reader).is_err());
+                assert!(read_frame(&mut reader, wire::MAX_BODY).is_err());
                 return;
             }
         }

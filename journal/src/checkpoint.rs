@@ -79,6 +79,22 @@ impl Checkpoint {
         }
     }
 
+    /// Slots of a checkpoint file's bytes that were written but do not read back (a slot of
+    /// zeroes was never written).
+    pub fn damaged_slots(b: &[u8]) -> Vec<usize> {
+        [0, SLOT_STRIDE]
+            .iter()
+            .enumerate()
+            .filter(|(_, &at)| {
+                let slot = b.get(at..at + SLOT_LEN);
+                slot.is_none_or(|s| {
+                    s.iter().any(|&x| x != 0) && Checkpoint::decode_slot(s).is_none()
+                })
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     /// Byte offset of the slot this checkpoint is written to (slots alternate).
     pub fn slot_offset(&self) -> u64 {
         (self.counter % 2) * SLOT_STRIDE as u64

@@ -13,6 +13,7 @@ pub mod read;
 pub mod record;
 pub mod segment;
 pub mod store;
+pub mod sums;
 pub mod units;
 pub mod wire;
 pub mod writer;

@@ -378,6 +378,61 @@ impl Stream {
     }
 }
 
+/// The hash of chunk `c` of an image of `size` bytes, read from `file` into `buf`.
+pub fn hash_chunk(file: &File, c: u64, size: u64, buf: &mut Vec<u8>) -> io::Result<u128> {
+    let r = crate::sums::chunk_range(c, size);
+    buf.resize((r.end - r.start) as usize, 0);
+    file.read_exact_at(buf, r.start)?;
+    Ok(crate::wire::chunk_hash(buf))
+}
+
+/// The chunks of an image that do not match `sums`, leaving out those in `skip` (holes are
+/// compared without reading).
+pub fn verify_image(
+    file: &File,
+    sums: &crate::sums::Sums,
+    size: u64,
+    skip: &crate::sums::ChunkSet,
+) -> io::Result<Vec<u64>> {
+    let zero = crate::sums::zero_chunk_hash();
+    let mut bad = Vec::new();
+    let mut buf = Vec::new();
+    let mut next_data = 0u64;
+    for c in 0..crate::sums::chunks(size) {
+        if skip.contains(c) {
+            continue;
+        }
+        let r = crate::sums::chunk_range(c, size);
+        if next_data < r.start {
+            next_data = seek_data(file, r.start)?.unwrap_or(u64::MAX);
+        }
+        let hole = next_data >= r.end && r.end - r.start == crate::wire::HASH_CHUNK;
+        let h = if hole {
+            zero
+        } else {
+            hash_chunk(file, c, size, &mut buf)?
+        };
+        if sums.get(c) != h {
+            bad.push(c);
+        }
+    }
+    Ok(bad)
+}
+
+/// The next offset at or after `off` that holds data, or None when only a hole follows.
+pub fn seek_data(file: &File, off: u64) -> io::Result<Option<u64>> {
+    // SAFETY: lseek on a valid descriptor owned by `file`; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Ok(Some(off)),
+        };
+    }
+    Ok(Some(r as u64))
+}
+
 /// Reads as much of `buf` as the file holds at `pos`.
 fn read_up_to(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
     let mut done = 0;

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoint;
 use crate::segment::{self, IndexEntry, Scan};
+use crate::sums::Sums;
 use crate::wire::Volume;
 
 pub const FORMAT: u32 = 1;
@@ -141,6 +142,23 @@ fn open_beneath(dir: &Path, rel: &str, access: Access) -> io::Result<File> {
     o.open(dir.join(path))
 }
 
+/// Directories of a store that hold a group's files but no `group.json` (a damaged group:
+/// `list_groups` cannot offer them, `check` and `restore list` report them).
+pub fn list_broken_groups(store: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(store)? {
+        let path = entry?.path();
+        let looks_like_one = ["journal", "base", "base.json"]
+            .iter()
+            .any(|p| path.join(p).exists());
+        if looks_like_one && !path.join("group.json").is_file() {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The groups found in a store directory, sorted by name.
 pub fn list_groups(store: &Path) -> io::Result<Vec<GroupDir>> {
     let mut groups = Vec::new();
@@ -177,6 +195,7 @@ impl GroupDir {
                 let f = self.open_image(dir, &v.name, Access::Create)?;
                 f.set_len(v.size)?;
                 f.sync_all()?;
+                self.set_sums(dir, &v.name, &Sums::zeroes(v.size, 0))?;
             }
         }
         for dir in ["base", "head", "journal"] {
@@ -208,6 +227,25 @@ impl GroupDir {
     pub fn image(&self, which: &str, volume: &str) -> PathBuf {
         debug_assert!(crate::names::valid(volume));
         self.path.join(which).join(format!("{volume}.img"))
+    }
+
+    fn sums_path(&self, which: &str, volume: &str) -> PathBuf {
+        self.path.join(which).join(format!("{volume}.sums"))
+    }
+
+    /// The checksums of a volume's base or head image ([`crate::sums`]).
+    pub fn sums(&self, which: &str, volume: &str) -> io::Result<Sums> {
+        crate::names::check("volume", volume).map_err(invalid)?;
+        let path = self.sums_path(which, volume);
+        let bytes = fs::read(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        Sums::decode(&bytes).map_err(|e| invalid(format!("{}: {e}", path.display())))
+    }
+
+    /// Replaces the checksums of a volume's image (atomically, synced).
+    pub fn set_sums(&self, which: &str, volume: &str, sums: &Sums) -> io::Result<()> {
+        crate::names::check("volume", volume).map_err(invalid)?;
+        write_file_atomic(&self.sums_path(which, volume), &sums.encode())
     }
 
     /// Opens a volume's base or head image, resolved beneath the group's directory: a name
@@ -440,23 +478,54 @@ impl SegmentPath {
     }
 }
 
+/// Reads a JSON file written by [`write_json_atomic`] or [`write_json_in_place`], checking the
+/// `crc` it carries (crc32c of the rest of the object, keys sorted): a changed byte is an error
+/// that names the file, never a wrong value.
 pub fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> io::Result<T> {
     let mut s = String::new();
     File::open(path)
         .and_then(|mut f| f.read_to_string(&mut s))
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&s).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {e}", path.display()),
-        )
-    })
+    let bad = |what: String| invalid(format!("{}: {what}", path.display()));
+    let mut value: serde_json::Value = serde_json::from_str(&s).map_err(|e| bad(e.to_string()))?;
+    let Some(map) = value.as_object_mut() else {
+        return Err(bad("not a JSON object".into()));
+    };
+    let Some(stored) = map.remove("crc") else {
+        return Err(bad(
+            "it carries no checksum (damaged, or written by hand)".into()
+        ));
+    };
+    let computed = json_crc(&value)?;
+    if stored.as_str() != Some(computed.as_str()) {
+        return Err(bad(format!(
+            "checksum mismatch (stored {stored}, computed {computed:?}): the file is damaged"
+        )));
+    }
+    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
+}
+
+/// crc32c of a JSON object's canonical form (keys sorted, no spaces), as 8 hex digits.
+fn json_crc(value: &serde_json::Value) -> io::Result<String> {
+    let canonical = serde_json::to_vec(value).map_err(io::Error::other)?;
+    Ok(format!("{:08x}", crc32c::crc32c(&canonical)))
+}
+
+/// `value` as pretty JSON with its `crc` field added.
+fn checked_json<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    let mut v = serde_json::to_value(value).map_err(io::Error::other)?;
+    let crc = json_crc(&v)?;
+    let Some(map) = v.as_object_mut() else {
+        return Err(io::Error::other("only JSON objects are stored"));
+    };
+    map.insert("crc".into(), serde_json::Value::String(crc));
+    let mut bytes = serde_json::to_vec_pretty(&v).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    bytes.push(b'\n');
-    write_file_atomic(path, &bytes)
+    write_file_atomic(path, &checked_json(value)?)
 }
 
 /// Bytes a file written by [`write_json_in_place`] is padded to.
@@ -467,8 +536,7 @@ const IN_PLACE_LEN: usize = 4096;
 /// see a torn write; such files hold nothing another file does not also hold durably.
 pub fn write_json_in_place<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    bytes.push(b'\n');
+    let mut bytes = checked_json(value)?;
     let existing = fs::metadata(path).map(|m| m.len() as usize).unwrap_or(0);
     let len = existing.max(IN_PLACE_LEN).max(bytes.len());
     bytes.resize(len, b' ');

@@ -116,13 +116,35 @@ struct SeqState {
     /// handshake, provided it has at least this one.
     adopt_seq: Option<u64>,
     warned_full: bool,
+    /// Syncs begun so far (a dirty mark made at generation g is sent by sync g + 1).
+    sync_gen: u64,
 }
 
 /// Outcome of handing a record to the log.
 enum Pushed {
     Queued(u64),
-    Dirty,
+    /// Marked dirty; the next sync to begin (generation + 1) carries it.
+    Dirty(u64),
     Full,
+}
+
+/// What became of a change: a record with its seq, or a dirty mark that the sync after
+/// generation `.0` will carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Captured {
+    Seq(u64),
+    Dirty(u64),
+    /// Not captured at all (the change failed).
+    None,
+}
+
+impl Captured {
+    pub fn seq(self) -> Option<u64> {
+        match self {
+            Captured::Seq(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 /// The replication state shared by every disk of a group.
@@ -147,6 +169,11 @@ pub struct Capture {
     /// it has caught up with every record captured up to `degraded_until`.
     pub degraded: AtomicBool,
     degraded_until: AtomicU64,
+    /// The newest sync generation whose SyncEnd is durable: every change marked dirty before
+    /// it began is at the replicator.
+    durable_gen: watch::Sender<u64>,
+    /// A sync that ended (generation, SyncEnd seq) but is not durable yet.
+    ended: Mutex<Option<(u64, u64)>>,
 }
 
 #[derive(Debug, Default)]
@@ -204,6 +231,7 @@ impl Capture {
                 full_sync_needed: recovered.is_none(),
                 adopt_seq,
                 warned_full: false,
+                sync_gen: 0,
             }),
             tx,
             log_bytes: AtomicU64::new(0),
@@ -219,6 +247,8 @@ impl Capture {
             sync_timeout,
             degraded: AtomicBool::new(false),
             degraded_until: AtomicU64::new(0),
+            durable_gen: watch::channel(0).0,
+            ended: Mutex::new(None),
         };
         (Arc::new(capture), rx)
     }
@@ -240,7 +270,7 @@ impl Capture {
                 st.dirty[usize::from(disk)].mark(off, len);
                 self.stats.dirty_marked.fetch_add(1, Ordering::Relaxed);
             }
-            return (Pushed::Dirty, None);
+            return (Pushed::Dirty(st.sync_gen), None);
         }
         let len = enc.len() as u64;
         if !force && self.log_bytes.load(Ordering::Acquire) + len > self.capacity {
@@ -259,7 +289,7 @@ impl Capture {
                             self.capacity
                         );
                     }
-                    return (Pushed::Dirty, None);
+                    return (Pushed::Dirty(st.sync_gen), None);
                 }
             }
         }
@@ -299,7 +329,7 @@ impl Capture {
         disk: u16,
         range: Option<(u64, u64)>,
         wait: bool,
-    ) -> Option<u64> {
+    ) -> Captured {
         // Sync mode never trades a guest write for a dirty mark while records are kept: a
         // full log makes the write wait, as --on-full block does.
         let wait = wait || self.on_full == OnFull::Block || self.sync_waits();
@@ -313,10 +343,13 @@ impl Capture {
                 self.try_push(enc, disk, range, false)
             };
             match pushed {
-                Pushed::Queued(seq) => return Some(seq),
-                Pushed::Dirty => return None,
+                Pushed::Queued(seq) => return Captured::Seq(seq),
+                Pushed::Dirty(generation) => return Captured::Dirty(generation),
                 Pushed::Full => {
-                    enc = back?;
+                    let Some(e) = back else {
+                        return Captured::None;
+                    };
+                    enc = e;
                     room.await;
                 }
             }
@@ -346,7 +379,9 @@ impl Capture {
         offset: u64,
         length: u64,
     ) -> Option<u64> {
-        self.push(enc, disk, Some((offset, length)), true).await
+        self.push(enc, disk, Some((offset, length)), true)
+            .await
+            .seq()
     }
 
     /// A small record (flush, bookmark, sync marker): queued past the byte budget when live.
@@ -378,8 +413,35 @@ impl Capture {
         }
     }
 
+    /// A sync of generation `generation` queued its SyncEnd at `end`: once that is durable, the
+    /// changes it carried are.
+    pub fn sync_ended(&self, generation: u64, end: u64) {
+        *self.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some((generation, end));
+        self.publish_durable_gen(*self.acked.borrow());
+    }
+
+    /// The generation of the sync begun last.
+    pub fn sync_gen(&self) -> u64 {
+        self.state().sync_gen
+    }
+
+    fn publish_durable_gen(&self, acked: u64) {
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((generation, end)) = *ended {
+            if acked >= end {
+                self.durable_gen.send_if_modified(|g| {
+                    let newer = generation > *g;
+                    *g = (*g).max(generation);
+                    newer
+                });
+                *ended = None;
+            }
+        }
+    }
+
     /// Called by the shipper when records up to `seq` are durable.
     pub fn release(&self, bytes: u64, seq: u64) {
+        self.publish_durable_gen(seq);
         if self.degraded.load(Ordering::Acquire)
             && seq >= self.degraded_until.load(Ordering::Acquire)
             && self.degraded.swap(false, Ordering::AcqRel)
@@ -515,6 +577,7 @@ impl Capture {
         }
         st.live = true;
         st.warned_full = false;
+        st.sync_gen += 1;
         // Nothing changed without a record: the stream is consistent as it is, no markers.
         if !full && dirty.iter().all(|d| d.count() == 0) {
             return dirty;
@@ -633,34 +696,45 @@ impl CaptureBackend {
             let _range = self.locks.lock(offset, length).await;
             self.begin(offset, length)?;
             let applied = apply.await;
-            let seq = match applied {
+            let captured = match applied {
                 Ok(()) => {
                     self.capture
                         .push(enc, self.disk, Some((offset, length)), false)
                         .await
                 }
-                Err(_) => None,
+                Err(_) => Captured::None,
             };
-            self.changed(offset, length, seq);
+            self.changed(offset, length, captured.seq());
             applied?;
-            seq
+            captured
         };
         self.after_change(seq).await;
         Ok(())
     }
 
-    async fn after_change(&self, seq: Option<u64>) {
-        let Some(seq) = seq.filter(|_| self.capture.sync_waits()) else {
+    /// Sync mode: waits until the replicator has the change, as a record (its seq durable) or
+    /// as a dirty mark (a sync that carried it ended durably: before the first contact, or
+    /// while records were not kept, that is how a change reaches the replicator).
+    async fn after_change(&self, captured: Captured) {
+        if !self.capture.sync_waits() {
             return;
+        }
+        let c = &self.capture;
+        let wait = async {
+            match captured {
+                Captured::Seq(seq) => c.durable(seq).await,
+                Captured::Dirty(generation) => {
+                    let mut rx = c.durable_gen.subscribe();
+                    let _ = rx.wait_for(|g| *g > generation).await;
+                }
+                Captured::None => {}
+            }
         };
-        match self.capture.sync_timeout {
-            None => self.capture.durable(seq).await,
+        match c.sync_timeout {
+            None => wait.await,
             Some(limit) => {
-                if tokio::time::timeout(limit, self.capture.durable(seq))
-                    .await
-                    .is_err()
-                {
-                    self.capture.degrade(seq);
+                if tokio::time::timeout(limit, wait).await.is_err() {
+                    c.degrade(captured.seq().unwrap_or_else(|| c.last_seq()));
                 }
             }
         }
@@ -722,7 +796,8 @@ impl BlockBackend for CaptureBackend {
 
     async fn flush(&self) -> io::Result<()> {
         let seq = self.flush_and_mark().await?;
-        self.after_change(seq).await;
+        self.after_change(seq.map_or(Captured::None, Captured::Seq))
+            .await;
         Ok(())
     }
 

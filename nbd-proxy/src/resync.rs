@@ -34,6 +34,7 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
         }
     }
     let sets = capture.begin_sync(plan.full, plan.reason);
+    let generation = capture.sync_gen();
     let stats = &capture.stats;
     let total: u64 = sets.iter().map(|d| d.count()).sum();
     stats.sync_chunks_total.store(total, Ordering::Relaxed);
@@ -104,6 +105,7 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
     }
     if total == 0 && !plan.full {
         // Nothing to resend (begin_sync placed no markers).
+        capture.sync_ended(generation, 0);
         stats.syncs_completed.fetch_add(1, Ordering::Relaxed);
         capture.syncing.store(false, Ordering::Release);
         return;
@@ -121,6 +123,7 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
     }
     let end = capture.push_control(Encoded::control(Kind::SyncEnd, 0, 0, 0, plan.reason));
     if let Some(end) = end {
+        capture.sync_ended(generation, end);
         stats.syncs_completed.fetch_add(1, Ordering::Relaxed);
         if let Some(al) = &capture.activity {
             // Changes made while only dirty chunks were tracked are covered from here on.

@@ -3,10 +3,8 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use journal::record::RecordRef;
@@ -15,7 +13,8 @@ use journal::wire::{self, Volume};
 use journal::writer::{JournalWriter, OpenError};
 use tracing::{error, info, warn};
 
-use crate::head::{self, HeadApplier};
+use crate::head::{self, HeadApplier, Touched};
+use journal::sums::{ChunkSet, Sums};
 
 #[derive(Debug)]
 pub struct Group {
@@ -26,6 +25,9 @@ pub struct Group {
     applier: HeadApplier,
     /// The head images follow the journal (else delta sync must resend every chunk).
     heads_valid: bool,
+    /// Per volume, the head image's chunk hashes, current except for the `touched` chunks.
+    head_sums: Vec<Sums>,
+    touched: Touched,
     /// Stored bytes appended since the last commit.
     uncommitted: usize,
     /// Highest seq made durable (fsynced) in the journal.
@@ -116,13 +118,33 @@ impl Group {
             );
         }
         let head_mark = dir.mark("head")?;
+        // The head's sums as of its mark; chunks changed since are rehashed when needed.
+        let mut head_sums = Vec::new();
+        let mut touched = Vec::new();
+        for v in &meta.volumes {
+            match dir.sums("head", &v.name) {
+                Ok(s) if s.seq == head_mark.seq && s.size == v.size => {
+                    head_sums.push(s);
+                    touched.push(ChunkSet::new(v.size));
+                }
+                other => {
+                    let why = other
+                        .err()
+                        .map_or_else(|| "they are of another seq".to_owned(), |e| e.to_string());
+                    warn!(group = name, "head checksums of {} are not usable ({why}): rehashing the whole image when hashes are asked for", v.name);
+                    head_sums.push(Sums::zeroes(v.size, head_mark.seq));
+                    touched.push(ChunkSet::all(v.size));
+                }
+            }
+        }
+        let touched: Touched = Arc::new(Mutex::new(touched));
         let mut heads_valid = true;
         if head_mark.seq < report.last_seq {
             info!(
                 group = name,
                 "bringing head images from seq {} to {}", head_mark.seq, report.last_seq
             );
-            if let Err(e) = head::catch_up(&dir, &heads, head_mark.seq, report.last_seq) {
+            if let Err(e) = head::catch_up(&dir, &heads, &touched, head_mark.seq, report.last_seq) {
                 error!(
                     group = name,
                     "head images cannot be brought to seq {}: {e}; delta sync will resend every chunk",
@@ -134,6 +156,7 @@ impl Group {
         let applier = HeadApplier::start(
             &dir,
             &heads,
+            touched.clone(),
             journal.current_segment().clone(),
             journal.current_len(),
             report.last_seq,
@@ -145,6 +168,8 @@ impl Group {
             heads,
             applier,
             heads_valid,
+            head_sums,
+            touched,
             uncommitted: 0,
             durable_seq: report.last_seq,
             durable_time_ns: report.last_time_ns,
@@ -236,8 +261,11 @@ impl Group {
         self.applier.durable(self.durable_seq);
         self.uncommitted = 0;
         if self.journal.current_segment().first_seq != before {
-            // A segment was sealed: a good moment to checkpoint the head images.
-            self.sync_heads()?;
+            // A segment was sealed: a good moment to checkpoint the head images (a cache: a
+            // failure here costs a longer catch-up at the next start, not an acknowledgement).
+            if let Err(e) = self.sync_heads() {
+                warn!(group = %self.meta.name, "checkpoint of the head images failed: {e:#}");
+            }
         }
         Ok(self.durable_seq)
     }
@@ -253,10 +281,18 @@ impl Group {
         self.mark_heads()
     }
 
-    /// Flushes the head images (already at the durable seq) and records that seq.
+    /// Flushes the head images (already at the durable seq), brings their checksums up to
+    /// date and writes them, then records that seq.
     fn mark_heads(&mut self) -> anyhow::Result<()> {
         for f in &self.heads {
             f.sync_data()?;
+        }
+        self.rehash_touched()?;
+        for (v, sums) in self.meta.volumes.iter().zip(&mut self.head_sums) {
+            sums.seq = self.durable_seq;
+            self.dir
+                .set_sums("head", &v.name, sums)
+                .context("write the head image's checksums")?;
         }
         self.dir.set_mark(
             "head",
@@ -268,12 +304,27 @@ impl Group {
         Ok(())
     }
 
+    /// Hashes again the chunks of the head images that changed since their sums were made.
+    fn rehash_touched(&mut self) -> io::Result<()> {
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buf = Vec::new();
+        for (d, set) in touched.iter_mut().enumerate() {
+            let size = self.meta.volumes[d].size;
+            for c in set.take() {
+                let h = journal::read::hash_chunk(&self.heads[d], c, size, &mut buf)?;
+                self.head_sums[d].set(c, h);
+            }
+        }
+        Ok(())
+    }
+
     /// Hashes of the head image of `disk`, one per [`wire::HASH_CHUNK`], handed to `send` in
     /// pieces of at most [`wire::HASHES_PER_FRAME`] (first chunk, hashes), so memory stays
-    /// bounded whatever the disk's size. Sends nothing when the head images cannot be trusted:
-    /// then the proxy sends every chunk.
+    /// bounded whatever the disk's size. Only chunks changed since the last checkpoint are
+    /// read; the rest come from the checksum file. Sends nothing when the head images cannot
+    /// be trusted: then the proxy sends every chunk.
     pub fn head_hashes(
-        &self,
+        &mut self,
         disk: usize,
         mut send: impl FnMut(u64, &[u128]) -> io::Result<()>,
     ) -> io::Result<()> {
@@ -281,30 +332,15 @@ impl Group {
         if !self.heads_valid || !self.applier.is_valid() || drained.is_err() {
             return Ok(());
         }
-        let size = self.meta.volumes[disk].size;
-        let file = &self.heads[disk];
-        let chunk = wire::HASH_CHUNK;
-        let zero_hash = wire::chunk_hash(&vec![0u8; chunk as usize]);
+        self.rehash_touched()?;
+        let sums = &self.head_sums[disk];
         let mut part = Vec::with_capacity(wire::HASHES_PER_FRAME);
-        let mut first = 0u64;
-        let mut buf = vec![0u8; chunk as usize];
-        let mut next_data = 0u64;
-        let mut off = 0u64;
-        while off < size {
-            let len = chunk.min(size - off) as usize;
-            if next_data < off {
-                next_data = seek_data(file, off)?.unwrap_or(u64::MAX);
-            }
-            if next_data >= off + len as u64 && len as u64 == chunk {
-                part.push(zero_hash);
-            } else {
-                file.read_exact_at(&mut buf[..len], off)?;
-                part.push(wire::chunk_hash(&buf[..len]));
-            }
-            off += len as u64;
-            if part.len() == wire::HASHES_PER_FRAME || off >= size {
+        let mut first = 0;
+        for c in 0..sums.chunks() {
+            part.push(sums.get(c));
+            if part.len() == wire::HASHES_PER_FRAME || c + 1 == sums.chunks() {
                 send(first, &part)?;
-                first += part.len() as u64;
+                first = c + 1;
                 part.clear();
             }
         }
@@ -338,18 +374,4 @@ fn describe(volumes: &[Volume]) -> String {
         .map(|v| format!("{} ({} bytes)", v.name, v.size))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The next offset at or after `off` that holds data, or None when only a hole follows.
-fn seek_data(file: &File, off: u64) -> io::Result<Option<u64>> {
-    // SAFETY: lseek on a valid descriptor owned by `file`; no memory is passed.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Ok(Some(off)),
-        };
-    }
-    Ok(Some(r as u64))
 }

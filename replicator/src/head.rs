@@ -10,8 +10,41 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use journal::read::{self, ApplyError, Images, Stream};
+use std::sync::Mutex;
+
+use journal::read::{self, Apply, ApplyError, Images, Stream};
 use journal::store::{GroupDir, SegmentPath};
+use journal::sums::ChunkSet;
+
+/// Chunks of each head image changed since its sums were last made.
+pub type Touched = Arc<Mutex<Vec<ChunkSet>>>;
+
+/// Head images as a replay target that also notes which chunks each record changes.
+pub struct Marking<'a> {
+    pub images: Images<'a>,
+    pub touched: &'a Mutex<Vec<ChunkSet>>,
+}
+
+impl Marking<'_> {
+    fn note(&self, disk: u16, offset: u64, length: u64) {
+        let mut t = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = t.get_mut(usize::from(disk)) {
+            set.mark(offset, length);
+        }
+    }
+}
+
+impl Apply for Marking<'_> {
+    fn write(&mut self, disk: u16, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.note(disk, offset, data.len() as u64);
+        self.images.write(disk, offset, data)
+    }
+
+    fn zero(&mut self, disk: u16, offset: u64, length: u64) -> io::Result<()> {
+        self.note(disk, offset, length);
+        self.images.zero(disk, offset, length)
+    }
+}
 
 #[derive(Debug)]
 pub struct HeadApplier {
@@ -40,7 +73,12 @@ struct Follower {
 
 impl Follower {
     /// Applies every record up to `durable`, following segment rotations.
-    fn advance(&mut self, heads: &[File], durable: u64) -> Result<(), ApplyError> {
+    fn advance(
+        &mut self,
+        heads: &[File],
+        touched: &Touched,
+        durable: u64,
+    ) -> Result<(), ApplyError> {
         while self.applied < durable {
             let stream = match &mut self.stream {
                 Some(s) => s,
@@ -48,11 +86,27 @@ impl Follower {
                     .stream
                     .insert(Stream::open_at(&self.segment.path, self.pos)?),
             };
-            match stream.next(self.applied + 1)? {
+            let next = match stream.next(self.applied + 1) {
+                Ok(next) => next,
+                Err(e) => {
+                    self.stream = None;
+                    return Err(e.into());
+                }
+            };
+            match next {
                 Some((file, pos, r)) => {
-                    read::apply(file, pos, &r, &mut Images(heads))?;
+                    let mut target = Marking {
+                        images: Images(heads),
+                        touched,
+                    };
+                    let len = r.bytes.len() as u64;
+                    if let Err(e) = read::apply(file, pos, &r, &mut target) {
+                        // Retried from this record: the stream has moved past it.
+                        self.stream = None;
+                        return Err(e);
+                    }
                     self.applied = r.header.seq;
-                    self.pos = pos + r.bytes.len() as u64;
+                    self.pos = pos + len;
                 }
                 None => {
                     // The segment ends here: the next one starts after the last applied seq.
@@ -84,6 +138,7 @@ impl HeadApplier {
     pub fn start(
         dir: &GroupDir,
         heads: &[File],
+        touched: Touched,
         segment: SegmentPath,
         pos: u64,
         applied: u64,
@@ -120,15 +175,29 @@ impl HeadApplier {
                             }
                         }
                     }
-                    if failed.is_none() {
-                        if let Err(e) = follower.advance(&files, durable) {
-                            tracing::error!(
-                                "head images stop at seq {}: {e}; delta sync compares nothing \
-                                 until the group is reopened",
-                                follower.applied
-                            );
+                    // A failure (a full disk, a bad record) is retried with the next work; the
+                    // images are not trusted meanwhile, and each new cause is logged once.
+                    match follower.advance(&files, &touched, durable) {
+                        Ok(()) => {
+                            if failed.take().is_some() {
+                                tracing::info!(
+                                    "head images follow the journal again (seq {})",
+                                    follower.applied
+                                );
+                            }
+                            valid_out.store(true, Ordering::Release);
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            if failed.as_deref() != Some(msg.as_str()) {
+                                tracing::error!(
+                                    "head images stop at seq {}: {msg}; delta sync compares \
+                                     nothing until they catch up (retried as records arrive)",
+                                    follower.applied
+                                );
+                            }
                             valid_out.store(false, Ordering::Release);
-                            failed = Some(e.to_string());
+                            failed = Some(msg);
                         }
                     }
                     applied_out.store(follower.applied, Ordering::Release);
@@ -175,6 +244,7 @@ impl HeadApplier {
 pub fn catch_up(
     dir: &GroupDir,
     heads: &[File],
+    touched: &Touched,
     head_seq: u64,
     durable: u64,
 ) -> Result<(), ApplyError> {
@@ -191,6 +261,10 @@ pub fn catch_up(
             segments.push((seg, entries));
         }
     }
-    read::replay(&segments, head_seq + 1, durable, &mut Images(heads))?;
+    let mut target = Marking {
+        images: Images(heads),
+        touched,
+    };
+    read::replay(&segments, head_seq + 1, durable, &mut target)?;
     Ok(())
 }

@@ -4,7 +4,6 @@ use std::path::Path;
 
 use anyhow::Context;
 use journal::pit::History;
-use journal::segment::ScanStop;
 use journal::store::{self, GroupDir};
 use journal::units::human_bytes;
 use serde::Serialize;
@@ -97,6 +96,9 @@ pub fn status(store_dir: &Path, json: bool) -> anyhow::Result<()> {
             None => "never connected".into(),
         };
         println!("  link        {link}");
+        if let Some(e) = s.live.as_ref().and_then(|l| l.store_error.as_ref()) {
+            println!("  STORE ERROR {e}");
+        }
         println!("  durable seq {}", s.durable_seq);
         println!(
             "  history     seq {}..{}, {} ({} to {})",
@@ -154,126 +156,4 @@ fn span(a: u64, b: u64) -> String {
 
 fn time(ns: u64) -> String {
     journal::pit::format_time(ns)
-}
-
-/// Verifies every record of every group; returns the number of problems found.
-pub fn check(store_dir: &Path) -> anyhow::Result<usize> {
-    let groups = store::list_groups(store_dir)
-        .with_context(|| format!("read store {}", store_dir.display()))?;
-    let mut problems = 0;
-    for dir in &groups {
-        let meta = dir.meta()?;
-        let base = dir.mark("base")?;
-        let mut expected = None::<u64>;
-        let mut records = 0u64;
-        let mut bytes = 0u64;
-        for v in &meta.volumes {
-            for which in ["base", "head"] {
-                let p = dir.image(which, &v.name);
-                match std::fs::metadata(&p) {
-                    Ok(m) if m.len() == v.size => {}
-                    Ok(m) => {
-                        problems += 1;
-                        println!(
-                            "BAD  {}: {} bytes, expected {}",
-                            p.display(),
-                            m.len(),
-                            v.size
-                        );
-                    }
-                    Err(e) => {
-                        problems += 1;
-                        println!("BAD  {}: {e}", p.display());
-                    }
-                }
-            }
-        }
-        for seg in dir.segments()? {
-            let mut bad_payload = None;
-            let scan = match seg.scan(|r, pos| {
-                if bad_payload.is_none() && r.header.kind.carries_data() {
-                    if let Err(e) = r.payload() {
-                        bad_payload = Some((pos, r.header.seq, e));
-                    }
-                }
-            }) {
-                Ok(s) => s,
-                Err(e) => {
-                    problems += 1;
-                    println!("BAD  group {}: {e}", meta.name);
-                    continue;
-                }
-            };
-            if let Some(first) = scan.entries.first() {
-                if let Some(exp) = expected {
-                    if first.seq != exp && first.seq > base.seq {
-                        problems += 1;
-                        println!(
-                            "BAD  group {}: {} starts at seq {} but seq {} was expected (records missing)",
-                            meta.name,
-                            seg.path.display(),
-                            first.seq,
-                            exp
-                        );
-                    }
-                }
-            }
-            if let Some(last) = scan.entries.last() {
-                expected = Some(last.seq + 1);
-            }
-            records += scan.entries.len() as u64;
-            bytes += scan.valid_len;
-            if let Some((pos, seq, e)) = bad_payload {
-                problems += 1;
-                println!(
-                    "BAD  group {}: {} at byte {pos}: record seq {seq}: {e}",
-                    meta.name,
-                    seg.path.display()
-                );
-            }
-            if let Some((pos, why)) = &scan.stop {
-                problems += 1;
-                let after = scan
-                    .entries
-                    .last()
-                    .map(|e| format!(" (after seq {})", e.seq))
-                    .unwrap_or_default();
-                let hint = if matches!(why, ScanStop::Truncated) {
-                    "; a torn tail is cut off when `replicator serve` starts"
-                } else {
-                    ""
-                };
-                println!(
-                    "BAD  group {}: {} at byte {pos}{after}: {why}{hint}",
-                    meta.name,
-                    seg.path.display()
-                );
-            }
-            if seg.index_path().exists() {
-                let len = std::fs::metadata(&seg.path)?.len();
-                let idx = std::fs::read(seg.index_path())?;
-                match journal::segment::decode_index(&idx, len) {
-                    Ok(entries) if entries == scan.entries => {}
-                    Ok(_) => {
-                        problems += 1;
-                        println!(
-                            "BAD  {}: index differs from the segment",
-                            seg.index_path().display()
-                        );
-                    }
-                    Err(e) => {
-                        problems += 1;
-                        println!("BAD  {}: {e}", seg.index_path().display());
-                    }
-                }
-            }
-        }
-        println!(
-            "{}  group {}: {records} records, {} of journal checked",
-            if problems == 0 { "OK " } else { "BAD" },
-            meta.name,
-            human_bytes(bytes)
-        );
-    }
-    Ok(problems)
 }

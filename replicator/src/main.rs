@@ -1,6 +1,7 @@
 //! replicator: receives change streams from nbd-proxy and keeps them durable (base images plus
 //! an append-only journal), acknowledges what is durable, and applies retention.
 
+mod check;
 mod group;
 mod head;
 mod inspect;
@@ -70,8 +71,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Verify every checksum in the store; report the first bad place of each segment.
-    /// Exit status 1 when anything is wrong.
+    /// Verify every file of every group: metadata, the durable checkpoint, every record and
+    /// payload, indexes, and the base and head images against their chunk checksums. Names
+    /// each bad or missing file and place; exit status 1 when anything is wrong.
     Check {
         #[arg(long, value_name = "DIR")]
         store: PathBuf,
@@ -166,7 +168,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Check { store } => {
             journal::quiet_on_closed_pipe();
-            let problems = inspect::check(&store)?;
+            let problems = check::check(&store)?;
             if problems > 0 {
                 eprintln!("{problems} problem(s) found");
                 std::process::exit(1);

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use journal::read::{self, Images};
 use journal::store::{self, Access, FoldMark, GroupDir, GroupMeta, SeqMark};
+use journal::sums::ChunkSet;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -152,8 +153,10 @@ fn fold(
         }
         apply_fold(dir, meta, seg, entries, &mark)?;
     }
-    fs::remove_file(&seg.path)?;
+    // The index first: a crash between leaves a folded segment without one, which the next
+    // pass removes (an index without its segment would be left for ever).
     let _ = fs::remove_file(seg.index_path());
+    fs::remove_file(&seg.path)?;
     store::sync_dir(&dir.journal_dir())?;
     info!(
         group = %meta.name,
@@ -187,6 +190,28 @@ fn apply_fold(
         .with_context(|| format!("fold {}", seg.path.display()))?;
     for image in &images {
         image.sync_data()?;
+    }
+    // The base's checksums, for the chunks the fold changed, before base.json names the seq.
+    let mut touched: Vec<ChunkSet> = meta.volumes.iter().map(|v| ChunkSet::new(v.size)).collect();
+    for e in entries
+        .iter()
+        .filter(|e| e.seq > mark.from && e.seq <= mark.to && e.kind.changes_data())
+    {
+        if let Some(t) = touched.get_mut(usize::from(e.disk)) {
+            t.mark(e.offset, e.length);
+        }
+    }
+    let mut buf = Vec::new();
+    for ((v, image), t) in meta.volumes.iter().zip(&images).zip(&mut touched) {
+        let mut sums = dir
+            .sums("base", &v.name)
+            .context("read the base image's checksums")?;
+        for c in t.take() {
+            sums.set(c, read::hash_chunk(image, c, v.size, &mut buf)?);
+        }
+        sums.seq = mark.to;
+        dir.set_sums("base", &v.name, &sums)
+            .context("write the base image's checksums")?;
     }
     dir.set_mark(
         "base",

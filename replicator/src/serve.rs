@@ -349,7 +349,7 @@ fn poison<T>(_: T) -> anyhow::Error {
     anyhow::anyhow!("a connection thread panicked while holding group state")
 }
 
-fn send_hashes(stream: &mut TcpStream, group: &Group) -> anyhow::Result<()> {
+fn send_hashes(stream: &mut TcpStream, group: &mut Group) -> anyhow::Result<()> {
     for disk in 0..group.meta.volumes.len() {
         group.head_hashes(disk, |first_chunk, part| {
             let frame = wire::Hashes {

@@ -171,6 +171,8 @@ struct Listing {
     flushes: u64,
     last_flush_seq: Option<u64>,
     inconsistent: Vec<serde_json::Value>,
+    /// A record that does not read back where the journal is durable: history ends before it.
+    damage: Option<String>,
 }
 
 fn listing(h: &History) -> Listing {
@@ -206,6 +208,7 @@ fn listing(h: &History) -> Listing {
                 })
             })
             .collect(),
+        damage: h.damage.as_ref().map(|d| d.to_string()),
     }
 }
 
@@ -223,7 +226,18 @@ fn list(store: &Path, group: Option<&str>, json: bool) -> anyhow::Result<bool> {
         println!("{}", serde_json::to_string_pretty(&listings)?);
         return Ok(true);
     }
-    if listings.is_empty() {
+    let broken = if group.is_none() {
+        journal::store::list_broken_groups(store)?
+    } else {
+        Vec::new()
+    };
+    for b in &broken {
+        eprintln!(
+            "restore: {} holds a group's files but no group.json: it cannot be restored (run `replicator check`)",
+            b.display()
+        );
+    }
+    if listings.is_empty() && broken.is_empty() {
         println!("store {}: no groups", store.display());
     }
     for l in &listings {
@@ -272,8 +286,14 @@ fn list(store: &Path, group: Option<&str>, json: bool) -> anyhow::Result<bool> {
                 w["to_time"].as_str().unwrap_or("now"),
             );
         }
+        if let Some(d) = &l.damage {
+            println!(
+                "  DAMAGED     {d}: points after seq {} are refused",
+                l.newest_seq
+            );
+        }
     }
-    Ok(true)
+    Ok(broken.is_empty())
 }
 
 fn export(

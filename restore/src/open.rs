@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use journal::pit::{self, History};
 use journal::store::{GroupDir, Pin};
 
-use crate::view::{PointView, Sources};
+use crate::view::{BaseCheck, PointView, Sources};
 
 /// A resolved, pinned point of a group and its disks' views.
 #[derive(Debug)]
@@ -105,10 +105,14 @@ pub fn open_point(
                 }
                 None => None,
             };
+            let sums = dir
+                .sums("base", &v.name)
+                .context("read the base image's checksums")?;
+            let check = BaseCheck::new(dir.clone(), &v.name, v.size, sums);
             disks.push((
                 v.name.clone(),
                 v.size,
-                PointView::new(v.size, map, base, sources.clone(), overlay_file)?,
+                PointView::new(v.size, map, base, check, sources.clone(), overlay_file)?,
             ));
         }
         if let Some(d) = disk {

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use journal::pit::{DiskMap, History, Source};
 use journal::read::SegmentFile;
+use journal::store::GroupDir;
+use journal::sums::{ChunkSet, Sums};
 use nbd_server::{BlockBackend, Capabilities, Extent, ZeroError, ZeroMode};
 use tracing::error;
 
@@ -100,12 +102,96 @@ impl Sources {
     }
 }
 
+/// A base image's bytes, checked against its checksums ([`journal::sums`]) before any is
+/// served: each chunk once, the first time a read needs it.
+#[derive(Debug)]
+pub struct BaseCheck {
+    dir: GroupDir,
+    volume: String,
+    size: u64,
+    sums: Mutex<Sums>,
+    verified: Mutex<ChunkSet>,
+}
+
+impl BaseCheck {
+    pub fn new(dir: GroupDir, volume: &str, size: u64, sums: Sums) -> BaseCheck {
+        BaseCheck {
+            dir,
+            volume: volume.to_owned(),
+            size,
+            sums: Mutex::new(sums),
+            verified: Mutex::new(ChunkSet::new(size)),
+        }
+    }
+
+    /// Reads `out.len()` bytes at `at` of the base, after checking every chunk they lie in.
+    fn read(&self, base: &File, at: u64, out: &mut [u8]) -> io::Result<()> {
+        for c in journal::sums::chunks_of(at, out.len() as u64) {
+            let done = self
+                .verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(c);
+            if !done {
+                self.verify(base, c)?;
+            }
+        }
+        base.read_exact_at(out, at)
+    }
+
+    /// Checks one chunk. A retention fold may be rewriting chunks (bytes this view reads from
+    /// records, never the ones it reads from the base): then the sums move on; reload them, and
+    /// wait for a fold under way to finish, before calling a mismatch damage.
+    fn verify(&self, base: &File, c: u64) -> io::Result<()> {
+        let mut buf = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let h = journal::read::hash_chunk(base, c, self.size, &mut buf)?;
+            let mut sums = self.sums.lock().unwrap_or_else(|p| p.into_inner());
+            if sums.get(c) != h {
+                if let Ok(fresh) = self.dir.sums("base", &self.volume) {
+                    *sums = fresh;
+                }
+            }
+            if sums.get(c) == h {
+                self.verified
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(c);
+                return Ok(());
+            }
+            drop(sums);
+            let folding = self.dir.fold_mark().ok().flatten().is_some();
+            if folding && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+            let r = journal::sums::chunk_range(c, self.size);
+            error!(
+                "base image of volume {} in {}: chunk {c} (bytes {}..{}) does not match its checksum{}; \
+                 reads of it fail with EIO (run `replicator check`)",
+                self.volume,
+                self.dir.path.display(),
+                r.start,
+                r.end,
+                if folding {
+                    " while a retention fold is unfinished (start the replicator to finish it)"
+                } else {
+                    ""
+                }
+            );
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+    }
+}
+
 /// One disk at one point.
 #[derive(Debug)]
 pub struct PointView {
     size: u64,
     map: DiskMap,
     base: File,
+    base_check: BaseCheck,
     sources: Arc<Sources>,
     overlay: Option<Overlay>,
 }
@@ -122,6 +208,7 @@ impl PointView {
         size: u64,
         map: DiskMap,
         base: File,
+        base_check: BaseCheck,
         sources: Arc<Sources>,
         overlay: Option<File>,
     ) -> io::Result<PointView> {
@@ -139,6 +226,7 @@ impl PointView {
             size,
             map,
             base,
+            base_check,
             sources,
             overlay,
         })
@@ -151,7 +239,7 @@ impl PointView {
         for (at, len, source) in pieces {
             let out = &mut buf[(at - offset) as usize..(at - offset + len) as usize];
             match source {
-                Source::Base => self.base.read_exact_at(out, at)?,
+                Source::Base => self.base_check.read(&self.base, at, out)?,
                 Source::Zero => out.fill(0),
                 Source::Record {
                     segment,

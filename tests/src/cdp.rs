@@ -32,16 +32,29 @@ pub struct Replicator {
     pub addr: String,
     pub log: PathBuf,
     extra: Vec<String>,
+    /// The network namespace it runs in (None: this one).
+    netns: Option<String>,
 }
 
 impl Replicator {
     pub fn start(store: &Path, extra: &[&str]) -> anyhow::Result<Replicator> {
+        Replicator::start_at(store, "127.0.0.1", None, extra)
+    }
+
+    /// Starts it listening on `ip` (a free port), inside network namespace `netns` if given.
+    pub fn start_at(
+        store: &Path,
+        ip: &str,
+        netns: Option<&str>,
+        extra: &[&str],
+    ) -> anyhow::Result<Replicator> {
         let mut r = Replicator {
             child: None,
             store: store.to_owned(),
-            addr: format!("127.0.0.1:{}", free_port()),
+            addr: format!("{ip}:{}", free_port()),
             log: store.with_extension("replicator.log"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: netns.map(str::to_owned),
         };
         r.spawn()?;
         Ok(r)
@@ -52,7 +65,15 @@ impl Replicator {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut child = Command::new(bin("replicator"))
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("replicator"));
+                c
+            }
+            None => Command::new(bin("replicator")),
+        };
+        let mut child = cmd
             .args(["serve", "--listen", &self.addr, "--store"])
             .arg(&self.store)
             .args(&self.extra)
@@ -398,15 +419,15 @@ pub fn read_journal(dir: &GroupDir) -> anyhow::Result<Vec<StoredRecord>> {
     Ok(out)
 }
 
-/// Applies one record to in-memory disks.
-pub fn apply(disks: &mut [Vec<u8>], r: &StoredRecord) {
-    let disk = &mut disks[usize::from(r.disk)];
-    let (at, len) = (r.offset as usize, r.length as usize);
-    match r.kind {
-        Kind::Write | Kind::SyncData => disk[at..at + len].copy_from_slice(&r.data),
-        Kind::Zero | Kind::Trim => disk[at..at + len].fill(0),
-        _ => {}
-    }
+/// Applies one record to in-memory disks (the journal's own in-memory replay target).
+pub fn apply(disks: &mut Vec<Vec<u8>>, r: &StoredRecord) {
+    use journal::read::Apply;
+    let applied = match r.kind {
+        Kind::Write | Kind::SyncData => disks.write(r.disk, r.offset, &r.data),
+        Kind::Zero | Kind::Trim => disks.zero(r.disk, r.offset, r.length),
+        _ => Ok(()),
+    };
+    applied.expect("in-memory disks take every record");
 }
 
 /// The group's base images followed by every record up to `seq`, in memory.

@@ -5,6 +5,7 @@
 //! failure that says how to install it, never a silent skip.
 
 pub mod cdp;
+pub mod netns;
 pub mod qmp;
 pub mod raw;
 pub mod vm;

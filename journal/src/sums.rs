@@ -1,0 +1,257 @@
+//! Checksums of an image, one per [`HASH_CHUNK`] (xxh3-128, the hash delta sync compares), as
+//! bytes. Base and head images each have a sums file next to them (`base/<volume>.sums`),
+//! written with the image and naming the seq the image holds, so that a flipped bit in an
+//! image is found before any byte of it is served or trusted.
+//!
+//! Only chunks that do not hash like zeroes are listed, so a sparse image has a small file and
+//! memory follows the data written, not the volume's size.
+//!
+//! ```text
+//!  0 magic "CDPSUMS1"  8 version u32  12 reserved u32 = 0  16 seq u64  24 size u64
+//! 32 chunk u64        40 count u64    48 entries (count x 24 bytes: chunk u64, hash u128),
+//!                                        chunks ascending
+//!    trailer: crc32c of everything before it (u32)
+//! ```
+//!
+//! Nothing here does I/O.
+
+use crate::wire::{chunk_hash, HASH_CHUNK};
+
+const MAGIC: &[u8; 8] = b"CDPSUMS1";
+const VERSION: u32 = 1;
+const HEADER_LEN: usize = 48;
+
+/// The hashes of an image's chunks, as of `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sums {
+    pub seq: u64,
+    pub size: u64,
+    /// Chunks whose hash is not that of zeroes.
+    hashes: std::collections::BTreeMap<u64, u128>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SumsError {
+    #[error("not a checksum file (bad magic)")]
+    Magic,
+    #[error("checksum file version {0} is not supported")]
+    Version(u32),
+    #[error("the checksum file's own checksum does not match (it is damaged)")]
+    Checksum,
+    #[error("checksum file is malformed: {0}")]
+    Malformed(&'static str),
+}
+
+/// The hash of a whole chunk of zeroes (a hole), computed once.
+pub fn zero_chunk_hash() -> u128 {
+    static ZERO: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| chunk_hash(&vec![0u8; HASH_CHUNK as usize]))
+}
+
+/// Chunks an image of `size` bytes has.
+pub fn chunks(size: u64) -> u64 {
+    size.div_ceil(HASH_CHUNK)
+}
+
+/// The chunks `offset..offset+length` touches.
+pub fn chunks_of(offset: u64, length: u64) -> std::ops::Range<u64> {
+    if length == 0 {
+        return offset / HASH_CHUNK..offset / HASH_CHUNK;
+    }
+    offset / HASH_CHUNK..(offset + length - 1) / HASH_CHUNK + 1
+}
+
+/// Bytes chunk `c` of an image of `size` bytes covers.
+pub fn chunk_range(c: u64, size: u64) -> std::ops::Range<u64> {
+    let start = c * HASH_CHUNK;
+    start..(start + HASH_CHUNK).min(size)
+}
+
+/// A set of chunks of one image (those a change touched since its sums were last made).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkSet {
+    bits: Vec<u64>,
+}
+
+impl ChunkSet {
+    pub fn new(size: u64) -> ChunkSet {
+        ChunkSet {
+            bits: vec![0; chunks(size).div_ceil(64) as usize],
+        }
+    }
+
+    /// Every chunk of an image of `size` bytes.
+    pub fn all(size: u64) -> ChunkSet {
+        let mut s = ChunkSet::new(size);
+        for c in 0..chunks(size) {
+            s.insert(c);
+        }
+        s
+    }
+
+    pub fn insert(&mut self, c: u64) {
+        if let Some(w) = self.bits.get_mut((c / 64) as usize) {
+            *w |= 1 << (c % 64);
+        }
+    }
+
+    /// Marks the chunks `offset..offset+length` touches.
+    pub fn mark(&mut self, offset: u64, length: u64) {
+        for c in chunks_of(offset, length) {
+            self.insert(c);
+        }
+    }
+
+    pub fn contains(&self, c: u64) -> bool {
+        self.bits
+            .get((c / 64) as usize)
+            .is_some_and(|w| w & (1 << (c % 64)) != 0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits.iter().all(|&w| w == 0)
+    }
+
+    /// The chunks in the set, in order, leaving it empty.
+    pub fn take(&mut self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in self.bits.iter_mut().enumerate() {
+            let mut word = std::mem::take(w);
+            while word != 0 {
+                let b = word.trailing_zeros();
+                out.push(i as u64 * 64 + u64::from(b));
+                word &= word - 1;
+            }
+        }
+        out
+    }
+}
+
+/// The hash of chunk `c` of an image of `size` bytes when it holds only zeroes.
+pub fn zero_hash_of(c: u64, size: u64) -> u128 {
+    let r = chunk_range(c, size);
+    if r.end - r.start == HASH_CHUNK {
+        zero_chunk_hash()
+    } else {
+        chunk_hash(&vec![0u8; (r.end - r.start) as usize])
+    }
+}
+
+impl Sums {
+    /// The sums of an image of `size` bytes that holds only zeroes.
+    pub fn zeroes(size: u64, seq: u64) -> Sums {
+        Sums {
+            seq,
+            size,
+            hashes: Default::default(),
+        }
+    }
+
+    /// Chunk `c`'s hash.
+    pub fn get(&self, c: u64) -> u128 {
+        self.hashes
+            .get(&c)
+            .copied()
+            .unwrap_or_else(|| zero_hash_of(c, self.size))
+    }
+
+    pub fn set(&mut self, c: u64, hash: u128) {
+        if hash == zero_hash_of(c, self.size) {
+            self.hashes.remove(&c);
+        } else {
+            self.hashes.insert(c, hash);
+        }
+    }
+
+    /// Chunks of the image.
+    pub fn chunks(&self) -> u64 {
+        chunks(self.size)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.hashes.len() * 24 + 4);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&HASH_CHUNK.to_le_bytes());
+        out.extend_from_slice(&(self.hashes.len() as u64).to_le_bytes());
+        for (c, h) in &self.hashes {
+            out.extend_from_slice(&c.to_le_bytes());
+            out.extend_from_slice(&h.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Sums, SumsError> {
+        if b.len() < HEADER_LEN + 4 {
+            return Err(SumsError::Malformed("shorter than its header"));
+        }
+        if &b[0..8] != MAGIC {
+            return Err(SumsError::Magic);
+        }
+        let (body, trailer) = b.split_at(b.len() - 4);
+        let le64 = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().unwrap_or_default());
+        if crc32c::crc32c(body) != u32::from_le_bytes(trailer.try_into().unwrap_or_default()) {
+            return Err(SumsError::Checksum);
+        }
+        let version = u32::from_le_bytes(body[8..12].try_into().unwrap_or_default());
+        if version != VERSION {
+            return Err(SumsError::Version(version));
+        }
+        let (seq, size, chunk, count) = (le64(16), le64(24), le64(32), le64(40));
+        if chunk != HASH_CHUNK {
+            return Err(SumsError::Malformed("chunk size differs"));
+        }
+        if (body.len() - HEADER_LEN) as u64 != count.saturating_mul(24) {
+            return Err(SumsError::Malformed("length differs from the entry count"));
+        }
+        let mut hashes = std::collections::BTreeMap::new();
+        let mut prev = None;
+        for e in body[HEADER_LEN..].chunks_exact(24) {
+            let c = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
+            if c >= chunks(size) || prev.is_some_and(|p| p >= c) {
+                return Err(SumsError::Malformed(
+                    "chunks out of order or past the image",
+                ));
+            }
+            prev = Some(c);
+            hashes.insert(
+                c,
+                u128::from_le_bytes(e[8..].try_into().unwrap_or_default()),
+            );
+        }
+        Ok(Sums { seq, size, hashes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_every_flipped_bit_is_caught() {
+        let mut s = Sums::zeroes(3 * HASH_CHUNK + 100, 7);
+        s.set(1, 42);
+        s.set(2, zero_chunk_hash());
+        assert_eq!(s.hashes.len(), 1, "zero chunks are not listed");
+        let b = s.encode();
+        assert_eq!(Sums::decode(&b), Ok(s.clone()));
+        for bit in (0..b.len() * 8).step_by(7) {
+            let mut bad = b.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(Sums::decode(&bad).is_err(), "bit {bit}");
+        }
+        assert_eq!(s.get(3), chunk_hash(&[0u8; 100]));
+        assert_eq!(s.get(1), 42);
+        assert_eq!(chunks_of(HASH_CHUNK - 1, 2), 0..2);
+        assert_eq!(chunks_of(HASH_CHUNK, HASH_CHUNK), 1..2);
+        assert_eq!(
+            chunk_range(3, 3 * HASH_CHUNK + 100),
+            3 * HASH_CHUNK..3 * HASH_CHUNK + 100
+        );
+    }
+}
