@@ -685,3 +685,22 @@ fn crc32c(bytes: &[u8]) -> u32 {
     let f = wire::frame(wire::FrameType::Batch, bytes);
     u32::from_le_bytes([f[12], f[13], f[14], f[15]])
 }
+
+/// `restore materialize` of group `g` (one disk) at `at` into `out`: (success, its output).
+pub fn materialize_at(store: &str, at: &str, out: &Path) -> (bool, String) {
+    let out = out.to_str().expect("temp paths are UTF-8");
+    cli(
+        "restore",
+        &[
+            "materialize",
+            "--store",
+            store,
+            "--group",
+            "g",
+            "--at",
+            at,
+            "--output",
+            out,
+        ],
+    )
+}

@@ -309,20 +309,7 @@ fn kill9_run(mode: &str, seed: u64) {
     for (name, want) in &references {
         let out = dir.path().join(format!("{name}.img"));
         let at = format!("bookmark:{name}");
-        let (ok, text) = cli(
-            "restore",
-            &[
-                "materialize",
-                "--store",
-                &store,
-                "--group",
-                "g",
-                "--at",
-                &at,
-                "--output",
-                out.to_str().unwrap(),
-            ],
-        );
+        let (ok, text) = materialize_at(&store, &at, &out);
         assert!(ok, "seed {seed}: {text}");
         assert!(
             read_file(&out) == *want,

@@ -80,37 +80,11 @@ fn a_flipped_bit_in_an_acknowledged_record_is_reported_never_cut() {
     // Restore serves every point before the bad record and refuses the rest with the reason.
     let before = format!("seq:{}", victim.seq - 1);
     let m = dir.path().join("before.img");
-    let (ok, out) = cli(
-        "restore",
-        &[
-            "materialize",
-            "--store",
-            &store,
-            "--group",
-            "g",
-            "--at",
-            &before,
-            "--output",
-            m.to_str().unwrap(),
-        ],
-    );
+    let (ok, out) = materialize_at(&store, &before, &m);
     assert!(ok, "{out}");
     assert!(read_file(&m)[..128 * 1024] == read_file(&image)[..128 * 1024]);
     let after = dir.path().join("after.img");
-    let (ok, out) = cli(
-        "restore",
-        &[
-            "materialize",
-            "--store",
-            &store,
-            "--group",
-            "g",
-            "--at",
-            "latest",
-            "--output",
-            after.to_str().unwrap(),
-        ],
-    );
+    let (ok, out) = materialize_at(&store, "latest", &after);
     assert!(!ok && out.contains("damaged record"), "{out}");
     // The guest's writes go on meanwhile; the proxy keeps them.
     qemu_io(&proxy.uri("disk"), &["write -P 0x77 2M 64k"]);
@@ -488,20 +462,7 @@ fn restore_reads_a_read_only_store_and_never_writes_into_it() {
     let _mount = ReadOnlyBind::new(&rep.store, &ro);
     let ro_s = ro.display().to_string();
     let out = dir.path().join("m.img");
-    let (ok, text) = cli(
-        "restore",
-        &[
-            "materialize",
-            "--store",
-            &ro_s,
-            "--group",
-            "g",
-            "--at",
-            "latest",
-            "--output",
-            out.to_str().unwrap(),
-        ],
-    );
+    let (ok, text) = materialize_at(&ro_s, "latest", &out);
     assert!(ok, "{text}");
     assert!(read_file(&out) == read_file(&image));
     let socket = dir.path().join("exp.sock");

@@ -11,7 +11,7 @@ use std::time::Duration;
 use journal::record::Kind;
 use tests::cdp::*;
 use tests::raw::*;
-use tests::{make_image, pattern, read_file, Proxy};
+use tests::{make_image, pattern, read_file};
 
 const MIB: u64 = 1 << 20;
 const CAUGHT_UP: Duration = Duration::from_secs(120);
@@ -28,23 +28,6 @@ struct Op {
 
 /// What a record and a client operation share: disk, kind, range and data.
 type OpKey = (u16, Kind, u64, u64, Vec<u8>);
-
-fn start_proxy(dir: &Path, rep: &str, disks: &[(&str, &Path)], extra: &[&str]) -> Proxy {
-    let mut args: Vec<String> = Vec::new();
-    for (name, path) in disks {
-        args.push("--disk".into());
-        args.push(format!("{name}={}", path.display()));
-    }
-    args.extend(
-        ["--replicate", rep, "--group", "g", "--control"]
-            .iter()
-            .map(|s| s.to_string()),
-    );
-    args.push(dir.join("ctl").display().to_string());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proxy::start(&dir.join("nbd.sock"), &args).unwrap()
-}
 
 /// Random overlapping writes, zeroes and trims from several connections at once (each one
 /// pipelining several requests) to a group of two disks. Every client operation appears in the
@@ -242,23 +225,6 @@ fn wait_captured(ctl: &Path, n: u64) {
     .unwrap();
 }
 
-/// The store's latest state equals the proxy's images: the head images, and a replay of the
-/// base plus every journal record; and every checksum in the store is good.
-fn assert_replica_equals(rep: &Replicator, images: &[(&str, &Path)]) {
-    let group = rep.group("g");
-    let records = read_journal(&group).unwrap();
-    let replayed = replay(&group, &records, u64::MAX).unwrap();
-    for (i, (name, img)) in images.iter().enumerate() {
-        let want = read_file(img);
-        assert!(
-            replayed[i] == want,
-            "journal replay of {name} equals the proxy's image"
-        );
-        wait_head_equals(&group, name, img).unwrap();
-    }
-    check_store(&rep.store).unwrap();
-}
-
 /// fio writes and verifies through the proxy while the replicator is killed with -9 and
 /// restarted, and while the link is cut and restored; afterwards the replica equals the image.
 #[test]
@@ -289,7 +255,7 @@ fn replicator_kill9_and_link_cut_under_fio_lose_nothing() {
         status["captured_seq"].as_u64().unwrap() >= 24576,
         "every write was captured: {status}"
     );
-    assert_replica_equals(&rep, &[("disk", &image)]);
+    replica_equals(&rep.store, &[("disk", &image)]);
     let log = rep.log_text();
     assert!(log.contains("proxy connected"), "{log}");
     if std::env::var_os("SHOW_LOGS").is_some() {
@@ -371,7 +337,7 @@ fn sync_mode_loses_no_acknowledged_write_when_the_replicator_dies() {
     stop.store(true, Ordering::SeqCst);
     writer.join().unwrap();
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
-    assert_replica_equals(&rep, &[("disk", &image)]);
+    replica_equals(&rep.store, &[("disk", &image)]);
     proxy.assert_no_errors().unwrap();
 }
 
@@ -424,7 +390,7 @@ fn seeding_under_load_then_proxy_kill9_and_delta_sync() {
         size,
         "the seed sent every chunk: {status}"
     );
-    assert_replica_equals(&rep, &[("disk", &image)]);
+    replica_equals(&rep.store, &[("disk", &image)]);
     // Durable and idle extents leave the activity log (after a few seconds).
     tests::wait_for("the activity log to clear", Duration::from_secs(60), || {
         (proxy_status(&ctl).ok()?["activity_log_extents"] == 0).then_some(())
@@ -449,7 +415,7 @@ fn seeding_under_load_then_proxy_kill9_and_delta_sync() {
         "after kill -9: resent {} bytes of a {size}-byte disk",
         sync_bytes_sent(&status)
     );
-    assert_replica_equals(&rep, &[("disk", &image)]);
+    replica_equals(&rep.store, &[("disk", &image)]);
 
     // A clean stop leaves nothing marked: a restart resends nothing.
     proxy.stop().unwrap();
@@ -496,7 +462,7 @@ fn seeding_under_load_then_proxy_kill9_and_delta_sync() {
     proxy.restart().unwrap();
     let status = wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     assert_eq!(sync_bytes_sent(&status), 3 * 256 * 1024, "{status}");
-    assert_replica_equals(&rep, &[("disk", &image)]);
+    replica_equals(&rep.store, &[("disk", &image)]);
     proxy.stop().unwrap();
 }
 
@@ -543,7 +509,7 @@ fn log_overflow_tracks_dirty_chunks_then_resyncs_them() {
         .expect("and ended");
     assert!(begin < end);
     assert!(records[begin..end].iter().any(|r| r.kind == Kind::SyncData));
-    assert_replica_equals(&rep, &[("disk", &image)]);
+    replica_equals(&rep.store, &[("disk", &image)]);
     proxy.assert_no_errors().unwrap();
 }
 
@@ -589,6 +555,6 @@ fn log_full_in_block_mode_stalls_writes_until_the_replicator_returns() {
     rep.restart().unwrap();
     assert!(load.wait().unwrap().success());
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
-    assert_replica_equals(&rep, &[("disk", &image)]);
+    replica_equals(&rep.store, &[("disk", &image)]);
     proxy.assert_no_errors().unwrap();
 }

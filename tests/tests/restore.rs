@@ -12,51 +12,28 @@ use std::time::Duration;
 use journal::Kind;
 use tests::cdp::*;
 use tests::raw::*;
-use tests::{bin, make_image, pattern, read_file, run, wait_for, Proxy};
+use tests::{bin, make_image, pattern, read_file, run, wait_for};
 
 const MIB: u64 = 1 << 20;
 const CAUGHT_UP: Duration = Duration::from_secs(120);
 
-fn start_proxy(dir: &Path, rep: &str, disks: &[(&str, &Path)]) -> Proxy {
-    let mut args: Vec<String> = Vec::new();
-    for (name, path) in disks {
-        args.push("--disk".into());
-        args.push(format!("{name}={}", path.display()));
-    }
-    for a in ["--replicate", rep, "--group", "g", "--control"] {
-        args.push(a.into());
-    }
-    args.push(dir.join("ctl").display().to_string());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proxy::start(&dir.join("nbd.sock"), &args).unwrap()
-}
-
-fn restore(args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin("restore")).args(args).output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 fn materialize(store: &Path, disk: &str, at: &str, out: &Path) -> Vec<u8> {
-    let (ok, text) = restore(&[
-        "materialize",
-        "--store",
-        store.to_str().unwrap(),
-        "--group",
-        "g",
-        "--disk",
-        disk,
-        "--at",
-        at,
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, text) = cli(
+        "restore",
+        &[
+            "materialize",
+            "--store",
+            store.to_str().unwrap(),
+            "--group",
+            "g",
+            "--disk",
+            disk,
+            "--at",
+            at,
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    );
     assert!(ok, "materialize {at}: {text}");
     let bytes = read_file(out);
     std::fs::remove_file(out).unwrap();
@@ -96,6 +73,7 @@ fn points_of_a_random_history_equal_the_model() {
         dir.path(),
         &rep.addr,
         &[("a", &images[0]), ("b", &images[1])],
+        &[],
     );
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     let mut clients: Vec<RawClient> = names
@@ -216,19 +194,22 @@ fn points_of_a_random_history_equal_the_model() {
         drop(export);
     }
     // Points folded away or never reached are refused with the reason.
-    let (ok, out) = restore(&[
-        "export",
-        "--store",
-        store.to_str().unwrap(),
-        "--group",
-        "g",
-        "--at",
-        &format!("seq:{}", base.saturating_sub(1)),
-        "--socket",
-        "/nonexistent/x.sock",
-    ]);
+    let (ok, out) = cli(
+        "restore",
+        &[
+            "export",
+            "--store",
+            store.to_str().unwrap(),
+            "--group",
+            "g",
+            "--at",
+            &format!("seq:{}", base.saturating_sub(1)),
+            "--socket",
+            "/nonexistent/x.sock",
+        ],
+    );
     assert!(!ok && out.contains("before the oldest point"), "{out}");
-    let (ok, out) = restore(&["list", "--store", store.to_str().unwrap()]);
+    let (ok, out) = cli("restore", &["list", "--store", store.to_str().unwrap()]);
     assert!(ok && out.contains("bookmark    mid"), "{out}");
 }
 
@@ -256,7 +237,7 @@ fn writable_export_never_changes_the_store() {
     let image = dir.path().join("disk.img");
     make_image(&image, 8 * MIB, &[(0, &pattern(1, 8 * MIB as usize))]).unwrap();
     let rep = Replicator::start(&dir.path().join("store"), &[]).unwrap();
-    let proxy = start_proxy(dir.path(), &rep.addr, &[("disk", &image)]);
+    let proxy = start_proxy(dir.path(), &rep.addr, &[("disk", &image)], &[]);
     wait_caught_up(&dir.path().join("ctl"), CAUGHT_UP).unwrap();
     drop(proxy);
     drop(rep);
@@ -333,7 +314,7 @@ fn export_is_stable_while_ingest_and_retention_run() {
     )
     .unwrap();
     let ctl = dir.path().join("ctl");
-    let proxy = start_proxy(dir.path(), &rep.addr, &[("disk", &image)]);
+    let proxy = start_proxy(dir.path(), &rep.addr, &[("disk", &image)], &[]);
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     let fio = |size: &str| {
         run(
@@ -413,7 +394,12 @@ fn verify_boots_a_point() {
     let data = dir.path().join("data.img");
     std::fs::copy(images.join("data.img"), &data).unwrap();
     let rep = Replicator::start(&dir.path().join("store"), &[]).unwrap();
-    let proxy = start_proxy(dir.path(), &rep.addr, &[("root", &root), ("data", &data)]);
+    let proxy = start_proxy(
+        dir.path(),
+        &rep.addr,
+        &[("root", &root), ("data", &data)],
+        &[],
+    );
     wait_caught_up(&dir.path().join("ctl"), CAUGHT_UP).unwrap();
     drop(proxy);
     let store = dir.path().join("store");
@@ -449,7 +435,7 @@ fn verify_boots_a_point() {
     };
     let a = args("CDP-GUEST: READY", "console=ttyS0 quiet panic=-1");
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let (ok, out) = restore(&a);
+    let (ok, out) = cli("restore", &a);
     assert!(ok, "{out}");
     assert!(out.contains("PASS") && out.contains("boots"), "{out}");
     let a = args(
@@ -457,7 +443,7 @@ fn verify_boots_a_point() {
         "console=ttyS0 quiet panic=-1 cdp.cmds=poweroff",
     );
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let (ok, out) = restore(&a);
+    let (ok, out) = cli("restore", &a);
     assert!(!ok, "{out}");
     assert!(
         out.contains("FAIL") && out.contains("console tail") && out.contains("POWEROFF"),
@@ -474,7 +460,7 @@ fn corrupt_record_under_the_view_fails_the_read_with_eio() {
     make_image(&image, 4 * MIB, &[]).unwrap();
     let rep = Replicator::start(&dir.path().join("store"), &["--segment-size", "1MiB"]).unwrap();
     let ctl = dir.path().join("ctl");
-    let proxy = start_proxy(dir.path(), &rep.addr, &[("disk", &image)]);
+    let proxy = start_proxy(dir.path(), &rep.addr, &[("disk", &image)], &[]);
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     let uri = proxy.uri("disk");
     run(
@@ -570,45 +556,54 @@ fn corrupt_record_under_the_view_fails_the_read_with_eio() {
     let want = format!("corrupt record seq {} at byte {}", victim.seq, victim.pos);
     assert!(text.contains(&want), "want {want:?} in:\n{text}");
     // Materialize refuses to write the corrupt point.
-    let (ok, out) = restore(&[
-        "materialize",
-        "--store",
-        store.to_str().unwrap(),
-        "--group",
-        "g",
-        "--at",
-        "latest",
-        "--output",
-        dir.path().join("m.img").to_str().unwrap(),
-    ]);
+    let (ok, out) = cli(
+        "restore",
+        &[
+            "materialize",
+            "--store",
+            store.to_str().unwrap(),
+            "--group",
+            "g",
+            "--at",
+            "latest",
+            "--output",
+            dir.path().join("m.img").to_str().unwrap(),
+        ],
+    );
     assert!(!ok, "{out}");
     assert!(
         !dir.path().join("m.img").exists(),
         "no partial image is left behind"
     );
-    let (ok, out) = restore(&[
-        "export",
-        "--store",
-        store.to_str().unwrap(),
-        "--group",
-        "g",
-        "--at",
-        "bookmark:nope",
-        "--socket",
-        socket.to_str().unwrap(),
-    ]);
+    let (ok, out) = cli(
+        "restore",
+        &[
+            "export",
+            "--store",
+            store.to_str().unwrap(),
+            "--group",
+            "g",
+            "--at",
+            "bookmark:nope",
+            "--socket",
+            socket.to_str().unwrap(),
+        ],
+    );
     assert!(!ok && out.contains("no bookmark \"nope\""), "{out}");
-    let (ok, out) = restore(&[
-        "export",
-        "--store",
-        store.to_str().unwrap(),
-        "--group",
-        "nogroup",
-        "--at",
-        "latest",
-        "--socket",
-        socket.to_str().unwrap(),
-    ]);
+    let (ok, out) = cli(
+        "restore",
+        &[
+            "export",
+            "--store",
+            store.to_str().unwrap(),
+            "--group",
+            "nogroup",
+            "--at",
+            "latest",
+            "--socket",
+            socket.to_str().unwrap(),
+        ],
+    );
     assert!(
         !ok && out.contains("no group \"nogroup\"; groups: g"),
         "{out}"

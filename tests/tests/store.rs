@@ -4,42 +4,13 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::{Read, Write};
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use tests::cdp::*;
-use tests::{bin, make_image, read_file, run, wait_for, Proxy};
+use tests::{make_image, run, wait_for, Proxy};
 
 const MIB: u64 = 1 << 20;
 const CAUGHT_UP: Duration = Duration::from_secs(120);
-
-fn start_proxy(dir: &Path, rep: &str, image: &Path, extra: &[&str]) -> Proxy {
-    let disk = format!("disk={}", image.display());
-    let ctl = dir.join("ctl").display().to_string();
-    let mut args = vec![
-        "--disk",
-        &disk,
-        "--replicate",
-        rep,
-        "--group",
-        "g",
-        "--control",
-        &ctl,
-    ];
-    args.extend_from_slice(extra);
-    Proxy::start(&dir.join("nbd.sock"), &args).unwrap()
-}
-
-fn qemu_io(proxy: &Proxy, cmds: &[&str]) {
-    let uri = proxy.uri("disk");
-    let mut args = vec!["-f", "raw", uri.as_str()];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    run("qemu-io", &args).unwrap();
-}
 
 /// Writes `len` bytes of incompressible data at `offset` with fio.
 fn fio_write(proxy: &Proxy, offset: u64, len: u64) {
@@ -61,41 +32,17 @@ fn fio_write(proxy: &Proxy, offset: u64, len: u64) {
     .unwrap();
 }
 
-fn cli(program: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin(program)).args(args).output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn replica_equals(store: &Path, image: &Path) {
-    let group = journal::store::GroupDir::new(store, "g");
-    let records = read_journal(&group).unwrap();
-    let replayed = replay(&group, &records, u64::MAX).unwrap();
-    assert!(
-        replayed[0] == read_file(image),
-        "base + journal replay equals the image"
-    );
-    wait_head_equals(&group, "disk", image).unwrap();
-    check_store(store).unwrap();
-}
-
 #[test]
 fn bookmarks_and_status_for_people_and_scripts() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     make_image(&image, 16 * MIB, &[]).unwrap();
     let mut rep = Replicator::start(&dir.path().join("store"), &[]).unwrap();
-    let proxy = start_proxy(dir.path(), &rep.addr, &image, &[]);
+    let proxy = start_proxy(dir.path(), &rep.addr, &[("disk", &image)], &[]);
     let ctl = dir.path().join("ctl");
     let ctl_s = ctl.display().to_string();
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
-    qemu_io(&proxy, &["write -P 0x11 0 1M", "flush"]);
+    qemu_io(&proxy.uri("disk"), &["write -P 0x11 0 1M", "flush"]);
 
     let (ok, out) = cli(
         "nbd-proxy",
@@ -136,7 +83,7 @@ fn bookmarks_and_status_for_people_and_scripts() {
 
     // With the replicator away, the link shows down and a bookmark is placed but not durable.
     rep.kill9();
-    qemu_io(&proxy, &["write -P 0x22 1M 1M"]);
+    qemu_io(&proxy.uri("disk"), &["write -P 0x22 1M 1M"]);
     wait_for("the link to show down", Duration::from_secs(30), || {
         (proxy_status(&ctl).ok()?["link"] == "down").then_some(())
     })
@@ -160,7 +107,7 @@ fn bookmarks_and_status_for_people_and_scripts() {
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     let (_, out) = cli("replicator", &["status", "--store", &store]);
     assert!(out.contains("before-upgrade, while-away"), "{out}");
-    replica_equals(&rep.store, &image);
+    replica_equals(&rep.store, &[("disk", &image)]);
 
     let (ok, out) = cli("nbd-proxy", &["status", "--control", "/nonexistent/ctl"]);
     assert!(
@@ -188,7 +135,7 @@ fn retention_folds_history_into_the_base() {
         ],
     )
     .unwrap();
-    let proxy = start_proxy(dir.path(), &rep.addr, &image, &[]);
+    let proxy = start_proxy(dir.path(), &rep.addr, &[("disk", &image)], &[]);
     let ctl = dir.path().join("ctl");
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     let group = rep.group("g");
@@ -209,7 +156,7 @@ fn retention_folds_history_into_the_base() {
     )
     .unwrap();
     assert!(rep.log_text().contains("folded"), "{}", rep.log_text());
-    replica_equals(&rep.store, &image);
+    replica_equals(&rep.store, &[("disk", &image)]);
     drop(proxy);
 
     // Size limit below what the retention window needs.
@@ -230,7 +177,7 @@ fn retention_folds_history_into_the_base() {
         ],
     )
     .unwrap();
-    let proxy2 = start_proxy(dir2.path(), &rep2.addr, &image2, &[]);
+    let proxy2 = start_proxy(dir2.path(), &rep2.addr, &[("disk", &image2)], &[]);
     let ctl2 = dir2.path().join("ctl");
     for _ in 0..4 {
         fio_write(&proxy2, 0, 3 * MIB);
@@ -258,7 +205,7 @@ fn retention_folds_history_into_the_base() {
         || (rep2.group("g").segments().ok()?.len() == 1).then_some(()),
     )
     .unwrap();
-    replica_equals(&rep2.store, &image2);
+    replica_equals(&rep2.store, &[("disk", &image2)]);
     drop(proxy2);
 }
 
@@ -270,11 +217,11 @@ fn check_reports_a_corrupt_record_with_its_place() {
     let image = dir.path().join("disk.img");
     make_image(&image, 16 * MIB, &[]).unwrap();
     let mut rep = Replicator::start(&dir.path().join("store"), &[]).unwrap();
-    let proxy = start_proxy(dir.path(), &rep.addr, &image, &[]);
+    let proxy = start_proxy(dir.path(), &rep.addr, &[("disk", &image)], &[]);
     let ctl = dir.path().join("ctl");
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     qemu_io(
-        &proxy,
+        &proxy.uri("disk"),
         &[
             "write -P 0x41 0 64k",
             "write -P 0x42 64k 64k",
@@ -315,10 +262,10 @@ fn torn_tail_is_cut_at_start_up() {
     let image = dir.path().join("disk.img");
     make_image(&image, 16 * MIB, &[]).unwrap();
     let mut rep = Replicator::start(&dir.path().join("store"), &[]).unwrap();
-    let proxy = start_proxy(dir.path(), &rep.addr, &image, &[]);
+    let proxy = start_proxy(dir.path(), &rep.addr, &[("disk", &image)], &[]);
     let ctl = dir.path().join("ctl");
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
-    qemu_io(&proxy, &["write -P 0x61 0 1M"]);
+    qemu_io(&proxy.uri("disk"), &["write -P 0x61 0 1M"]);
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     rep.kill9();
     let seg = rep.group("g").segments().unwrap().pop().unwrap();
@@ -329,7 +276,7 @@ fn torn_tail_is_cut_at_start_up() {
         .unwrap();
     f.write_all(b"CDPR\x01\x00\x00\x00half a record").unwrap();
     drop(f);
-    qemu_io(&proxy, &["write -P 0x62 1M 1M"]);
+    qemu_io(&proxy.uri("disk"), &["write -P 0x62 1M 1M"]);
     rep.restart().unwrap();
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     let log = rep.log_text();
@@ -338,7 +285,7 @@ fn torn_tail_is_cut_at_start_up() {
         log.contains("journal tail cut at start-up") && log.contains(&line),
         "{log}"
     );
-    replica_equals(&rep.store, &image);
+    replica_equals(&rep.store, &[("disk", &image)]);
 }
 
 /// Garbage, a bad group name and a proxy whose disks differ from the stored group get clear
@@ -375,13 +322,13 @@ fn bad_input_on_the_replicator_port() {
     // The group exists with a 16 MiB disk; a proxy now offers 32 MiB under the same name.
     let image = dir.path().join("disk.img");
     make_image(&image, 16 * MIB, &[]).unwrap();
-    let proxy = start_proxy(dir.path(), &rep.addr, &image, &[]);
+    let proxy = start_proxy(dir.path(), &rep.addr, &[("disk", &image)], &[]);
     wait_caught_up(&dir.path().join("ctl"), CAUGHT_UP).unwrap();
     drop(proxy);
     let other = tempfile::tempdir().unwrap();
     let big = other.path().join("disk.img");
     make_image(&big, 32 * MIB, &[]).unwrap();
-    let proxy = start_proxy(other.path(), &rep.addr, &big, &[]);
+    let proxy = start_proxy(other.path(), &rep.addr, &[("disk", &big)], &[]);
     wait_for(
         "the proxy to report the refusal",
         Duration::from_secs(30),
@@ -396,6 +343,6 @@ fn bad_input_on_the_replicator_port() {
     let s = proxy_status(&other.path().join("ctl")).unwrap();
     assert_eq!(s["link"], "down", "{s}");
     // Still serving the guest, and the replicator still serves others.
-    qemu_io(&proxy, &["write -P 0x7 0 4k"]);
+    qemu_io(&proxy.uri("disk"), &["write -P 0x7 0 4k"]);
     std::net::TcpStream::connect(&rep.addr).unwrap();
 }
