@@ -36,6 +36,9 @@ pub struct Group {
     pub records_in: u64,
     pub bytes_in: u64,
     pub stored_in: u64,
+    /// Why the store last failed to take records (a full or failing disk); cleared when
+    /// records are stored again. Shown by `replicator status`.
+    pub store_error: Option<String>,
 }
 
 /// Why a batch was not taken.
@@ -176,6 +179,7 @@ impl Group {
             records_in: 0,
             bytes_in: 0,
             stored_in: 0,
+            store_error: None,
         };
         if heads_valid {
             group.mark_heads()?;

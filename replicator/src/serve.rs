@@ -262,7 +262,7 @@ fn run_session(
     if hello.want_hashes {
         send_hashes(stream, group)?;
     }
-    write_status(group, Some(peer), None);
+    write_status(group, Some(peer));
     let keepalive = Duration::from_millis(wire::keepalive_interval_ms(
         link_timeout_ms,
         hello.link_timeout_ms,
@@ -310,7 +310,10 @@ fn run_session(
         (_, Err(e)) => Some(format!("{e:#}")),
         _ => None,
     };
-    write_status(group, None, store_error.as_deref());
+    if store_error.is_some() {
+        group.store_error = store_error;
+    }
+    write_status(group, None);
     if let Some(why) = group.failed().map(str::to_owned) {
         error!(group = %hello.group, "the journal must be reopened: {why}");
         *guard = None;
@@ -383,7 +386,7 @@ fn ingest_loop(
                     last_sent = Instant::now();
                 }
                 if last_status.elapsed() >= Duration::from_secs(1) {
-                    write_status(group, Some(peer), None);
+                    write_status(group, Some(peer));
                     last_status = Instant::now();
                 }
                 continue;
@@ -412,12 +415,14 @@ fn ingest_loop(
             }
         };
         if durable != acked {
+            // Records are stored again: whatever kept them out is over.
+            group.store_error = None;
             stream.write_all(&wire::ack(durable))?;
             last_sent = Instant::now();
             acked = durable;
         }
         if last_status.elapsed() >= Duration::from_secs(1) {
-            write_status(group, Some(peer), None);
+            write_status(group, Some(peer));
             last_status = Instant::now();
         }
     }
@@ -481,7 +486,7 @@ pub struct LiveStatus {
     pub store_error: Option<String>,
 }
 
-fn write_status(group: &Group, peer: Option<&str>, store_error: Option<&str>) {
+fn write_status(group: &Group, peer: Option<&str>) {
     let status = LiveStatus {
         connected: peer.is_some(),
         peer: peer.map(str::to_owned),
@@ -492,7 +497,7 @@ fn write_status(group: &Group, peer: Option<&str>, store_error: Option<&str>) {
         bytes_in: group.bytes_in,
         stored_in: group.stored_in,
         pid: std::process::id(),
-        store_error: store_error.map(str::to_owned),
+        store_error: group.store_error.clone(),
     };
     put_status(&group.dir, &status);
 }

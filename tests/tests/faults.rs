@@ -371,11 +371,16 @@ fn a_full_store_loses_nothing_acknowledged() {
     })
     .unwrap();
     assert_eq!(s["sync_degraded"], true, "{s}");
-    let (_, out) = cli(
-        "replicator",
-        &["status", "--store", store.to_str().unwrap()],
-    );
-    assert!(out.contains("No space left"), "{out}");
+    let store_s = store.display().to_string();
+    wait_for(
+        "replicator status to say the store is full",
+        CAUGHT_UP,
+        || {
+            let (_, out) = cli("replicator", &["status", "--store", &store_s]);
+            out.contains("STORE ERROR").then_some(())
+        },
+    )
+    .unwrap();
     // Space returns: everything converges.
     Tmpfs::resize(&store, "256m");
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
