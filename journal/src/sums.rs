@@ -102,6 +102,16 @@ impl ChunkSet {
         }
     }
 
+    /// Takes `c` out of the set; whether it was in.
+    pub fn remove(&mut self, c: u64) -> bool {
+        let Some(w) = self.bits.get_mut((c / 64) as usize) else {
+            return false;
+        };
+        let was = *w & (1 << (c % 64)) != 0;
+        *w &= !(1 << (c % 64));
+        was
+    }
+
     pub fn contains(&self, c: u64) -> bool {
         self.bits
             .get((c / 64) as usize)

@@ -74,8 +74,8 @@ struct Cli {
     group: Option<String>,
 
     /// async: reply to the guest after the local write (RPO: the lag, usually milliseconds).
-    /// sync: reply only once the replicator has the write on disk (RPO 0; writes wait while
-    /// the replicator is away).
+    /// sync: reply only once the replicator has the write on disk (RPO 0; while the replicator
+    /// is away writes wait, up to --sync-timeout).
     #[arg(
         long,
         value_enum,

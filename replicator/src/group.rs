@@ -164,7 +164,7 @@ impl Group {
             journal.current_len(),
             report.last_seq,
         )?;
-        let mut group = Group {
+        let group = Group {
             dir,
             meta,
             journal,
@@ -181,9 +181,6 @@ impl Group {
             stored_in: 0,
             store_error: None,
         };
-        if heads_valid {
-            group.mark_heads()?;
-        }
         Ok((group, known))
     }
 
@@ -336,16 +333,27 @@ impl Group {
         if !self.heads_valid || !self.applier.is_valid() || drained.is_err() {
             return Ok(());
         }
-        self.rehash_touched()?;
-        let sums = &self.head_sums[disk];
+        // Changed chunks are rehashed as their frame comes, and a frame goes out at least
+        // twice a second, so a large image keeps the link alive while it is read.
+        let size = self.meta.volumes[disk].size;
+        let chunks = self.head_sums[disk].chunks();
         let mut part = Vec::with_capacity(wire::HASHES_PER_FRAME);
         let mut first = 0;
-        for c in 0..sums.chunks() {
-            part.push(sums.get(c));
-            if part.len() == wire::HASHES_PER_FRAME || c + 1 == sums.chunks() {
+        let mut last_sent = std::time::Instant::now();
+        let mut buf = Vec::new();
+        for c in 0..chunks {
+            let changed = self.touched.lock().unwrap_or_else(|p| p.into_inner())[disk].remove(c);
+            if changed {
+                let h = journal::read::hash_chunk(&self.heads[disk], c, size, &mut buf)?;
+                self.head_sums[disk].set(c, h);
+            }
+            part.push(self.head_sums[disk].get(c));
+            let full = part.len() == wire::HASHES_PER_FRAME || c + 1 == chunks;
+            if full || last_sent.elapsed() >= std::time::Duration::from_millis(500) {
                 send(first, &part)?;
                 first = c + 1;
                 part.clear();
+                last_sent = std::time::Instant::now();
             }
         }
         Ok(())
