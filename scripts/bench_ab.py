@@ -1,0 +1,95 @@
+#!/usr/bin/python3
+"""Replication with two builds side by side (A/B, alternating rounds ABBA), to measure what one
+change costs: each build runs its own replicator and proxy (sync and async) over a copy of one
+1 GiB random image, fio writes through it, and the table gives each row's IOPS and p99
+completion latency per build and the ratio after/before.
+
+Usage: scripts/bench_ab.py --before DIR --after DIR [--runtime 5] [--rounds 2]
+       (DIR: a target/release directory holding nbd-proxy and replicator)
+Example: git worktree add /tmp/old REV && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target \\
+         cargo build --release --bins) && scripts/bench_ab.py --before /tmp/old-target/release \\
+         --after target/release
+"""
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+
+ROWS = [("4k randwrite QD1", "randwrite", "4k", 1), ("4k randwrite QD32", "randwrite", "4k", 32),
+        ("1M write QD8", "write", "1M", 8)]
+
+
+def status(bin_dir, ctl):
+    out = subprocess.run([f"{bin_dir}/nbd-proxy", "status", "--json", "--control", ctl],
+                         capture_output=True, text=True)
+    return json.loads(out.stdout) if out.returncode == 0 else None
+
+
+def run(bin_dir, tag, mode, work, port, runtime):
+    img = f"{work}/{tag}-{mode}.img"
+    subprocess.run(["cp", "--sparse=always", f"{work}/src.img", img], check=True)
+    rep = subprocess.Popen([f"{bin_dir}/replicator", "serve", "--listen", f"127.0.0.1:{port}",
+                            "--store", f"{work}/{tag}-{mode}-store"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    sock, ctl = f"{work}/{tag}-{mode}.sock", f"{work}/{tag}-{mode}.ctl"
+    proxy = subprocess.Popen([f"{bin_dir}/nbd-proxy", "--disk", f"d={img}", "--socket", sock,
+                              "--replicate", f"127.0.0.1:{port}", "--group", "g", "--control", ctl,
+                              "--mode", mode], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(1200):
+        s = status(bin_dir, ctl)
+        if s and s["link"] == "connected" and s["lag_seq"] == 0 and s["syncs_completed"] >= 1 \
+                and not s["sync_running"]:
+            break
+        time.sleep(0.1)
+    res = {}
+    for name, rw, bs, qd in ROWS:
+        out = f"{work}/fio.json"
+        subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd+unix:///d?socket={sock}",
+                        f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--size=1g", "--time_based",
+                        f"--runtime={runtime}", "--output-format=json", f"--output={out}"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        text = open(out).read()
+        w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+        res[name] = (w["iops"], w["clat_ns"]["percentile"].get("99.000000", 0) / 1000)
+    proxy.terminate()
+    proxy.wait()
+    rep.terminate()
+    rep.wait()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--before", required=True)
+    ap.add_argument("--after", required=True)
+    ap.add_argument("--runtime", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    builds = {"before": args.before, "after": args.after}
+    results = {}
+    port = 19100
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as work:
+        subprocess.run(["dd", "if=/dev/urandom", f"of={work}/src.img", "bs=1M", "count=1024",
+                        "status=none"], check=True)
+        for rnd in range(args.rounds):
+            order = ["before", "after"] if rnd % 2 == 0 else ["after", "before"]
+            for mode in ["sync", "async"]:
+                for tag in order:
+                    port += 1
+                    for k, v in run(builds[tag], tag, mode, work, port, args.runtime).items():
+                        results.setdefault((mode, k, tag), []).append(v)
+    print("| mode | row | before IOPS | after IOPS | after/before | before p99 µs | after p99 µs |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in ["sync", "async"]:
+        for name, *_ in ROWS:
+            b, a = results[(mode, name, "before")], results[(mode, name, "after")]
+            bi, ai = sum(x[0] for x in b) / len(b), sum(x[0] for x in a) / len(a)
+            bp, ap_ = sum(x[1] for x in b) / len(b), sum(x[1] for x in a) / len(a)
+            print(f"| {mode} | {name} | {bi:.0f} | {ai:.0f} | {ai / bi:.2f}x | {bp:.0f} | {ap_:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
