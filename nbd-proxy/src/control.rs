@@ -13,7 +13,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tracing::{info, warn};
 
-use crate::capture::{Capture, CaptureBackend};
+use crate::capture::Capture;
+use crate::disk::CaptureBackend;
 use crate::ship::{lag_percentiles, LinkInfo};
 use nbd_server::BlockBackend;
 

@@ -5,6 +5,7 @@
 mod activity;
 mod capture;
 mod control;
+mod disk;
 mod rangelock;
 mod resync;
 mod ship;
@@ -337,7 +338,7 @@ fn export(disk: &Disk, backend: FileBackend) -> Export<FileBackend> {
 
 /// The capture side of a replicated group, running.
 struct Replication {
-    disks: Vec<Arc<capture::CaptureBackend>>,
+    disks: Vec<Arc<disk::CaptureBackend>>,
     capture: Arc<capture::Capture>,
 }
 
@@ -412,11 +413,11 @@ fn start_replication(
         cli.sync_timeout.0,
         Some((al, recovered)),
     );
-    let disks: Vec<Arc<capture::CaptureBackend>> = files
+    let disks: Vec<Arc<disk::CaptureBackend>> = files
         .iter()
         .enumerate()
         .map(|(i, (_, file))| -> anyhow::Result<_> {
-            Ok(Arc::new(capture::CaptureBackend {
+            Ok(Arc::new(disk::CaptureBackend {
                 file: FileBackend::open(file.path(), false)?,
                 locks: Default::default(),
                 capture: capture.clone(),

@@ -15,7 +15,8 @@ use journal::wire::{chunk_hash, HASH_CHUNK};
 use nbd_server::BlockBackend;
 use tracing::info;
 
-use crate::capture::{Capture, CaptureBackend};
+use crate::capture::Capture;
+use crate::disk::CaptureBackend;
 
 #[derive(Debug)]
 pub struct Plan {

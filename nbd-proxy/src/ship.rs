@@ -20,7 +20,8 @@ use journal::wire::{self, FrameType, Hello, Volume, Welcome, FRAME_HEADER_LEN};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::capture::{Capture, CaptureBackend, Handshake, Sealed};
+use crate::capture::{Capture, Handshake, Sealed};
+use crate::disk::CaptureBackend;
 use crate::resync::{self, Plan};
 
 /// Largest batch body sent in one frame.

@@ -1,0 +1,174 @@
+//! One disk of a replicated group: the image behind the NBD export, its range locks, and the
+//! group's [`Capture`]. Every change is captured under its range lock (applied, then numbered,
+//! while the lock is held); in sync mode the reply waits until the replicator has it.
+
+use std::io;
+use std::sync::Arc;
+
+use journal::record::{Encoded, Kind};
+use nbd_server::{BlockBackend, Capabilities, Extent, FileBackend, ZeroError, ZeroMode};
+
+use crate::capture::{Capture, Captured};
+use crate::rangelock::RangeLocks;
+
+/// One disk of a replicated group: the image, its range locks, and the group's capture.
+#[derive(Debug)]
+pub struct CaptureBackend {
+    pub file: FileBackend,
+    pub locks: RangeLocks,
+    pub capture: Arc<Capture>,
+    pub disk: u16,
+}
+
+impl CaptureBackend {
+    /// Marks the range in the activity log before it changes on the image.
+    fn begin(&self, offset: u64, length: u64) -> io::Result<()> {
+        match &self.capture.activity {
+            Some(al) => al.begin(usize::from(self.disk), offset, length),
+            None => Ok(()),
+        }
+    }
+
+    fn changed(&self, offset: u64, length: u64, seq: Option<u64>) {
+        if let Some(al) = &self.capture.activity {
+            al.changed(usize::from(self.disk), offset, length, seq);
+        }
+    }
+
+    /// One change to the image, captured: under the range lock, mark the activity log, apply
+    /// (`apply`, not yet polled), and number the record; then, in sync mode, wait until the
+    /// replicator has it. A failed apply records nothing.
+    async fn change<E: From<io::Error>>(
+        &self,
+        offset: u64,
+        length: u64,
+        enc: Encoded,
+        apply: impl std::future::Future<Output = Result<(), E>>,
+    ) -> Result<(), E> {
+        if length == 0 {
+            // Changes nothing: nothing to lock, mark or record (a record would be refused).
+            return apply.await;
+        }
+        let seq = {
+            let _range = self.locks.lock(offset, length).await;
+            self.begin(offset, length)?;
+            let applied = apply.await;
+            let captured = match applied {
+                Ok(()) => {
+                    self.capture
+                        .push(enc, self.disk, Some((offset, length)), false)
+                        .await
+                }
+                Err(_) => Captured::None,
+            };
+            self.changed(offset, length, captured.seq());
+            applied?;
+            captured
+        };
+        self.after_change(seq).await;
+        Ok(())
+    }
+
+    /// Sync mode: waits until the replicator has the change, as a record (its seq durable) or
+    /// as a dirty mark (a sync that carried it ended durably: before the first contact, or
+    /// while records were not kept, that is how a change reaches the replicator).
+    async fn after_change(&self, captured: Captured) {
+        if !self.capture.sync_waits() {
+            return;
+        }
+        let c = &self.capture;
+        let wait = async {
+            match captured {
+                Captured::Seq(seq) => c.durable(seq).await,
+                Captured::Dirty(generation) => {
+                    let mut rx = c.durable_gen.subscribe();
+                    let _ = rx.wait_for(|g| *g > generation).await;
+                }
+                Captured::None => {}
+            }
+        };
+        match c.sync_timeout {
+            None => wait.await,
+            Some(limit) => {
+                if tokio::time::timeout(limit, wait).await.is_err() {
+                    c.degrade(captured.seq().unwrap_or_else(|| c.last_seq()));
+                }
+            }
+        }
+    }
+
+    /// Flushes the image and queues a flush record.
+    pub async fn flush_and_mark(&self) -> io::Result<Option<u64>> {
+        self.file.flush().await?;
+        Ok(self
+            .capture
+            .push_control(Encoded::control(Kind::Flush, self.disk, 0, 0, "")))
+    }
+}
+
+impl BlockBackend for CaptureBackend {
+    fn size_bytes(&self) -> u64 {
+        self.file.size_bytes()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.file.capabilities()
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        if data.is_empty() {
+            return self.file.write(offset, data, fua).await;
+        }
+        let enc = Encoded::data(Kind::Write, self.disk, offset, data, true);
+        self.change(
+            offset,
+            data.len() as u64,
+            enc,
+            self.file.write(offset, data, fua),
+        )
+        .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        mode: ZeroMode,
+        fua: bool,
+    ) -> Result<(), ZeroError> {
+        let enc = Encoded::control(Kind::Zero, self.disk, offset, length, "");
+        let zeroed = self.file.write_zeroes(offset, length, mode, fua);
+        self.change(offset, length, enc, zeroed).await
+    }
+
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        let enc = Encoded::control(Kind::Trim, self.disk, offset, length, "");
+        self.change(offset, length, enc, self.file.trim(offset, length, fua))
+            .await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        let seq = self.flush_and_mark().await?;
+        self.after_change(seq.map_or(Captured::None, Captured::Seq))
+            .await;
+        Ok(())
+    }
+
+    async fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.file.cache(offset, length).await
+    }
+
+    async fn extents(
+        &self,
+        offset: u64,
+        length: u64,
+        max: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        self.file.extents(offset, length, max, out).await
+    }
+}
