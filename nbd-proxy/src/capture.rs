@@ -114,11 +114,14 @@ struct SeqState {
     warned_full: bool,
     /// Syncs begun so far (a dirty mark made at generation g is sent by sync g + 1).
     sync_gen: u64,
+    /// Refusals so far (each dropped records from the log).
+    drops: u64,
 }
 
 /// Outcome of handing a record to the log.
 enum Pushed {
-    Queued(u64),
+    /// Numbered: (seq, refusals so far).
+    Queued(u64, u64),
     /// Marked dirty; the next sync to begin (generation + 1) carries it.
     Dirty(u64),
     Full,
@@ -128,7 +131,11 @@ enum Pushed {
 /// generation `.0` will carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Captured {
-    Seq(u64),
+    /// A record: its seq, and how many refusals had dropped records when it was numbered.
+    Seq {
+        seq: u64,
+        epoch: u64,
+    },
     Dirty(u64),
     /// Not captured at all (the change failed).
     None,
@@ -137,10 +144,20 @@ pub enum Captured {
 impl Captured {
     pub fn seq(self) -> Option<u64> {
         match self {
-            Captured::Seq(s) => Some(s),
+            Captured::Seq { seq, .. } => Some(seq),
             _ => None,
         }
     }
+}
+
+/// Records a refusal dropped: seqs `from..=last` numbered before it (`epoch`: the refusal
+/// count after it); their changes became dirty marks carried by the sync after `generation`.
+#[derive(Debug, Clone, Copy)]
+struct Dropped {
+    epoch: u64,
+    from: u64,
+    last: u64,
+    generation: u64,
 }
 
 /// The replication state shared by every disk of a group.
@@ -170,6 +187,8 @@ pub struct Capture {
     pub(crate) durable_gen: watch::Sender<u64>,
     /// A sync that ended (generation, SyncEnd seq) but is not durable yet.
     ended: Mutex<Option<(u64, u64)>>,
+    /// What refusals dropped (the most recent few).
+    dropped: Mutex<VecDeque<Dropped>>,
 }
 
 #[derive(Debug, Default)]
@@ -228,6 +247,7 @@ impl Capture {
                 adopt_seq,
                 warned_full: false,
                 sync_gen: 0,
+                drops: 0,
             }),
             tx,
             log_bytes: AtomicU64::new(0),
@@ -245,6 +265,7 @@ impl Capture {
             degraded_until: AtomicU64::new(0),
             durable_gen: watch::channel(0).0,
             ended: Mutex::new(None),
+            dropped: Mutex::new(VecDeque::new()),
         };
         (Arc::new(capture), rx)
     }
@@ -289,7 +310,8 @@ impl Capture {
                 }
             }
         }
-        (Pushed::Queued(self.queue(&mut st, enc)), None)
+        let epoch = st.drops;
+        (Pushed::Queued(self.queue(&mut st, enc), epoch), None)
     }
 
     /// Numbers a record and hands it to the shipper; the caller holds the sequencer lock.
@@ -339,7 +361,7 @@ impl Capture {
                 self.try_push(enc, disk, range, false)
             };
             match pushed {
-                Pushed::Queued(seq) => return Captured::Seq(seq),
+                Pushed::Queued(seq, epoch) => return Captured::Seq { seq, epoch },
                 Pushed::Dirty(generation) => return Captured::Dirty(generation),
                 Pushed::Full => {
                     let Some(e) = back else {
@@ -383,7 +405,7 @@ impl Capture {
     /// A small record (flush, bookmark, sync marker): queued past the byte budget when live.
     pub fn push_control(&self, enc: Encoded) -> Option<u64> {
         match self.try_push(enc, 0, None, true).0 {
-            Pushed::Queued(seq) => Some(seq),
+            Pushed::Queued(seq, _) => Some(seq),
             _ => None,
         }
     }
@@ -620,12 +642,39 @@ impl Capture {
                 }
             }
         }
+        st.drops += 1;
+        let lost = Dropped {
+            epoch: st.drops,
+            from: seq,
+            last: st.next_seq.saturating_sub(1),
+            generation: st.sync_gen,
+        };
+        {
+            let mut d = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
+            if d.len() >= 64 {
+                d.pop_front();
+            }
+            d.push_back(lost);
+        }
         st.next_seq = st.next_seq.min(seq);
         st.live = false;
         drop(st);
         self.log_bytes.fetch_sub(freed, Ordering::AcqRel);
         self.space.notify_waiters();
         dropped
+    }
+
+    /// If the record numbered `seq` in `epoch` was dropped by a later refusal: the generation
+    /// after which the sync that carries its change instead is durable.
+    pub(crate) fn dropped_generation(&self, seq: u64, epoch: u64) -> Option<u64> {
+        let d = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
+        if d.front().is_some_and(|f| f.epoch > epoch.saturating_add(1)) && d.len() >= 64 {
+            // Forgotten: assume the worst and wait for the newest generation.
+            return d.back().map(|l| l.generation);
+        }
+        d.iter()
+            .find(|l| l.epoch > epoch && l.from <= seq && seq <= l.last)
+            .map(|l| l.generation)
     }
 
     /// Puts chunks a sync could not send back into the dirty set.

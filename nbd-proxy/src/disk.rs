@@ -79,7 +79,15 @@ impl CaptureBackend {
         let c = &self.capture;
         let wait = async {
             match captured {
-                Captured::Seq(seq) => c.durable(seq).await,
+                Captured::Seq { seq, epoch } => {
+                    c.durable(seq).await;
+                    // A refusal may have dropped the record (its seq now names another one):
+                    // then the change reaches the replicator with the resync that follows.
+                    if let Some(generation) = c.dropped_generation(seq, epoch) {
+                        let mut rx = c.durable_gen.subscribe();
+                        let _ = rx.wait_for(|g| *g > generation).await;
+                    }
+                }
                 Captured::Dirty(generation) => {
                     let mut rx = c.durable_gen.subscribe();
                     let _ = rx.wait_for(|g| *g > generation).await;
@@ -153,8 +161,11 @@ impl BlockBackend for CaptureBackend {
 
     async fn flush(&self) -> io::Result<()> {
         let seq = self.flush_and_mark().await?;
-        self.after_change(seq.map_or(Captured::None, Captured::Seq))
-            .await;
+        let captured = seq.map_or(Captured::None, |seq| Captured::Seq {
+            seq,
+            epoch: u64::MAX,
+        });
+        self.after_change(captured).await;
         Ok(())
     }
 

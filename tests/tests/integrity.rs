@@ -335,16 +335,38 @@ fn a_foreign_session_cannot_disturb_the_groups_proxy() {
 /// resynchronizes its range from the disk, sending it exactly once (before: resent forever).
 #[test]
 fn a_refused_record_is_never_resent() {
+    for mode in ["async", "sync"] {
+        refused_record_run(mode);
+    }
+}
+
+fn refused_record_run(mode: &str) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     make_image(&image, 4 * MIB, &[]).unwrap();
-    let rep = Replicator::start(&dir.path().join("store"), &[]).unwrap();
+    let mut rep = Replicator::start(&dir.path().join("store"), &[]).unwrap();
     let relay = CorruptingRelay::start(&rep.addr);
-    let mut proxy = start_proxy(dir.path(), &relay.addr, &[("disk", &image)], &[]);
+    let mut proxy = start_proxy(
+        dir.path(),
+        &relay.addr,
+        &[("disk", &image)],
+        &["--mode", mode, "--sync-timeout", "never"],
+    );
     let ctl = dir.path().join("ctl");
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     relay.corrupt_next_batch();
     qemu_io(&proxy.uri("disk"), &["write -P 0x66 64k 64k"]);
+    if mode == "sync" {
+        // Acknowledged although its record was refused: the resync that replaced it is durable.
+        rep.kill9();
+        let group = rep.group("g");
+        let held = &replay(&group, &read_journal(&group).unwrap(), u64::MAX).unwrap()[0];
+        assert!(
+            held[64 * 1024..128 * 1024].iter().all(|&b| b == 0x66),
+            "sync mode acknowledged a write the replicator does not hold"
+        );
+        rep.restart().unwrap();
+    }
     wait_for("the refusal", CAUGHT_UP, || {
         proxy_status(&ctl).ok()?["last_refusal"]
             .as_str()
@@ -356,7 +378,7 @@ fn a_refused_record_is_never_resent() {
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
     proxy.stop().unwrap();
     let refusals = rep.log_text().matches("refusing record").count();
-    assert_eq!(refusals, 1, "{}", rep.log_text());
+    assert_eq!(refusals, 1, "{mode}: {}", rep.log_text());
     replica_equals(&rep.store, &[("disk", &image)]);
 }
 
