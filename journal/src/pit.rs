@@ -268,7 +268,26 @@ impl History {
         let segments = dir.segments()?;
         let count = segments.len();
         for (i, seg) in segments.into_iter().enumerate() {
-            let (mut entries, scan) = seg.load_index()?;
+            let (mut entries, scan) = match seg.load_index() {
+                Ok(loaded) => loaded,
+                // Gone since the listing (a fold finished): the caller reads again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+                Err(e) => {
+                    let c = crate::read::Corrupt {
+                        path: seg.path.clone(),
+                        pos: 0,
+                        seq: h.last_seq + 1,
+                        why: e.to_string(),
+                    };
+                    tracing::warn!(
+                        "{c}; the history of group {} ends at seq {} (run `replicator check`)",
+                        h.meta.name,
+                        h.last_seq
+                    );
+                    h.damage = Some(c);
+                    break;
+                }
+            };
             let mut stop = None;
             if let Some(scan) = scan {
                 // No index: what is valid of it. Past the durable position (or in the segment

@@ -243,32 +243,49 @@ pub fn apply(
 }
 
 /// Replays the records of `segments` (with their index entries) whose seq is in `from..=to`,
-/// in order; returns the last seq applied.
+/// in order: every one of them, or an error naming the first seq missing.
 pub fn replay(
     segments: &[(SegmentPath, Vec<IndexEntry>)],
     from: u64,
     to: u64,
     target: &mut impl Apply,
-) -> Result<Option<u64>, ApplyError> {
+) -> Result<(), ApplyError> {
     let mut buf = Vec::new();
-    let mut last = None;
+    let mut next = from;
+    let missing = |seq: u64, path: &Path, pos: u64| Corrupt {
+        path: path.to_owned(),
+        pos,
+        seq,
+        why: "no record of the journal has this seq (records are missing)".into(),
+    };
     for (seg, entries) in segments {
-        let wanted = || entries.iter().filter(|e| e.seq >= from && e.seq <= to);
-        if wanted().next().is_none() {
+        let start = next;
+        let wanted: Vec<&IndexEntry> = entries
+            .iter()
+            .filter(|e| e.seq >= start && e.seq <= to)
+            .collect();
+        if wanted.is_empty() {
             continue;
         }
         let file = SegmentFile::open(&seg.path)?;
-        for e in wanted() {
-            if !e.kind.changes_data() {
-                last = Some(e.seq);
-                continue;
+        for e in wanted {
+            if e.seq != next {
+                return Err(missing(next, &seg.path, e.pos).into());
             }
-            let r = file.read(e, &mut buf)?;
-            apply(&file, e.pos, &r, target)?;
-            last = Some(e.seq);
+            if e.kind.changes_data() {
+                let r = file.read(e, &mut buf)?;
+                apply(&file, e.pos, &r, target)?;
+            }
+            next += 1;
         }
     }
-    Ok(last)
+    if next <= to {
+        let at = segments
+            .last()
+            .map_or_else(PathBuf::new, |(s, _)| s.path.clone());
+        return Err(missing(next, &at, 0).into());
+    }
+    Ok(())
 }
 
 /// Reads a segment from a byte position onwards, record by record, in windows (the head
@@ -431,6 +448,34 @@ pub fn seek_data(file: &File, off: u64) -> io::Result<Option<u64>> {
         };
     }
     Ok(Some(r as u64))
+}
+
+/// Copies `size` bytes, leaving holes where the source has them.
+pub fn copy_sparse(from: &File, to: &File, size: u64) -> io::Result<()> {
+    to.set_len(0)?;
+    to.set_len(size)?;
+    let seek = |off: u64, whence| {
+        // SAFETY: lseek on a descriptor owned by `from`; no memory is passed.
+        let r = unsafe { libc::lseek(from.as_raw_fd(), off as libc::off_t, whence) };
+        (r >= 0).then_some(r as u64)
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        let Some(data) = seek(off, libc::SEEK_DATA) else {
+            break;
+        };
+        let end = seek(data, libc::SEEK_HOLE).unwrap_or(size).min(size);
+        let mut at = data;
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            from.read_exact_at(&mut buf[..n], at)?;
+            to.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        off = end.max(data + 1);
+    }
+    to.sync_all()
 }
 
 /// Reads as much of `buf` as the file holds at `pos`.

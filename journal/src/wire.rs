@@ -43,8 +43,8 @@ pub const MAX_HANDSHAKE_BODY: u32 = 64 * 1024;
 pub const HASH_CHUNK: u64 = 256 * 1024;
 /// Hashes per `Hashes` frame (a frame covers 1 GiB of disk).
 pub const HASHES_PER_FRAME: usize = 4 * 1024;
-/// Largest volume a group may declare (1 PiB).
-pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
+/// Largest volume a group may declare (64 TiB).
+pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]

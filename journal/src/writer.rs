@@ -9,8 +9,8 @@
 //! * Bytes past the checkpoint were never acknowledged (the acknowledgement follows the
 //!   checkpoint's fsync). A record there that is cut short or bad is a **torn tail** of the last
 //!   commit: it is cut off, and the cut is reported with its place.
-//! * A store written before checkpoints existed has no durable position: its torn tail is cut
-//!   as before, and the report says the position was unknown.
+//! * A journal without its checkpoint is damage too (which records were acknowledged is
+//!   unknown); only an empty journal may lack one.
 //!
 //! After a failed write the file is cut back to what was written before; after a failed fsync
 //! its state is unknown, so it is cut back to the checkpoint (what is known durable) and the
@@ -71,9 +71,6 @@ pub struct OpenReport {
     /// The seq the checkpoint names as durable (acknowledged at most this far).
     pub durable_seq: u64,
     pub cut: Option<Cut>,
-    /// The store had no checkpoint (written by an older version): a torn tail was judged by
-    /// its shape alone.
-    pub legacy: bool,
 }
 
 /// The durable checkpoint file of a group, open for writing.
@@ -150,6 +147,18 @@ impl JournalWriter {
         let ckpt = dir.checkpoint()?;
         let durable_seq = ckpt.map(|c| c.last_seq);
         let segments = dir.segments()?;
+        if ckpt.is_none() && !segments.is_empty() {
+            // Every journal this version writes has one: which records were acknowledged is
+            // unknown, so none may be cut.
+            return Err(Damage {
+                path: dir.checkpoint_path(),
+                pos: 0,
+                seq: segments[0].first_seq,
+                why: "the durable checkpoint is missing".into(),
+                durable_seq: 0,
+            }
+            .into());
+        }
         let Some(newest) = segments.last().cloned() else {
             if let Some(d) = durable_seq.filter(|&d| d > base_seq) {
                 return Err(Damage {
@@ -180,7 +189,6 @@ impl JournalWriter {
                 last_time_ns: w.last_time_ns,
                 durable_seq: base_seq,
                 cut: None,
-                legacy: false,
             };
             return Ok((w, report));
         };
@@ -279,7 +287,6 @@ impl JournalWriter {
             last_time_ns,
             durable_seq: durable_seq.unwrap_or(last_valid),
             cut,
-            legacy: ckpt.is_none(),
         };
         Ok((w, report))
     }
@@ -362,7 +369,14 @@ impl JournalWriter {
             return Err(e);
         }
         if self.len >= self.segment_limit {
-            self.rotate()?;
+            // The records are durable either way: a segment that cannot be sealed now grows on
+            // and is sealed at a later sync.
+            if let Err(e) = self.rotate() {
+                tracing::warn!(
+                    "sealing {} failed: {e}; it stays open and is sealed later",
+                    self.current.path.display()
+                );
+            }
         }
         Ok(())
     }
@@ -431,28 +445,42 @@ impl JournalWriter {
     }
 }
 
-/// Creates the segment that starts at `first_seq`, its header synced.
+/// Creates the segment that starts at `first_seq`, its header synced: written under a
+/// temporary name and renamed, so a failure leaves no segment behind (a stray empty segment
+/// would make the one being written look sealed to retention).
 fn new_segment(dir: &GroupDir, first_seq: u64) -> io::Result<(File, SegmentPath)> {
     let current = dir.segment_path(first_seq);
-    // A file left by an earlier failed attempt holds nothing durable (the checkpoint never
-    // named its records): start it again.
-    match fs::remove_file(&current.path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+    let tmp = current.path.with_extension("seg.tmp");
+    let made = (|| {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let header = SegmentHeader {
+            first_seq,
+            created_ns: crate::now_ns(),
+        };
+        file.write_all(&header.encode())?;
+        file.sync_all()?;
+        fs::rename(&tmp, &current.path)?;
+        sync_dir(&dir.journal_dir())?;
+        Ok(file)
+    })();
+    match made {
+        Ok(file) => Ok((file, current)),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            // Renamed but the directory not synced: take it back too, it holds no record.
+            if current.path.exists()
+                && fs::metadata(&current.path).is_ok_and(|m| m.len() <= SEGMENT_HEADER_LEN as u64)
+            {
+                let _ = fs::remove_file(&current.path);
+            }
+            Err(e)
+        }
     }
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&current.path)?;
-    let header = SegmentHeader {
-        first_seq,
-        created_ns: crate::now_ns(),
-    };
-    file.write_all(&header.encode())?;
-    file.sync_all()?;
-    sync_dir(&dir.journal_dir())?;
-    Ok((file, current))
 }
 
 #[cfg(test)]

@@ -534,8 +534,10 @@ impl Capture {
         while let Ok(r) = rx.try_recv() {
             unacked.push_back(r);
         }
+        // Records at or below the replicator's seq are durable there, when its journal holds
+        // this stream; else the records it holds under those seqs are not ours.
         let mut freed = 0u64;
-        while unacked.front().is_some_and(|r| r.seq <= durable) {
+        while ours && unacked.front().is_some_and(|r| r.seq <= durable) {
             if let Some(r) = unacked.pop_front() {
                 freed += r.bytes.len() as u64;
             }
@@ -550,7 +552,11 @@ impl Capture {
                 Handshake::NeedHashes
             } else {
                 // Start over from the replicator's seq: what we held is superseded by a full
-                // comparison of content.
+                // comparison of content; a sync-mode write waiting for one of those records now
+                // waits for that comparison instead.
+                if let Some(from) = unacked.front().map(|r| r.seq) {
+                    self.note_dropped(&mut st, from);
+                }
                 for r in unacked.drain(..) {
                     freed += r.bytes.len() as u64;
                 }
@@ -566,12 +572,31 @@ impl Capture {
             Handshake::Resume
         };
         drop(st);
-        if freed > 0 {
-            self.release(freed, durable);
-        } else {
-            self.release(0, durable);
-        }
+        let acked = if ours { durable } else { *self.acked.borrow() };
+        self.release(freed, acked);
         decision
+    }
+
+    /// Records that the records numbered from `from` (up to the last one numbered) were dropped
+    /// from the log: their changes reach the replicator with the next sync instead. A sync end
+    /// among them no longer counts. The caller holds the sequencer lock.
+    fn note_dropped(&self, st: &mut SeqState, from: u64) {
+        st.drops += 1;
+        let lost = Dropped {
+            epoch: st.drops,
+            from,
+            last: st.next_seq.saturating_sub(1),
+            generation: st.sync_gen,
+        };
+        let mut d = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
+        if d.len() >= 64 {
+            d.pop_front();
+        }
+        d.push_back(lost);
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        if ended.is_some_and(|(_, end)| end >= from) {
+            *ended = None;
+        }
     }
 
     /// Starts a sync: the log goes live again, a `SyncBegin` record is queued, and the chunks to
@@ -642,20 +667,7 @@ impl Capture {
                 }
             }
         }
-        st.drops += 1;
-        let lost = Dropped {
-            epoch: st.drops,
-            from: seq,
-            last: st.next_seq.saturating_sub(1),
-            generation: st.sync_gen,
-        };
-        {
-            let mut d = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
-            if d.len() >= 64 {
-                d.pop_front();
-            }
-            d.push_back(lost);
-        }
+        self.note_dropped(&mut st, seq);
         st.next_seq = st.next_seq.min(seq);
         st.live = false;
         drop(st);

@@ -64,6 +64,7 @@ impl Group {
         name: &str,
         volumes: &[Volume],
         segment_limit: u64,
+        head_applied: Arc<AtomicU64>,
     ) -> anyhow::Result<(Group, bool)> {
         let known = dir.exists();
         if !known {
@@ -94,16 +95,10 @@ impl Group {
             }
         };
         if let Some(cut) = &report.cut {
-            let durable = if report.legacy {
-                "this store has no durable checkpoint (an older version wrote it), so the cut was \
-                 judged by the record's shape alone"
-                    .to_owned()
-            } else {
-                format!(
-                    "it lies past the durable checkpoint (seq {}), so nothing acknowledged was cut",
-                    report.durable_seq
-                )
-            };
+            let durable = format!(
+                "it lies past the durable checkpoint (seq {}), so nothing acknowledged was cut",
+                report.durable_seq
+            );
             warn!(
                 group = name,
                 "journal tail cut at start-up: {} at byte {}, {} bytes removed ({}); {durable}",
@@ -147,7 +142,17 @@ impl Group {
                 group = name,
                 "bringing head images from seq {} to {}", head_mark.seq, report.last_seq
             );
-            if let Err(e) = head::catch_up(&dir, &heads, &touched, head_mark.seq, report.last_seq) {
+            let caught_up = head::catch_up(&dir, &heads, &touched, head_mark.seq, report.last_seq)
+                .or_else(|e| {
+                    // The records after the head's mark are gone or unreadable: start the
+                    // images again from the base and replay what follows it.
+                    warn!(
+                        group = name,
+                        "head images cannot be caught up ({e}); rebuilding them from the base"
+                    );
+                    head::rebuild(&dir, &meta, &heads, &touched, report.last_seq)
+                });
+            if let Err(e) = caught_up {
                 error!(
                     group = name,
                     "head images cannot be brought to seq {}: {e}; delta sync will resend every chunk",
@@ -163,6 +168,7 @@ impl Group {
             journal.current_segment().clone(),
             journal.current_len(),
             report.last_seq,
+            head_applied,
         )?;
         let group = Group {
             dir,
@@ -231,15 +237,19 @@ impl Group {
                 // The payload itself is checked too (decompressed, crc) before it is stored.
                 r.payload().map_err(|e| refuse(h.seq, e.to_string()))?;
             }
-            self.uncommitted += h.record_len();
-            self.bytes_in += if h.kind.carries_data() { h.length } else { 0 };
-            self.stored_in += h.record_len() as u64;
             accepted.push(r);
             next += 1;
         }
         self.journal.append(&accepted).map_err(|e| {
             IngestError::Store(anyhow::Error::new(e).context("append to the journal"))
         })?;
+        // Counted once the whole batch is in.
+        for r in &accepted {
+            let h = &r.header;
+            self.uncommitted += h.record_len();
+            self.bytes_in += if h.kind.carries_data() { h.length } else { 0 };
+            self.stored_in += h.record_len() as u64;
+        }
         self.records_in += accepted.len() as u64;
         Ok(())
     }
@@ -271,11 +281,6 @@ impl Group {
         Ok(self.durable_seq)
     }
 
-    /// The seq the head images have reached (shared with retention).
-    pub fn head_applied(&self) -> Arc<AtomicU64> {
-        self.applier.applied()
-    }
-
     /// Flushes the head images and records the seq they hold.
     pub fn sync_heads(&mut self) -> anyhow::Result<()> {
         self.applier.drain(self.durable_seq)?;
@@ -285,6 +290,10 @@ impl Group {
     /// Flushes the head images (already at the durable seq), brings their checksums up to
     /// date and writes them, then records that seq.
     fn mark_heads(&mut self) -> anyhow::Result<()> {
+        if !self.heads_valid || !self.applier.is_valid() {
+            // Images that miss records must not be recorded as current.
+            return Ok(());
+        }
         for f in &self.heads {
             f.sync_data()?;
         }
@@ -311,9 +320,18 @@ impl Group {
         let mut buf = Vec::new();
         for (d, set) in touched.iter_mut().enumerate() {
             let size = self.meta.volumes[d].size;
-            for c in set.take() {
-                let h = journal::read::hash_chunk(&self.heads[d], c, size, &mut buf)?;
-                self.head_sums[d].set(c, h);
+            let chunks = set.take();
+            for (i, &c) in chunks.iter().enumerate() {
+                match journal::read::hash_chunk(&self.heads[d], c, size, &mut buf) {
+                    Ok(h) => self.head_sums[d].set(c, h),
+                    Err(e) => {
+                        // Still changed: keep them marked for the next attempt.
+                        for &rest in &chunks[i..] {
+                            set.insert(rest);
+                        }
+                        return Err(e);
+                    }
+                }
             }
         }
         Ok(())
@@ -342,10 +360,11 @@ impl Group {
         let mut last_sent = std::time::Instant::now();
         let mut buf = Vec::new();
         for c in 0..chunks {
-            let changed = self.touched.lock().unwrap_or_else(|p| p.into_inner())[disk].remove(c);
+            let changed = self.touched.lock().unwrap_or_else(|p| p.into_inner())[disk].contains(c);
             if changed {
                 let h = journal::read::hash_chunk(&self.heads[disk], c, size, &mut buf)?;
                 self.head_sums[disk].set(c, h);
+                self.touched.lock().unwrap_or_else(|p| p.into_inner())[disk].remove(c);
             }
             part.push(self.head_sums[disk].get(c));
             let full = part.len() == wire::HASHES_PER_FRAME || c + 1 == chunks;

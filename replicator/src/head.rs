@@ -49,8 +49,6 @@ impl Apply for Marking<'_> {
 #[derive(Debug)]
 pub struct HeadApplier {
     tx: crossbeam_channel::Sender<Work>,
-    /// Highest seq applied to the head images (retention folds nothing beyond it).
-    applied: Arc<AtomicU64>,
     /// False once a record could not be applied: the images no longer follow the journal.
     valid: Arc<AtomicBool>,
 }
@@ -135,6 +133,8 @@ impl Follower {
 
 impl HeadApplier {
     /// Starts the thread, reading from byte `pos` of `segment`, where seq `applied + 1` is.
+    /// `shared` is where it publishes the seq it has applied (retention reads it; it outlives
+    /// this applier when the group is reopened).
     pub fn start(
         dir: &GroupDir,
         heads: &[File],
@@ -142,12 +142,13 @@ impl HeadApplier {
         segment: SegmentPath,
         pos: u64,
         applied: u64,
+        shared: Arc<AtomicU64>,
     ) -> io::Result<HeadApplier> {
         let files = heads
             .iter()
             .map(File::try_clone)
             .collect::<io::Result<Vec<_>>>()?;
-        let shared = Arc::new(AtomicU64::new(applied));
+        shared.store(applied, Ordering::Release);
         let valid = Arc::new(AtomicBool::new(true));
         let (tx, rx) = crossbeam_channel::unbounded::<Work>();
         let mut follower = Follower {
@@ -209,16 +210,7 @@ impl HeadApplier {
                     }
                 }
             })?;
-        Ok(HeadApplier {
-            tx,
-            applied: shared,
-            valid,
-        })
-    }
-
-    /// Highest seq in the head images, for retention (which folds nothing beyond it).
-    pub fn applied(&self) -> Arc<AtomicU64> {
-        self.applied.clone()
+        Ok(HeadApplier { tx, valid })
     }
 
     pub fn is_valid(&self) -> bool {
@@ -267,4 +259,28 @@ pub fn catch_up(
     };
     read::replay(&segments, head_seq + 1, durable, &mut target)?;
     Ok(())
+}
+
+/// Makes the head images again: the base images copied, then the journal replayed onto them
+/// up to `durable`; every chunk is rehashed.
+pub fn rebuild(
+    dir: &GroupDir,
+    meta: &journal::store::GroupMeta,
+    heads: &[File],
+    touched: &Touched,
+    durable: u64,
+) -> Result<(), ApplyError> {
+    let io = |path: std::path::PathBuf| move |source| read::ReadError::Io { path, source };
+    let base = dir.mark("base").map_err(io(dir.path.join("base.json")))?;
+    for (v, head) in meta.volumes.iter().zip(heads) {
+        let from = dir
+            .open_image("base", &v.name, journal::store::Access::Read)
+            .map_err(io(dir.image("base", &v.name)))?;
+        read::copy_sparse(&from, head, v.size).map_err(io(dir.image("head", &v.name)))?;
+    }
+    {
+        let mut t = touched.lock().unwrap_or_else(|p| p.into_inner());
+        *t = meta.volumes.iter().map(|v| ChunkSet::all(v.size)).collect();
+    }
+    catch_up(dir, heads, touched, base.seq, durable)
 }

@@ -8,7 +8,6 @@
 //! in quarantine for forensics).
 
 use std::fs;
-use std::io;
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -188,7 +187,7 @@ pub fn repair(store_dir: &Path, group: &str, dry_run: bool) -> anyhow::Result<bo
     for v in &meta.volumes {
         let from = dir.open_image("base", &v.name, Access::Read)?;
         let to = dir.open_image("head", &v.name, Access::ReadWrite)?;
-        copy_sparse(&from, &to, v.size)?;
+        journal::read::copy_sparse(&from, &to, v.size)?;
     }
     dir.set_mark("head", base)?;
     println!(
@@ -196,34 +195,4 @@ pub fn repair(store_dir: &Path, group: &str, dry_run: bool) -> anyhow::Result<bo
         quarantine.display()
     );
     Ok(true)
-}
-
-/// Copies `size` bytes, leaving holes where the source has them.
-fn copy_sparse(from: &fs::File, to: &fs::File, size: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::FileExt;
-    to.set_len(0)?;
-    to.set_len(size)?;
-    let seek = |off: u64, whence| {
-        // SAFETY: lseek on a descriptor owned by `from`; no memory is passed.
-        let r = unsafe { libc::lseek(from.as_raw_fd(), off as libc::off_t, whence) };
-        (r >= 0).then_some(r as u64)
-    };
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < size {
-        let Some(data) = seek(off, libc::SEEK_DATA) else {
-            break;
-        };
-        let end = seek(data, libc::SEEK_HOLE).unwrap_or(size).min(size);
-        let mut at = data;
-        while at < end {
-            let n = (end - at).min(buf.len() as u64) as usize;
-            from.read_exact_at(&mut buf[..n], at)?;
-            to.write_all_at(&buf[..n], at)?;
-            at += n as u64;
-        }
-        off = end.max(data + 1);
-    }
-    to.sync_all()
 }

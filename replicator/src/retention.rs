@@ -55,7 +55,12 @@ pub fn run(
     state.max_store_size = policy.max_size;
     loop {
         std::thread::sleep(policy.interval);
-        let head_seq = head.load(std::sync::atomic::Ordering::Acquire);
+        // Nothing past what the head images hold durably: a restart catches them up from the
+        // journal, which must still have those records.
+        let persisted = dir.mark("head").map_or(0, |m| m.seq);
+        let head_seq = head
+            .load(std::sync::atomic::Ordering::Acquire)
+            .min(persisted);
         if let Err(e) = pass(&dir, &meta, &policy, &mut state, head_seq) {
             warn!(group = %meta.name, "retention pass failed: {e:#}");
         }
@@ -75,8 +80,14 @@ pub fn pass(
         .max_age
         .map(|age| journal::now_ns().saturating_sub(age.as_nanos() as u64));
     let segments = dir.segments()?;
-    // The newest segment is being written; only sealed ones are folded.
-    let sealed = &segments[..segments.len().saturating_sub(1)];
+    // The newest segment is being written; only sealed ones are folded, and never the one the
+    // durable checkpoint names (the writer's, whatever else the directory holds).
+    let writing = dir.checkpoint()?.map_or(u64::MAX, |c| c.segment);
+    let sealed: Vec<_> = segments[..segments.len().saturating_sub(1)]
+        .iter()
+        .filter(|s| s.first_seq < writing)
+        .cloned()
+        .collect();
     let mut over_size = policy
         .max_size
         .map(|max| dir.disk_usage().map(|u| u > max))
@@ -85,7 +96,7 @@ pub fn pass(
     let mut below_target = false;
     // Restore exports pin the point they serve: nothing newer is folded under them.
     let pinned = dir.min_pinned();
-    for seg in sealed {
+    for seg in &sealed {
         let (entries, _) = seg.load_index()?;
         let Some(last) = entries.last() else {
             fs::remove_file(&seg.path)?;

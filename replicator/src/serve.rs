@@ -51,6 +51,9 @@ struct Slot {
     group: Mutex<Option<Group>>,
     session: Mutex<Option<Session>>,
     retention_started: Mutex<bool>,
+    /// The seq the group's head images have reached, for retention; shared by every opening of
+    /// the group, so that retention follows a reopened group too.
+    head_applied: Arc<AtomicU64>,
 }
 
 type Slots = Arc<Mutex<HashMap<String, Arc<Slot>>>>;
@@ -115,6 +118,26 @@ pub fn serve(listener: TcpListener, opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads from a socket until a deadline: each read waits at most for what is left of it.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    until: Instant,
+}
+
+impl std::io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer did not complete its Hello within --handshake-timeout",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        std::io::Read::read(&mut self.stream, buf)
+    }
+}
+
 /// Tells the peer why it is refused (best effort, within the write deadline) and fails.
 fn refuse(stream: &mut TcpStream, msg: String) -> anyhow::Result<()> {
     let _ = stream.write_all(&wire::error(&msg));
@@ -130,9 +153,13 @@ fn handle(
     ids: &AtomicU64,
 ) -> anyhow::Result<()> {
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(opts.handshake_timeout))?;
     stream.set_write_timeout(Some(opts.link_timeout))?;
-    let (kind, body) = match wire::read_frame(&mut stream, wire::MAX_HANDSHAKE_BODY) {
+    // The whole Hello within the handshake timeout, however slowly its bytes trickle in.
+    let mut hello_read = Deadline {
+        stream: &stream,
+        until: Instant::now() + opts.handshake_timeout,
+    };
+    let (kind, body) = match wire::read_frame(&mut hello_read, wire::MAX_HANDSHAKE_BODY) {
         Ok(frame) => frame,
         // Not our protocol, or a Hello too large: say so (a silent peer just times out).
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -209,7 +236,13 @@ fn run_session(
         return Ok(()); // replaced by a newer session while waiting
     }
     if guard.is_none() {
-        match Group::open(dir.clone(), &hello.group, &hello.volumes, opts.segment_size) {
+        match Group::open(
+            dir.clone(),
+            &hello.group,
+            &hello.volumes,
+            opts.segment_size,
+            slot.head_applied.clone(),
+        ) {
             Ok((g, known)) => {
                 info!(
                     group = %hello.group,
@@ -464,7 +497,7 @@ fn start_retention(slot: &Arc<Slot>, group: &Group, opts: &Options) {
     let dir = group.dir.clone();
     let meta = group.meta.clone();
     let policy = opts.retention.clone();
-    let head = group.head_applied();
+    let head = slot.head_applied.clone();
     std::thread::spawn(move || retention::run(dir, meta, policy, head));
 }
 

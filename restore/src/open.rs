@@ -58,8 +58,14 @@ pub fn open_point(
         // Pin the base first so no fold runs while the history is read; then pin the point.
         let base = dir.mark("base")?;
         let early_pin = pin(&dir, base.seq)?;
-        let history =
-            History::load(&dir).with_context(|| format!("read the journal of {group}"))?;
+        let history = match History::load(&dir) {
+            Ok(h) => h,
+            // A segment went away while it was read (a fold finished): read again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("read the journal of {group}")))
+            }
+        };
         let sources = Sources::open(&history);
         if dir.mark("base")?.seq != base.seq || sources.is_err() {
             continue; // a fold finished meanwhile: read again
@@ -134,7 +140,8 @@ pub fn open_point(
 }
 
 /// Pins `seq` against retention. A store restore may not write to (a read-only mount, a
-/// snapshot, a backup medium) has no replicator folding it: the point is served unpinned.
+/// snapshot, a backup medium) is served unpinned, but only when no replicator runs on it: one
+/// that folds history could rewrite base bytes under the point.
 fn pin(dir: &GroupDir, seq: u64) -> anyhow::Result<Option<Pin>> {
     match dir.pin(seq) {
         Ok(p) => Ok(Some(p)),
@@ -144,6 +151,14 @@ fn pin(dir: &GroupDir, seq: u64) -> anyhow::Result<Option<Pin>> {
                 std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
             ) =>
         {
+            if let Some(pid) = running_replicator(dir) {
+                bail!(
+                    "cannot pin the point in {} ({e}), and a replicator (pid {pid}) is serving \
+                     this store: its retention could fold history under the point. Run restore \
+                     with write access to the store's pins/ directory, or stop the replicator",
+                    dir.path.display()
+                );
+            }
             static SAID: std::sync::Once = std::sync::Once::new();
             SAID.call_once(|| {
                 tracing::info!(
@@ -157,6 +172,13 @@ fn pin(dir: &GroupDir, seq: u64) -> anyhow::Result<Option<Pin>> {
             Err(anyhow::Error::new(e).context(format!("pin a point in {}", dir.path.display())))
         }
     }
+}
+
+/// The pid of a `replicator serve` that is running on this group, from its live status.
+pub(crate) fn running_replicator(dir: &GroupDir) -> Option<u64> {
+    let live: serde_json::Value = journal::store::read_json(&dir.path.join("status.json")).ok()?;
+    let pid = live["pid"].as_u64()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
 }
 
 /// The views as `Arc`s for the server (the pin stays with `opened`).

@@ -161,8 +161,10 @@ impl BaseCheck {
                 return Ok(());
             }
             drop(sums);
+            // Worth waiting only for a fold a running replicator is doing.
             let folding = self.dir.fold_mark().ok().flatten().is_some();
-            if folding && std::time::Instant::now() < deadline {
+            let finishing = folding && crate::open::running_replicator(&self.dir).is_some();
+            if finishing && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 continue;
             }

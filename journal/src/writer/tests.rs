@@ -44,7 +44,7 @@ fn appends_rotate_and_reopen() {
     let tmp = tempfile::tempdir().unwrap();
     let g = group(&tmp);
     let (mut w, report) = open(&g, 1024).unwrap();
-    assert_eq!((report.last_seq, report.legacy), (0, false));
+    assert_eq!(report.last_seq, 0);
     commit(&mut w, 1..=20);
     assert_eq!(w.durable_seq(), 20);
     let segs = g.segments().unwrap();
@@ -163,7 +163,7 @@ fn a_segment_created_by_rotation_but_torn_is_removed() {
 }
 
 #[test]
-fn without_a_checkpoint_the_tail_is_judged_by_its_shape_and_the_report_says_so() {
+fn a_journal_without_its_checkpoint_is_damage_not_a_tail_to_cut() {
     let tmp = tempfile::tempdir().unwrap();
     let g = group(&tmp);
     let (mut w, _) = open(&g, 1 << 20).unwrap();
@@ -178,11 +178,36 @@ fn without_a_checkpoint_the_tail_is_judged_by_its_shape_and_the_report_says_so()
         .unwrap()
         .set_len(len - 3)
         .unwrap();
-    let (w, report) = open(&g, 1 << 20).unwrap();
-    assert!(report.legacy);
-    assert_eq!(report.last_seq, 3);
-    assert_eq!(w.durable_seq(), 3, "a checkpoint is written from now on");
-    assert!(g.checkpoint().unwrap().is_some());
+    let err = open(&g, 1 << 20).unwrap_err().to_string();
+    assert!(err.contains("checkpoint is missing"), "{err}");
+    assert_eq!(
+        fs::metadata(&seg.path).unwrap().len(),
+        len - 3,
+        "nothing cut"
+    );
+}
+
+#[test]
+fn a_segment_that_cannot_be_created_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = group(&tmp);
+    let (mut w, _) = open(&g, 1 << 20).unwrap();
+    commit(&mut w, 1..=3);
+    // The next segment's name is taken by a directory: creating it fails after the temporary
+    // file was written; neither the temporary file nor a segment may remain.
+    fs::create_dir(g.segment_path(4).path).unwrap();
+    assert!(w.rotate().is_err());
+    fs::remove_dir(g.segment_path(4).path).unwrap();
+    let names: Vec<_> = fs::read_dir(g.journal_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+    assert_eq!(g.segments().unwrap().len(), 1, "{names:?}");
+    // The writer goes on in its segment, and seals it later.
+    commit(&mut w, 4..=5);
+    w.rotate().unwrap();
+    assert_eq!(g.segments().unwrap().len(), 2);
 }
 
 #[test]
