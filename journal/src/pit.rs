@@ -273,18 +273,12 @@ impl History {
                 // Gone since the listing (a fold finished): the caller reads again.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
                 Err(e) => {
-                    let c = crate::read::Corrupt {
+                    h.end_at_damage(crate::read::Corrupt {
                         path: seg.path.clone(),
                         pos: 0,
                         seq: h.last_seq + 1,
                         why: e.to_string(),
-                    };
-                    tracing::warn!(
-                        "{c}; the history of group {} ends at seq {} (run `replicator check`)",
-                        h.meta.name,
-                        h.last_seq
-                    );
-                    h.damage = Some(c);
+                    });
                     break;
                 }
             };
@@ -334,12 +328,7 @@ impl History {
                 entries,
             });
             if let Some(c) = stop {
-                tracing::warn!(
-                    "{c}; the history of group {} ends at seq {} (run `replicator check`)",
-                    h.meta.name,
-                    h.last_seq
-                );
-                h.damage = Some(c);
+                h.end_at_damage(c);
                 break;
             }
         }
@@ -347,6 +336,16 @@ impl History {
             h.inconsistent.push(w);
         }
         Ok(h)
+    }
+
+    /// The history ends before a record that does not read back where the journal is durable.
+    fn end_at_damage(&mut self, c: crate::read::Corrupt) {
+        tracing::warn!(
+            "{c}; the history of group {} ends at seq {} (run `replicator check`)",
+            self.meta.name,
+            self.last_seq
+        );
+        self.damage = Some(c);
     }
 
     /// Takes note of one entry: flushes, bookmarks (their names read from `file`), windows.
