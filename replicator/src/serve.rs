@@ -104,12 +104,16 @@ pub fn serve(listener: TcpListener, opts: Options) -> anyhow::Result<()> {
         let spawned = std::thread::Builder::new()
             .name(format!("conn {peer}"))
             .spawn(move || {
+                // The slot is given back before the socket closes, so a peer that
+                // reconnects as soon as it sees the close finds it free.
+                let last_handle = stream.try_clone().ok();
                 match handle(stream, &peer, &slots, &opts, &ids) {
                     Err(e) if is_disconnect(&e) => debug!(%peer, "connection closed: {e:#}"),
                     Err(e) => warn!(%peer, "connection ended: {e:#}"),
                     Ok(()) => {}
                 }
                 open.fetch_sub(1, Ordering::AcqRel);
+                drop(last_handle);
             });
         if let Err(e) = spawned {
             warn!("cannot start a connection thread: {e}");
