@@ -6,6 +6,7 @@
 //! layout), `writer` (the append end and its corruption policy) and `read` (the one reader and
 //! replay) are the thin layers that put them in files.
 
+pub mod append;
 pub mod checkpoint;
 pub mod names;
 pub mod pit;

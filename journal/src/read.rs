@@ -299,6 +299,8 @@ pub struct Stream {
     /// Where `window` starts in the file, and how much of it is filled.
     window_pos: u64,
     window_len: usize,
+    /// The last `locate` read from the file (else it used bytes read before).
+    refilled: bool,
 }
 
 const STREAM_WINDOW: usize = 8 << 20;
@@ -316,6 +318,7 @@ impl Stream {
             window: Vec::new(),
             window_pos: pos,
             window_len: 0,
+            refilled: false,
         })
     }
 
@@ -334,9 +337,42 @@ impl Stream {
         seq: u64,
     ) -> Result<Option<(&SegmentFile, u64, RecordRef<'_>)>, ReadError> {
         let pos = self.pos;
+        let found = match self.locate(seq) {
+            // Bytes read earlier may be stale: the zero padding of a block that a direct write
+            // has since filled (`crate::append`). Read them again before calling them bad or
+            // the end.
+            Err(_) | Ok(None) if !self.refilled => {
+                self.pos = pos;
+                self.window_len = 0;
+                self.locate(seq)?
+            }
+            found => found?,
+        };
+        let Some((header, len)) = found else {
+            return Ok(None);
+        };
+        let at = (pos - self.window_pos) as usize;
+        let bytes = &self.window[at..at + len];
+        Ok(Some((
+            &self.file,
+            pos,
+            RecordRef {
+                header,
+                stored: &bytes[HEADER_LEN..],
+                bytes,
+            },
+        )))
+    }
+
+    /// Checks the record at `pos` (seq `seq`) in the window and moves past it.
+    fn locate(&mut self, seq: u64) -> Result<Option<(record::Header, usize)>, ReadError> {
+        self.refilled = false;
+        let pos = self.pos;
         // The header, then the whole record, within the window (refilled as needed).
         let len = match self.fill(HEADER_LEN)? {
             None => return Ok(None),
+            // Zeros: the padding after the last record (no record starts with them).
+            Some(head) if head.iter().all(|&b| b == 0) => return Ok(None),
             Some(head) => {
                 let mut h = [0u8; HEADER_LEN];
                 h.copy_from_slice(head);
@@ -352,12 +388,11 @@ impl Stream {
         let at = (pos - self.window_pos) as usize;
         // Past the record whatever it holds: after an error the stream is not read on.
         self.pos = pos + len as u64;
-        let this = &*self;
-        match record::parse(&this.window[at..at + len]) {
-            Ok(Some(r)) if r.header.seq == seq => Ok(Some((&this.file, pos, r))),
-            Ok(Some(r)) => Err(this.corrupt(pos, seq, format!("found seq {} there", r.header.seq))),
-            Ok(None) => Err(this.corrupt(pos, seq, "record is cut short".into())),
-            Err(e) => Err(this.corrupt(pos, seq, e.to_string())),
+        match record::parse(&self.window[at..at + len]) {
+            Ok(Some(r)) if r.header.seq == seq => Ok(Some((r.header, len))),
+            Ok(Some(r)) => Err(self.corrupt(pos, seq, format!("found seq {} there", r.header.seq))),
+            Ok(None) => Err(self.corrupt(pos, seq, "record is cut short".into())),
+            Err(e) => Err(self.corrupt(pos, seq, e.to_string())),
         }
     }
 
@@ -386,6 +421,7 @@ impl Stream {
             )?;
             self.window_pos = self.pos;
             self.window_len = n;
+            self.refilled = true;
             if n < need {
                 return Ok(None);
             }

@@ -295,6 +295,8 @@ impl Encoded {
                 (bytes, false)
             }
         };
+        // Stored as it came: the payload's checksum is the data's (one pass, not two).
+        let stored_crc = (!is_compressed).then_some(data_crc);
         Encoded::finish_fields(
             bytes,
             kind,
@@ -303,6 +305,7 @@ impl Encoded {
             offset,
             data.len() as u64,
             data_crc,
+            stored_crc,
         )
     }
 
@@ -313,9 +316,11 @@ impl Encoded {
         let mut bytes = vec![0u8; HEADER_LEN];
         bytes.extend_from_slice(text.as_bytes());
         let crc = crc32c::crc32c(text.as_bytes());
-        Encoded::finish_fields(bytes, kind, false, disk, offset, length, crc)
+        Encoded::finish_fields(bytes, kind, false, disk, offset, length, crc, Some(crc))
     }
 
+    /// `stored_crc`: the crc32c of the stored payload when the caller already has it.
+    #[allow(clippy::too_many_arguments)]
     fn finish_fields(
         mut bytes: Vec<u8>,
         kind: Kind,
@@ -324,6 +329,7 @@ impl Encoded {
         offset: u64,
         length: u64,
         data_crc: u32,
+        stored_crc: Option<u32>,
     ) -> Encoded {
         let stored_len = (bytes.len() - HEADER_LEN) as u32;
         bytes[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -334,8 +340,13 @@ impl Encoded {
         bytes[32..40].copy_from_slice(&length.to_le_bytes());
         bytes[40..44].copy_from_slice(&stored_len.to_le_bytes());
         bytes[44..48].copy_from_slice(&data_crc.to_le_bytes());
-        let payload_crc = crc32c::crc32c(&bytes[HEADER_LEN..]);
+        let payload_crc = stored_crc.unwrap_or_else(|| crc32c::crc32c(&bytes[HEADER_LEN..]));
         Encoded { bytes, payload_crc }
+    }
+
+    /// Whether the payload is stored lz4-compressed.
+    pub fn is_compressed(&self) -> bool {
+        self.bytes[5] & FLAG_LZ4 != 0
     }
 
     /// Gives the record its place in the stream and finishes the checksum.
@@ -354,6 +365,46 @@ impl Encoded {
 
     pub fn is_empty(&self) -> bool {
         false
+    }
+}
+
+/// Decides when a data record is worth an lz4 attempt. A guest that writes incompressible
+/// data (encrypted, already compressed) would otherwise pay a failed compression on every
+/// write's reply path; after each attempt that saves less than an eighth, the next attempts
+/// are skipped for twice as many records as before (up to [`CompressGate::MAX_SKIP`]), and
+/// one attempt that saves resets the skipping. Shared by every writer of a group: relaxed
+/// atomics, since a lost update only moves one attempt.
+#[derive(Debug, Default)]
+pub struct CompressGate {
+    /// Records still to be stored without an attempt.
+    skip: std::sync::atomic::AtomicU32,
+    /// How many records the last failed attempt made us skip.
+    backoff: std::sync::atomic::AtomicU32,
+}
+
+impl CompressGate {
+    pub const MAX_SKIP: u32 = 256;
+
+    /// A data record, compressed if the gate says an attempt is worth it.
+    pub fn encode(&self, kind: Kind, disk: u16, offset: u64, data: &[u8]) -> Encoded {
+        use std::sync::atomic::Ordering::Relaxed;
+        let skipping = self
+            .skip
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if skipping {
+            return Encoded::data(kind, disk, offset, data, false);
+        }
+        let enc = Encoded::data(kind, disk, offset, data, true);
+        let stored = enc.len() - HEADER_LEN;
+        if enc.is_compressed() && stored <= data.len() - data.len() / 8 {
+            self.backoff.store(0, Relaxed);
+        } else {
+            let next = (self.backoff.load(Relaxed).max(1) * 2).min(Self::MAX_SKIP);
+            self.backoff.store(next, Relaxed);
+            self.skip.store(next, Relaxed);
+        }
+        enc
     }
 }
 

@@ -229,7 +229,7 @@ pub fn scan(
     let mut entries = Vec::new();
     let mut previous = header.first_seq.wrapping_sub(1);
     let stop = loop {
-        if pos == segment.len() {
+        if is_padding(&segment[pos..]) {
             break None;
         }
         match record::parse(&segment[pos..]) {
@@ -257,6 +257,12 @@ pub fn scan(
         valid_len: pos as u64,
         stop,
     })
+}
+
+/// Whether what follows the last record is the end: nothing, or the zeros a direct write
+/// pads its last block with ([`crate::append`]), less than a block of them.
+pub fn is_padding(rest: &[u8]) -> bool {
+    rest.len() < crate::append::BLOCK && rest.iter().all(|&b| b == 0)
 }
 
 fn le32(b: &[u8]) -> u32 {

@@ -21,6 +21,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+use crate::append::Appender;
 use crate::checkpoint::{self, Checkpoint};
 use crate::record::RecordRef;
 use crate::segment::{self, IndexEntry, SegmentHeader, SEGMENT_HEADER_LEN};
@@ -122,7 +123,7 @@ impl CheckpointFile {
 #[derive(Debug)]
 pub struct JournalWriter {
     dir: GroupDir,
-    file: File,
+    out: Appender,
     current: SegmentPath,
     /// Bytes of the current segment written (durable once synced).
     len: u64,
@@ -173,7 +174,7 @@ impl JournalWriter {
             let (file, current) = new_segment(dir, base_seq + 1)?;
             let mut w = JournalWriter {
                 dir: dir.clone(),
-                file,
+                out: Appender::new(file, &current.path, SEGMENT_HEADER_LEN as u64)?,
                 current,
                 len: SEGMENT_HEADER_LEN as u64,
                 entries: Vec::new(),
@@ -240,7 +241,9 @@ impl JournalWriter {
             .write(true)
             .open(&newest.path)?;
         let mut cut = None;
-        if scan.valid_len < file_len {
+        // Past the records there may be zero padding to the block's end (direct writes):
+        // it is not a record, and the next write covers it.
+        if scan.valid_len < file_len && scan.stop.is_some() {
             let why = scan
                 .stop
                 .as_ref()
@@ -269,7 +272,7 @@ impl JournalWriter {
         }
         let mut w = JournalWriter {
             dir: dir.clone(),
-            file,
+            out: Appender::new(file, &newest.path, scan.valid_len)?,
             current: newest,
             len: scan.valid_len,
             entries: scan.entries,
@@ -280,7 +283,7 @@ impl JournalWriter {
             failed: None,
         };
         // What the file holds now is synced (cut or not): it is the durable position.
-        w.file.sync_data()?;
+        w.out.sync_data()?;
         w.put_checkpoint()?;
         let report = OpenReport {
             last_seq: last_valid,
@@ -325,7 +328,6 @@ impl JournalWriter {
         if records.is_empty() {
             return Ok(());
         }
-        let mut buf = Vec::with_capacity(records.iter().map(|r| r.bytes.len()).sum());
         for (i, r) in records.iter().enumerate() {
             let expected = self.last_seq + 1 + i as u64;
             if r.header.seq != expected {
@@ -334,11 +336,10 @@ impl JournalWriter {
                     format!("append of seq {} where {expected} belongs", r.header.seq),
                 ));
             }
-            buf.extend_from_slice(r.bytes);
         }
-        if let Err(e) = self.file.write_all_at(&buf, self.len) {
+        if let Err(e) = self.out.append(self.len, records) {
             // A partial write may have left bytes past the end: cut them.
-            if let Err(cut) = self.file.set_len(self.len) {
+            if let Err(cut) = self.out.set_len(self.len) {
                 self.failed = Some(format!("{e}; then cutting the partial write: {cut}"));
             }
             return Err(e);
@@ -360,7 +361,7 @@ impl JournalWriter {
     /// segment if it is full. Records may be acknowledged once this returns Ok.
     pub fn sync(&mut self) -> io::Result<()> {
         self.usable()?;
-        if let Err(e) = self.file.sync_data() {
+        if let Err(e) = self.out.sync_data() {
             self.fail_sync(&e);
             return Err(e);
         }
@@ -390,9 +391,9 @@ impl JournalWriter {
             SEGMENT_HEADER_LEN as u64
         };
         let cut = self
-            .file
+            .out
             .set_len(durable)
-            .and_then(|()| self.file.sync_data());
+            .and_then(|()| self.out.sync_data());
         self.failed = Some(match cut {
             Ok(()) => format!("fsync of {} failed: {e}", self.current.path.display()),
             Err(c) => format!(
@@ -418,10 +419,13 @@ impl JournalWriter {
         if self.entries.is_empty() {
             return Ok(());
         }
+        // A sealed segment ends with its last record: no padding after it.
+        self.out.set_len(self.len)?;
+        self.out.sync_data()?;
         let idx = segment::encode_index(self.current.first_seq, self.len, &self.entries);
         write_file_atomic(&self.current.index_path(), &idx)?;
         let (file, current) = new_segment(&self.dir, self.last_seq + 1)?;
-        self.file = file;
+        self.out = Appender::new(file, &current.path, SEGMENT_HEADER_LEN as u64)?;
         self.current = current;
         self.len = SEGMENT_HEADER_LEN as u64;
         self.entries.clear();

@@ -174,6 +174,8 @@ pub struct Capture {
     pub sizes: Vec<u64>,
     pub syncing: AtomicBool,
     pub stats: Stats,
+    /// When the group's data records are worth compressing (skips lz4 on data that is not).
+    pub compress: journal::record::CompressGate,
     pub activity: Option<crate::activity::ActivityLog>,
     /// Sync mode: how long a write waits for the replicator before sync mode degrades to
     /// async (None: wait for as long as it takes).
@@ -259,6 +261,7 @@ impl Capture {
             sizes,
             syncing: AtomicBool::new(false),
             stats: Stats::default(),
+            compress: Default::default(),
             activity,
             sync_timeout,
             degraded: AtomicBool::new(false),

@@ -94,7 +94,9 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
             if same {
                 stats.sync_chunks_skipped.fetch_add(1, Ordering::Relaxed);
             } else {
-                let enc = Encoded::data(Kind::SyncData, d as u16, off, &buf[..len], true);
+                let enc = capture
+                    .compress
+                    .encode(Kind::SyncData, d as u16, off, &buf[..len]);
                 capture.push_sync(enc, d as u16, off, len as u64).await;
                 stats
                     .sync_bytes_sent

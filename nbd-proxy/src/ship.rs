@@ -26,6 +26,8 @@ use crate::resync::{self, Plan};
 
 /// Largest batch body sent in one frame.
 const BATCH_BYTES: usize = 4 << 20;
+/// Async mode: how long the shipper lets a batch fill after its first record arrives.
+const COALESCE: Duration = Duration::from_millis(1);
 /// A sync that left dirty chunks (a chunk it could not read) is retried this often.
 const SYNC_RETRY: Duration = Duration::from_secs(5);
 
@@ -335,6 +337,12 @@ impl Shipper {
                     let Ok(r) = r else { bail!("capture ended") };
                     let mut bytes = r.bytes.len();
                     log.push_back(r);
+                    if !self.capture.sync_waits() {
+                        // Async: no guest write waits for this batch, so let it fill for a
+                        // moment; a shipper woken for every record costs each write a wake-up
+                        // (a futex call on the guest's reply path) and the link a frame.
+                        std::thread::sleep(COALESCE);
+                    }
                     while bytes < BATCH_BYTES {
                         match rx.try_recv() {
                             Ok(r) => { bytes += r.bytes.len(); log.push_back(r); }

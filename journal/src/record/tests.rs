@@ -71,6 +71,46 @@ fn lying_headers_are_refused() {
     assert!(matches!(parse(&b).unwrap_err(), FormatError::Magic(_)));
 }
 
+/// Incompressible data: attempts back off (1 in 2, 4, ... up to MAX_SKIP records); the first
+/// compressible record after the skipping ends brings every record's attempt back.
+#[test]
+fn the_compress_gate_backs_off_on_incompressible_data_and_returns() {
+    let gate = CompressGate::default();
+    let mut noise = vec![0u8; 4096];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut attempts = Vec::new();
+    for i in 0..2000 {
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let skip_before = gate.skip.load(std::sync::atomic::Ordering::Relaxed);
+        let enc = gate.encode(Kind::Write, 0, 0, &noise);
+        assert!(!enc.is_compressed());
+        if skip_before == 0 {
+            attempts.push(i);
+        }
+        // Stored uncompressed, the record still parses to the same data.
+        let sealed = enc.seal(i + 1, 0);
+        assert_eq!(parse(&sealed).unwrap().unwrap().payload().unwrap().as_ref(), &noise[..]);
+    }
+    let gaps: Vec<u64> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(&gaps[..8], &[3, 5, 9, 17, 33, 65, 129, 257]);
+    assert!(gaps.iter().all(|&g| g <= u64::from(CompressGate::MAX_SKIP) + 1));
+    // Compressible data: compressed from the first attempt on, every record.
+    let zeros = vec![0u8; 4096];
+    let mut compressed = 0;
+    for _ in 0..(CompressGate::MAX_SKIP + 10) {
+        compressed += usize::from(gate.encode(Kind::Write, 0, 0, &zeros).is_compressed());
+    }
+    assert!(compressed >= 10, "{compressed}");
+    for _ in 0..100 {
+        assert!(gate.encode(Kind::Write, 0, 0, &zeros).is_compressed());
+    }
+}
+
 proptest! {
     #[test]
     fn any_flipped_bit_is_detected(
