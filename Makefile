@@ -12,7 +12,7 @@ all: build
 help:
 	@echo "make demo      boot a VM through nbd-proxy and show it survive a proxy restart"
 	@echo "make test      run every test (unit, property, end-to-end with real clients, VM, faults, fuzzing)"
-	@echo "make bench     nbd-proxy vs nbdkit vs qemu-nbd; replication on/off; restore (see BENCHMARKS.md)"
+	@echo "make bench     nbd-proxy vs nbdkit vs qemu-nbd; replication vs QEMU blklogwrites/active mirror; restore (see BENCHMARKS.md)"
 	@echo "make setup     install the Debian packages and build in release mode"
 	@echo "make vm-image  build the small test guest (kernel, initramfs, disk image)"
 	@echo "make vm-selftest  boot the guest on qemu-nbd and check its commands"
@@ -51,6 +51,9 @@ fuzz:
 demo: setup vm-image
 	@bash scripts/demo.sh
 
+# `setup` builds every binary the scripts run (`cargo build --release --bins` includes the tests
+# crate's ingest-bench). For a check in a few minutes:
+#   make bench BENCH_ARGS=--quick BENCH_REPLICATION_ARGS=--quick BENCH_RESTORE_ARGS=--quick
 bench: setup
 	@mkdir -p target/bench
 	python3 scripts/bench.py --out target/bench/nbd-proxy.md $(BENCH_ARGS)

@@ -1,13 +1,37 @@
 #!/usr/bin/python3
-"""Replication benchmark: nbd-proxy with replication on (async and sync) next to the same proxy
-without replication and to nbdkit, side by side in one run, as ratios; then the replication lag
-at half the proxy's maximum rate, the proxy's memory with a small change log under a stalled
-replicator, and the rate at which a compressible stream becomes durable.
+"""Replication benchmark: what capturing every write costs, side by side in one run with what a
+QEMU user would pick instead, as ratios.
 
-Each server has its own copy of one 1 GiB random image; each replicating proxy has its own
-replicator and store (on the same file system), seeded before the rows run.
+Servers, each over its own copy of one 1 GiB random image, all on unix sockets:
+  proxy          nbd-proxy alone (no replication)
+  +async, +sync  nbd-proxy replicating to its own local `replicator serve` (own store, seeded)
+  blklogwrites   qemu-storage-daemon, driver=blklogwrites over the image and a local log file
+                 (every write logged, dm-log-writes format), exported over NBD
+  active mirror  qemu-storage-daemon exporting the image while a blockdev-mirror job
+                 (sync=full, copy-mode=write-blocking, driven over QMP until ready) copies every
+                 write to a qemu-nbd target before it completes
+  nbdkit         nbdkit's file plugin
+Rows (fio nbd engine, 1 and 4 connections = fio jobs): 4k randwrite QD32, 4k randwrite QD1
+(IOPS and fio's p50/p99 completion latency), 1M write QD8; 4k randread QD32 and 1M read QD8 on
+one connection. Then: the proxies' CPU seconds per GiB written (utime+stime of the process from
+/proc/PID/stat around each write row; for +async read after it caught up, so shipping counts;
+also the +async replicator's), the replication lag at half the plain proxy's 4k rate for
+--lag-seconds, the end-to-end rate of a compressible stream, the proxy's memory under a stalled
+replicator, and the replicator's ingest measured alone (tests/src/bin/ingest-bench.rs sending
+records built beforehand, replicator pinned to CPU 1 and sender to CPU 0).
 
-Usage: scripts/bench_replication.py [--runtime 5] [--rounds 1] [--out FILE] [--quick]
+Identical image preparation: the images are copies of one random file, synced. After every
+server is up, every replicator seeded and the mirror ready, and again before each row, every
+file the servers write (images, the mirror target, the blklogwrites log, the replicators'
+stores) is fsynced and dropped from the page cache (POSIX_FADV_DONTNEED), so that every server
+starts each write row from a cold cache: on this machine a file whose pages sit in the page
+cache in large folios (freshly written by dd, or read by a seed) makes 4k writes several times
+slower for any server, and each server's earlier fio writes warm its cache differently. Before
+the read rows the images are dropped the same way and then read once whole, so that every
+server reads from a fully cached image (a cold one would measure the disk, the same for all).
+
+Usage: scripts/bench_replication.py [--runtime 5] [--rounds 1] [--lag-seconds 60] [--out FILE]
+       [--quick]   (--quick: 2 s rows, 10 s lag, smaller ingest runs; a few minutes)
 """
 
 import argparse
@@ -19,18 +43,32 @@ import sys
 import tempfile
 import time
 
-from benchlib import BIN, caught_up, peak_rss_mib, proxy_status, wait
+from benchlib import (BIN, Qmp, caught_up, cold_cache, cpu_seconds, free_port, listening,
+                      peak_rss_mib, proxy_status, wait, warm_cache)
 
-# (name, fio rw, block size, iodepth, connections, unit)
+GIB = 1 << 30
+# (name, fio rw, block size, iodepth, connections)
 ROWS = [
-    ("4k randwrite QD32", "randwrite", "4k", 32, 1, "IOPS"),
-    ("4k randread QD32", "randread", "4k", 32, 1, "IOPS"),
-    ("1M write QD8", "write", "1M", 8, 1, "MiB/s"),
-    ("1M read QD8", "read", "1M", 8, 1, "MiB/s"),
-    ("4k randwrite QD32", "randwrite", "4k", 32, 4, "IOPS"),
-    ("1M write QD8", "write", "1M", 8, 4, "MiB/s"),
+    ("4k randwrite QD32", "randwrite", "4k", 32, 1),
+    ("4k randwrite QD1", "randwrite", "4k", 1, 1),
+    ("1M write QD8", "write", "1M", 8, 1),
+    ("4k randwrite QD32", "randwrite", "4k", 32, 4),
+    ("4k randwrite QD1", "randwrite", "4k", 1, 4),
+    ("1M write QD8", "write", "1M", 8, 4),
+    ("4k randread QD32", "randread", "4k", 32, 1),
+    ("1M read QD8", "read", "1M", 8, 1),
 ]
-SERVERS = ["proxy", "proxy-async", "proxy-sync", "nbdkit"]
+SERVERS = ["proxy", "proxy-async", "proxy-sync", "blklogwrites", "mirror", "nbdkit"]
+TITLES = ["proxy", "+async", "+sync", "blklogwrites", "active mirror", "nbdkit"]
+# (metric, unit, higher is better)
+THROUGHPUT = {"4k": ("iops", "IOPS", True), "1M": ("mib", "MiB/s", True)}
+LATENCY = [("p50", "p50 µs", False), ("p99", "p99 µs", False)]
+
+
+def metrics(label):
+    """The metrics a row reports: its throughput, and for QD1 rows the latency percentiles."""
+    m = [THROUGHPUT[label.split()[0]]]
+    return m + LATENCY if label.endswith("QD1") else m
 
 
 def fio(uri, rw, bs, qd, conns, runtime, out, extra=()):
@@ -43,42 +81,98 @@ def fio(uri, rw, bs, qd, conns, runtime, out, extra=()):
     with open(out) as f:
         text = f.read()
     job = json.loads(text[text.index("{"):])["jobs"][0]
-    return job["read"]["iops"] + job["write"]["iops"], (job["read"]["bw"] + job["write"]["bw"]) / 1024
+    d = job["write"] if rw.endswith("write") else job["read"]
+    pct = d["clat_ns"].get("percentile", {})
+    return {"iops": d["iops"], "mib": d["bw"] / 1024, "bytes": job["write"]["io_bytes"],
+            "p50": pct.get("50.000000", 0) / 1000, "p99": pct.get("99.000000", 0) / 1000}
 
 
 class Servers:
     def __init__(self, work):
-        self.work, self.procs, self.uri, self.ctl, self.rep = work, [], {}, {}, {}
+        self.work, self.procs, self.uri, self.ctl, self.rep, self.pid = work, [], {}, {}, {}, {}
+        self.files = []  # what the servers write, for cold_cache
+        self.images = []  # what fio reads through them, for warm_cache
 
-    def spawn(self, cmd, log):
-        p = subprocess.Popen(cmd, stdout=log, stderr=log)
+    def spawn(self, cmd, name):
+        p = subprocess.Popen(cmd, stdout=open(f"{self.work}/{name}.log", "w"), stderr=subprocess.STDOUT)
         self.procs.append(p)
         return p
 
-    def replicator(self, name):
-        port = 17800 + len(self.procs) + os.getpid() % 50
-        log = open(f"{self.work}/{name}-replicator.log", "w")
-        rep = self.spawn([f"{BIN}/replicator", "serve", "--listen", f"127.0.0.1:{port}",
-                          "--store", f"{self.work}/{name}-store"], log)
-        time.sleep(0.3)
+    def replicator(self, name, pin=None):
+        addr, store = f"127.0.0.1:{free_port()}", f"{self.work}/{name}-store"
+        cmd = [f"{BIN}/replicator", "serve", "--listen", addr, "--store", store]
+        rep = self.spawn(["taskset", "-c", pin, *cmd] if pin else cmd, f"{name}-replicator")
+        wait(lambda: rep.poll() is not None or listening(addr), f"{name}'s replicator to listen", 30)
+        if rep.poll() is not None:
+            sys.exit(f"{name}'s replicator exited: see {self.work}/{name}-replicator.log")
         self.rep[name] = rep
-        return f"127.0.0.1:{port}"
+        self.files.append(store)
+        return addr
 
     def proxy(self, name, img, extra=()):
         sock, ctl = f"{self.work}/{name}.sock", f"{self.work}/{name}.ctl"
         cmd = [f"{BIN}/nbd-proxy", "--disk", f"d={img}", "--socket", sock]
         if name != "proxy":
             cmd += ["--group", "bench", "--replicate", self.replicator(name), "--control", ctl, *extra]
-        p = self.spawn(cmd, open(f"{self.work}/{name}.log", "w"))
-        wait(lambda: os.path.exists(sock), f"{name} to listen", 30)
-        self.uri[name] = f"nbd+unix:///d?socket={sock}"
+        p = self.spawn(cmd, name)
+        self.listen(name, p, sock, img)
+        self.files.append(f"{img}.cdp-al")  # its activity log
         if name != "proxy":
             self.ctl[name] = ctl
             wait(lambda: caught_up(ctl), f"{name}'s seed", 600)
         return p
 
+    def listen(self, name, p, sock, img, export="d"):
+        wait(lambda: p.poll() is not None or os.path.exists(sock), f"{name} to listen", 30)
+        if p.poll() is not None:
+            sys.exit(f"{name} exited: see {self.work}/{name}.log")
+        self.uri[name] = f"nbd+unix:///{export}?socket={sock}"
+        self.pid[name] = p.pid
+        self.files.append(img)
+        self.images.append(img)
+
+    def nbdkit(self, img):
+        sock = f"{self.work}/nbdkit.sock"
+        self.listen("nbdkit", self.spawn(["nbdkit", "-f", "-U", sock, "file", img], "nbdkit"), sock, img, "")
+
+    def qsd(self, name, img, blockdevs, node, extra=()):
+        """qemu-storage-daemon exporting `node` (over `img` and `blockdevs`) as export d."""
+        sock = f"{self.work}/{name}.sock"
+        cmd = ["qemu-storage-daemon", "--blockdev", f"driver=file,node-name=disk,filename={img}"]
+        for b in blockdevs:
+            cmd += ["--blockdev", b]
+        cmd += ["--nbd-server", f"addr.type=unix,addr.path={sock}",
+                "--export", f"type=nbd,id=e,node-name={node},name=d,writable=on", *extra]
+        self.listen(name, self.spawn(cmd, name), sock, img)
+
+    def blklogwrites(self, img):
+        log = f"{self.work}/blklog.img"
+        open(log, "w").close()
+        self.qsd("blklogwrites", img, [f"driver=file,node-name=log,filename={log}",
+                                       "driver=blklogwrites,node-name=blw,file=disk,log=log,log-sector-size=4096"],
+                 "blw")
+        self.files.append(log)
+
+    def mirror(self, img):
+        target, tsock, qmp = f"{self.work}/mirror-target.img", f"{self.work}/target.sock", f"{self.work}/qmp.sock"
+        with open(target, "w") as f:
+            f.truncate(os.path.getsize(img))
+        t = self.spawn(["qemu-nbd", "-f", "raw", "-x", "t", "-k", tsock, "--cache=writeback", target],
+                       "mirror-target")
+        wait(lambda: t.poll() is not None or os.path.exists(tsock), "the mirror's qemu-nbd target", 30)
+        self.qsd("mirror", img,
+                 [f"driver=nbd,node-name=tgt,server.type=unix,server.path={tsock},export=t"], "disk",
+                 ["--chardev", f"socket,id=qmp,path={qmp},server=on,wait=off", "--monitor", "chardev=qmp"])
+        self.files.append(target)
+        m = Qmp(qmp)
+        m.cmd("blockdev-mirror", **{"job-id": "m", "device": "disk", "target": "tgt", "sync": "full",
+                                    "copy-mode": "write-blocking"})
+        wait(lambda: any(j["device"] == "m" and j.get("ready") for j in m.cmd("query-block-jobs")),
+             "the mirror job to be ready", 600)
+        self.qmp = m
+
     def stop(self):
-        for p in self.procs:
+        for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGCONT)
                 p.send_signal(signal.SIGTERM)
@@ -88,20 +182,159 @@ class Servers:
                     p.kill()
 
 
+def pct(samples, q):
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * (len(s) - 1)))] if s else float("nan")
+
+
+def measure_rows(s, a, out):
+    """Every row against every server; per (row, conns, server) the best value of each metric
+    over the rounds, and per (row, conns) the CPU seconds and bytes written of the proxies."""
+    best, cpu = {}, {}
+    for rnd in range(a.rounds):
+        warm = False
+        for label, rw, bs, qd, conns in ROWS:
+            if rw.endswith("write"):
+                cold_cache(s.files)
+                warm = False
+            elif not warm:
+                cold_cache(s.files)
+                warm_cache(s.images)
+                warm = True
+            for name in SERVERS:
+                watched = {"proxy": {"proxy": s.pid["proxy"]},
+                           "proxy-async": {"proxy-async": s.pid["proxy-async"],
+                                           "replicator": s.rep["proxy-async"].pid}}.get(name, {})
+                before = {k: cpu_seconds(pid) for k, pid in watched.items()}
+                r = fio(s.uri[name], rw, bs, qd, conns, a.runtime, out)
+                if name in s.ctl:
+                    wait(lambda: caught_up(s.ctl[name]), f"{name} to catch up", 600)
+                for k, pid in watched.items():
+                    c = cpu.setdefault((label, conns, k), [0.0, 0])
+                    c[0] += cpu_seconds(pid) - before[k]
+                    c[1] += r["bytes"]
+                for m, unit, higher in metrics(label):
+                    key = (label, conns, name, m)
+                    v = r[m]
+                    best[key] = v if key not in best else (max if higher else min)(best[key], v)
+                shown = "  ".join(f"{r[m]:.0f} {unit}" for m, unit, _ in metrics(label))
+                print(f"round {rnd + 1} {label:18} conns={conns} {name:12} {shown}", file=sys.stderr)
+    return best, cpu
+
+
+def measure_lag(s, rate, seconds):
+    """lag_ms of +async polled every 50 ms while fio writes 4k at `rate` IOPS for `seconds`."""
+    ctl = s.ctl["proxy-async"]
+    samples = []
+    p = subprocess.Popen(["fio", "--name=lag", "--ioengine=nbd", f"--uri={s.uri['proxy-async']}",
+                          "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=1g", "--time_based",
+                          f"--runtime={seconds}", f"--rate_iops={rate}", "--output=/dev/null"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while p.poll() is None:
+        st = proxy_status(ctl)
+        if st:
+            samples.append(st["lag_ms"])
+        time.sleep(0.05)
+    st = proxy_status(ctl)
+    wait(lambda: caught_up(ctl), "catch up", 600)
+    third = max(1, len(samples) // 3)
+    return {"rate": rate, "seconds": seconds, "n": len(samples), "p50": pct(samples, 0.5),
+            "p99": pct(samples, 0.99), "max": max(samples, default=float("nan")),
+            "first_p99": pct(samples[:third], 0.99), "last_p99": pct(samples[-third:], 0.99),
+            "acks_p50": st["lag_p50_ms"], "acks_p99": st["lag_p99_ms"], "acks_max": st["lag_max_ms"]}
+
+
+def measure_ingest_alone(work, records):
+    """ingest-bench against a fresh replicator pinned to CPU 1, the sender on CPU 0."""
+    s = Servers(work)
+    results = {}
+    try:
+        addr = s.replicator("ingest", pin="1")
+        pid = s.rep["ingest"].pid
+        for workload, n in records.items():
+            c0 = cpu_seconds(pid)
+            out = subprocess.run(["taskset", "-c", "0", f"{BIN}/ingest-bench", "--addr", addr,
+                                  "--workload", workload, "--records", str(n), "--group", f"g{workload}"],
+                                 check=True, capture_output=True, text=True)
+            r = json.loads(out.stdout)
+            r["replicator_cpu_s"] = cpu_seconds(pid) - c0
+            results[workload] = r
+            print(f"ingest alone {workload}: {out.stdout.strip()}", file=sys.stderr)
+    finally:
+        s.stop()
+    return results
+
+
+def table(best, cpu, lag, ingest, mem, rss, alone):
+    cols = " | ".join(TITLES)
+    lines = ["Ratios are of the row's unit: for IOPS and MiB/s higher is better, for latency (µs) lower is.",
+             "",
+             f"| workload | conns | unit | {cols} | async / proxy | sync / proxy | async / blklogwrites | sync / active mirror |",
+             "|---|---|---|" + "---|" * (len(SERVERS) + 4)]
+    for label, _, _, _, conns in ROWS:
+        for m, unit, _ in metrics(label):
+            v = dict(zip(SERVERS, (best[(label, conns, n, m)] for n in SERVERS)))
+            ratio = lambda x, y: f"{v[x] / v[y]:.2f}x" if v[y] else "-"
+            lines.append(f"| {label} | {conns} | {unit} | " + " | ".join(f"{v[n]:.0f}" for n in SERVERS) +
+                         f" | {ratio('proxy-async', 'proxy')} | {ratio('proxy-sync', 'proxy')} | "
+                         f"{ratio('proxy-async', 'blklogwrites')} | {ratio('proxy-sync', 'mirror')} |")
+    lines += ["", "CPU seconds per GiB written (utime+stime of the process over the row's fio run; for "
+              "+async until it caught up):", "",
+              "| workload | conns | proxy | +async | async / proxy | +async's replicator |", "|---|---|---|---|---|---|"]
+    per_gib = lambda k: cpu[k][0] / (cpu[k][1] / GIB) if cpu.get(k) and cpu[k][1] else float("nan")
+    for label, rw, _, _, conns in ROWS:
+        if rw.endswith("write"):
+            p, q, r = (per_gib((label, conns, k)) for k in ("proxy", "proxy-async", "replicator"))
+            lines.append(f"| {label} | {conns} | {p:.2f} | {q:.2f} | {q / p:.2f}x | {r:.2f} |")
+    grows = lag["last_p99"] > 1.5 * lag["first_p99"] and lag["last_p99"] - lag["first_p99"] > 10
+    lines += ["",
+              f"Replication lag of +async with fio 4k randwrite QD32 at {lag['rate']} IOPS (half the plain proxy's "
+              f"rate) for {lag['seconds']} s, `lag_ms` polled every 50 ms ({lag['n']} samples): p50 {lag['p50']:.0f} ms, "
+              f"p99 {lag['p99']:.0f} ms, max {lag['max']:.0f} ms; p99 of the first third {lag['first_p99']:.0f} ms, "
+              f"of the last third {lag['last_p99']:.0f} ms: {'it grows' if grows else 'it does not grow'}. "
+              f"The proxy's own record-to-durable-ack samples (last 4096 acks): p50 {lag['acks_p50']:.1f} ms, "
+              f"p99 {lag['acks_p99']:.1f} ms, max {lag['acks_max']:.1f} ms.",
+              "",
+              f"Compressible stream through +async (fio 1M writes, 2 GiB, 75% compressible): durable at "
+              f"{ingest[0]:.2f} GiB/s end to end (fio done in {ingest[1]:.1f} s, all durable at the replicator "
+              f"after {ingest[2]:.1f} s).",
+              "",
+              "Replicator ingest alone (`ingest-bench`: records built beforehand with the journal's encoder, sent "
+              "over loopback as fast as the link takes them, until the last durable ack; replicator on CPU 1, "
+              "sender on CPU 0):", "",
+              "| workload | records | GiB of payload | seconds | records/s | GiB/s | replicator CPU s |",
+              "|---|---|---|---|---|---|---|"]
+    names = {"1m": "1 MiB writes, half random half zeros (lz4)", "4k": "4 KiB writes, random"}
+    for w, r in alone.items():
+        lines.append(f"| {names[w]} | {r['records']} | {r['payload_bytes'] / GIB:.2f} | {r['seconds']:.2f} | "
+                     f"{r['records_per_s']:.0f} | {r['gib_per_s']:.2f} | {r['replicator_cpu_s']:.2f} |")
+    lines += ["",
+              f"Proxy memory with `--log-capacity 64MiB` and the replicator stopped (SIGSTOP) while 1 GiB is "
+              f"written: peak RSS {mem[0]:.1f} MiB; the log held {mem[1]:.1f} MiB, tracking {mem[2]}. "
+              f"Peak RSS over the rows: proxy {rss['proxy']:.1f} MiB, proxy+async {rss['proxy-async']:.1f} MiB."]
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runtime", type=int, default=5)
+    ap.add_argument("--runtime", type=int, default=5, help="seconds per fio row and server (default 5)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--lag-seconds", type=int, default=60, help="length of the lag run (default 60)")
     ap.add_argument("--out")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="2 s rows, a 10 s lag run, smaller ingest runs")
     a = ap.parse_args()
+    alone_records = {"1m": 2048, "4k": 500_000}
     if a.quick:
-        a.runtime = 2
+        a.runtime, a.lag_seconds, alone_records = 2, 10, {"1m": 512, "4k": 100_000}
+    for b in ("nbd-proxy", "replicator", "ingest-bench"):
+        if not os.path.exists(f"{BIN}/{b}"):
+            sys.exit(f"{BIN}/{b} is missing: run `cargo build --release --bins` first")
     work = tempfile.mkdtemp(prefix="bench-repl-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
     s = Servers(work)
     out = f"{work}/fio.json"
     try:
-        print("preparing images (1 GiB of random data each) and seeding the replicators...", file=sys.stderr)
+        print("preparing images (1 GiB of random data each), seeding the replicators, syncing the mirror...",
+              file=sys.stderr)
         src = f"{work}/source.img"
         subprocess.run(["dd", "if=/dev/urandom", f"of={src}", "bs=1M", "count=1024", "status=none"], check=True)
         for name in SERVERS:
@@ -111,43 +344,16 @@ def main():
         s.proxy("proxy", f"{work}/proxy.img")
         s.proxy("proxy-async", f"{work}/proxy-async.img")
         s.proxy("proxy-sync", f"{work}/proxy-sync.img", ["--mode", "sync"])
-        kit_sock = f"{work}/nbdkit.sock"
-        s.spawn(["nbdkit", "-f", "-U", kit_sock, "file", f"{work}/nbdkit.img"], open(f"{work}/nbdkit.log", "w"))
-        wait(lambda: os.path.exists(kit_sock), "nbdkit", 20)
-        s.uri["nbdkit"] = f"nbd+unix:///?socket={kit_sock}"
+        s.blklogwrites(f"{work}/blklogwrites.img")
+        s.mirror(f"{work}/mirror.img")
+        s.nbdkit(f"{work}/nbdkit.img")
 
-        best = {}
-        for rnd in range(a.rounds):
-            for label, rw, bs, qd, conns, unit in ROWS:
-                for name in SERVERS:
-                    iops, mib = fio(s.uri[name], rw, bs, qd, conns, a.runtime, out)
-                    v = iops if unit == "IOPS" else mib
-                    best[(label, conns, name)] = max(best.get((label, conns, name), 0), v)
-                    print(f"round {rnd + 1} {label:18} conns={conns} {name:12} {v:10.0f} {unit}", file=sys.stderr)
-                    if name.startswith("proxy-"):
-                        wait(lambda: caught_up(s.ctl[name]), f"{name} to catch up", 600)
-
-        # Lag at half the plain proxy's 4k randwrite rate.
-        half = int(best[("4k randwrite QD32", 1, "proxy")] / 2)
-        ctl = s.ctl["proxy-async"]
-        samples = []
-        p = subprocess.Popen(["fio", "--name=lag", "--ioengine=nbd", f"--uri={s.uri['proxy-async']}",
-                              "--rw=randwrite", "--bs=4k", "--iodepth=32", "--size=1g", "--time_based",
-                              f"--runtime={max(a.runtime * 2, 6)}", f"--rate_iops={half}",
-                              "--output=/dev/null"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while p.poll() is None:
-            st = proxy_status(ctl)
-            if st:
-                samples.append(st["lag_ms"])
-            time.sleep(0.05)
-        st = proxy_status(ctl)
-        samples.sort()
-        pct = lambda q: samples[min(len(samples) - 1, int(q * (len(samples) - 1)))] if samples else float("nan")
-        lag = (half, pct(0.5), pct(0.99), samples[-1] if samples else float("nan"),
-               st["lag_p50_ms"], st["lag_p99_ms"], st["lag_max_ms"])
-        wait(lambda: caught_up(ctl), "catch up", 600)
+        best, cpu = measure_rows(s, a, out)
+        cold_cache(s.files)
+        lag = measure_lag(s, int(best[("4k randwrite QD32", 1, "proxy", "iops")] / 2), a.lag_seconds)
 
         # Ingest: a compressible stream, from fio's start until all of it is durable.
+        ctl = s.ctl["proxy-async"]
         t0 = time.time()
         fio(s.uri["proxy-async"], "write", "1M", 8, 1, 0, out,
             ["--io_size=2g", "--buffer_compress_percentage=75", "--refill_buffers"])
@@ -156,40 +362,26 @@ def main():
         ingest_s = time.time() - t0
         ingest = (2.0 / ingest_s, fio_s, ingest_s)
 
-        rss_rows = {n: peak_rss_mib(s.procs[i].pid) for i, n in enumerate(["proxy", "proxy-async"])}
+        rss = {n: peak_rss_mib(s.pid[n]) for n in ("proxy", "proxy-async")}
+        s.stop()
 
         # Memory with a 64 MiB log under a stalled replicator: the log fills, then dirty chunks.
         s2 = Servers(work + "/mem")
         os.makedirs(s2.work)
         subprocess.run(["cp", f"{work}/proxy.img", f"{s2.work}/m.img"], check=True)
-        mp = s2.proxy("proxy-mem", f"{s2.work}/m.img", ["--log-capacity", "64MiB"])
-        s2.rep["proxy-mem"].send_signal(signal.SIGSTOP)
-        fio(s2.uri["proxy-mem"], "randwrite", "64k", 16, 1, 0, out, ["--io_size=1g", "--refill_buffers"])
-        st_full = proxy_status(s2.ctl["proxy-mem"])
-        s2.rep["proxy-mem"].send_signal(signal.SIGCONT)
-        wait(lambda: caught_up(s2.ctl["proxy-mem"]), "the resync after the stall", 600)
-        mem = (peak_rss_mib(mp.pid), st_full["log_used"] / 2**20, st_full["tracking"])
-        s2.stop()
+        try:
+            mp = s2.proxy("proxy-mem", f"{s2.work}/m.img", ["--log-capacity", "64MiB"])
+            s2.rep["proxy-mem"].send_signal(signal.SIGSTOP)
+            fio(s2.uri["proxy-mem"], "randwrite", "64k", 16, 1, 0, out, ["--io_size=1g", "--refill_buffers"])
+            st_full = proxy_status(s2.ctl["proxy-mem"])
+            s2.rep["proxy-mem"].send_signal(signal.SIGCONT)
+            wait(lambda: caught_up(s2.ctl["proxy-mem"]), "the resync after the stall", 600)
+            mem = (peak_rss_mib(mp.pid), st_full["log_used"] / 2**20, st_full["tracking"])
+        finally:
+            s2.stop()
 
-        lines = ["| workload | conns | unit | proxy | proxy+async | proxy+sync | nbdkit | async / proxy | sync / proxy | async / nbdkit |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
-        for label, rw, bs, qd, conns, unit in ROWS:
-            p0, pa, ps, k = (best[(label, conns, n)] for n in SERVERS)
-            lines.append(f"| {label} | {conns} | {unit} | {p0:.0f} | {pa:.0f} | {ps:.0f} | {k:.0f} | "
-                         f"{pa / p0:.2f}x | {ps / p0:.2f}x | {pa / k:.2f}x |")
-        lines += ["",
-                  f"Replication lag with fio 4k randwrite QD32 at {lag[0]} IOPS (half the plain proxy's rate): "
-                  f"`lag_ms` polled every 50 ms: p50 {lag[1]:.0f} ms, p99 {lag[2]:.0f} ms, max {lag[3]:.0f} ms; "
-                  f"the proxy's own record-to-durable-ack samples (last 4096 acks): p50 {lag[4]:.1f} ms, "
-                  f"p99 {lag[5]:.1f} ms, max {lag[6]:.1f} ms.",
-                  "",
-                  f"Compressible stream (fio 1M writes, 2 GiB, 75% compressible): durable at {ingest[0]:.2f} GiB/s "
-                  f"end to end (fio done in {ingest[1]:.1f} s, all durable at the replicator after {ingest[2]:.1f} s).",
-                  "",
-                  f"Proxy memory with `--log-capacity 64MiB` and the replicator stopped (SIGSTOP) while 1 GiB is "
-                  f"written: peak RSS {mem[0]:.1f} MiB; the log held {mem[1]:.1f} MiB, tracking {mem[2]}. "
-                  f"Peak RSS over the rows: proxy {rss_rows['proxy']:.1f} MiB, proxy+async {rss_rows['proxy-async']:.1f} MiB."]
-        text = "\n".join(lines)
+        alone = measure_ingest_alone(work, alone_records)
+        text = table(best, cpu, lag, ingest, mem, rss, alone)
         print(text)
         if a.out:
             with open(a.out, "w") as f:

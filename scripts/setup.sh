@@ -9,6 +9,8 @@ declare -A want=(
   [qemu-img]=qemu-utils
   [qemu-io]=qemu-utils
   [qemu-nbd]=qemu-utils
+  # Shipped by qemu-system-common, which qemu-system-x86 pulls in at its own version.
+  [qemu-storage-daemon]=qemu-system-x86
   [nbdkit]=nbdkit
   [nbdinfo]=libnbd-bin
   [nbdcopy]=libnbd-bin
