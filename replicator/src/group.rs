@@ -25,8 +25,9 @@ pub struct Group {
     applier: HeadApplier,
     /// The head images follow the journal (else delta sync must resend every chunk).
     heads_valid: bool,
-    /// Per volume, the head image's chunk hashes, current except for the `touched` chunks.
-    head_sums: Vec<Sums>,
+    /// Per volume, the head image's chunk hashes, current except for the `touched` chunks
+    /// (shared with the head applier, which checkpoints them).
+    head_sums: head::Sums,
     touched: Touched,
     /// Stored bytes appended since the last commit.
     uncommitted: usize,
@@ -136,6 +137,7 @@ impl Group {
             }
         }
         let touched: Touched = Arc::new(Mutex::new(touched));
+        let head_sums: head::Sums = Arc::new(Mutex::new(head_sums));
         let mut heads_valid = true;
         if head_mark.seq < report.last_seq {
             info!(
@@ -162,12 +164,20 @@ impl Group {
             }
         }
         let applier = HeadApplier::start(
-            &dir,
-            &heads,
-            touched.clone(),
+            head::Heads {
+                dir: dir.clone(),
+                names: meta.volumes.iter().map(|v| v.name.clone()).collect(),
+                files: &heads,
+                touched: touched.clone(),
+                sums: head_sums.clone(),
+                trusted: heads_valid,
+            },
             journal.current_segment().clone(),
             journal.current_len(),
-            report.last_seq,
+            SeqMark {
+                seq: report.last_seq,
+                time_ns: report.last_time_ns,
+            },
             head_applied,
         )?;
         let group = Group {
@@ -273,68 +283,17 @@ impl Group {
         self.uncommitted = 0;
         if self.journal.current_segment().first_seq != before {
             // A segment was sealed: a good moment to checkpoint the head images (a cache: a
-            // failure here costs a longer catch-up at the next start, not an acknowledgement).
-            if let Err(e) = self.sync_heads() {
-                warn!(group = %self.meta.name, "checkpoint of the head images failed: {e:#}");
-            }
+            // failure costs a longer catch-up at the next start, not an acknowledgement). The
+            // applier does it, at most every few seconds, off the acknowledgement's path.
+            self.applier.checkpoint_soon();
         }
         Ok(self.durable_seq)
     }
 
-    /// Flushes the head images and records the seq they hold.
+    /// Brings the head images to the durable seq and checkpoints them (their checksums and
+    /// the seq they hold), waiting until that is done.
     pub fn sync_heads(&mut self) -> anyhow::Result<()> {
-        self.applier.drain(self.durable_seq)?;
-        self.mark_heads()
-    }
-
-    /// Flushes the head images (already at the durable seq), brings their checksums up to
-    /// date and writes them, then records that seq.
-    fn mark_heads(&mut self) -> anyhow::Result<()> {
-        if !self.heads_valid || !self.applier.is_valid() {
-            // Images that miss records must not be recorded as current.
-            return Ok(());
-        }
-        for f in &self.heads {
-            f.sync_data()?;
-        }
-        self.rehash_touched()?;
-        for (v, sums) in self.meta.volumes.iter().zip(&mut self.head_sums) {
-            sums.seq = self.durable_seq;
-            self.dir
-                .set_sums("head", &v.name, sums)
-                .context("write the head image's checksums")?;
-        }
-        self.dir.set_mark(
-            "head",
-            SeqMark {
-                seq: self.durable_seq,
-                time_ns: self.durable_time_ns,
-            },
-        )?;
-        Ok(())
-    }
-
-    /// Hashes again the chunks of the head images that changed since their sums were made.
-    fn rehash_touched(&mut self) -> io::Result<()> {
-        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
-        let mut buf = Vec::new();
-        for (d, set) in touched.iter_mut().enumerate() {
-            let size = self.meta.volumes[d].size;
-            let chunks = set.take();
-            for (i, &c) in chunks.iter().enumerate() {
-                match journal::read::hash_chunk(&self.heads[d], c, size, &mut buf) {
-                    Ok(h) => self.head_sums[d].set(c, h),
-                    Err(e) => {
-                        // Still changed: keep them marked for the next attempt.
-                        for &rest in &chunks[i..] {
-                            set.insert(rest);
-                        }
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.applier.checkpoint_now(self.durable_seq)
     }
 
     /// Hashes of the head image of `disk`, one per [`wire::HASH_CHUNK`], handed to `send` in
@@ -351,10 +310,12 @@ impl Group {
         if !self.heads_valid || !self.applier.is_valid() || drained.is_err() {
             return Ok(());
         }
+        // The applier does not checkpoint meanwhile (it takes this lock to do so).
+        let mut head_sums = self.head_sums.lock().unwrap_or_else(|p| p.into_inner());
         // Changed chunks are rehashed as their frame comes, and a frame goes out at least
         // twice a second, so a large image keeps the link alive while it is read.
         let size = self.meta.volumes[disk].size;
-        let chunks = self.head_sums[disk].chunks();
+        let chunks = head_sums[disk].chunks();
         let mut part = Vec::with_capacity(wire::HASHES_PER_FRAME);
         let mut first = 0;
         let mut last_sent = std::time::Instant::now();
@@ -363,10 +324,10 @@ impl Group {
             let changed = self.touched.lock().unwrap_or_else(|p| p.into_inner())[disk].contains(c);
             if changed {
                 let h = journal::read::hash_chunk(&self.heads[disk], c, size, &mut buf)?;
-                self.head_sums[disk].set(c, h);
+                head_sums[disk].set(c, h);
                 self.touched.lock().unwrap_or_else(|p| p.into_inner())[disk].remove(c);
             }
-            part.push(self.head_sums[disk].get(c));
+            part.push(head_sums[disk].get(c));
             let full = part.len() == wire::HASHES_PER_FRAME || c + 1 == chunks;
             if full || last_sent.elapsed() >= std::time::Duration::from_millis(500) {
                 send(first, &part)?;

@@ -11,13 +11,33 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use journal::read::{self, Apply, ApplyError, Images, Stream};
-use journal::store::{GroupDir, SegmentPath};
+use journal::store::{GroupDir, SegmentPath, SeqMark};
 use journal::sums::ChunkSet;
 
 /// Chunks of each head image changed since its sums were last made.
 pub type Touched = Arc<Mutex<Vec<ChunkSet>>>;
+
+/// Each head image's chunk checksums, current except for the touched chunks.
+pub type Sums = Arc<Mutex<Vec<journal::sums::Sums>>>;
+
+/// A head applier checkpoints the images at most this often while records flow.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+
+/// The head images of a group and what is known of them, as the applier works on them.
+pub struct Heads<'a> {
+    pub dir: GroupDir,
+    /// Volume names, in disk order.
+    pub names: Vec<String>,
+    pub files: &'a [File],
+    pub touched: Touched,
+    pub sums: Sums,
+    /// False when the images could not be brought to the journal's end at start-up: they are
+    /// never recorded as current then.
+    pub trusted: bool,
+}
 
 /// Head images as a replay target that also notes which chunks each record changes.
 pub struct Marking<'a> {
@@ -58,6 +78,9 @@ enum Work {
     Durable(u64),
     /// Replies once everything up to the seq is applied (with the first error, if any).
     Drain(u64, crossbeam_channel::Sender<io::Result<()>>),
+    /// Checkpoint the images: now, once everything up to the seq is applied (replying), or
+    /// (None) when [`CHECKPOINT_EVERY`] has passed since the last one.
+    Checkpoint(Option<(u64, crossbeam_channel::Sender<anyhow::Result<()>>)>),
 }
 
 /// Where the applier reads next.
@@ -67,6 +90,8 @@ struct Follower {
     pos: u64,
     stream: Option<Stream>,
     applied: u64,
+    /// The time of the record at `applied`.
+    applied_time_ns: u64,
 }
 
 impl Follower {
@@ -104,6 +129,7 @@ impl Follower {
                         return Err(e);
                     }
                     self.applied = r.header.seq;
+                    self.applied_time_ns = r.header.time_ns;
                     self.pos = pos + len;
                 }
                 None => {
@@ -132,23 +158,30 @@ impl Follower {
 }
 
 impl HeadApplier {
-    /// Starts the thread, reading from byte `pos` of `segment`, where seq `applied + 1` is.
-    /// `shared` is where it publishes the seq it has applied (retention reads it; it outlives
-    /// this applier when the group is reopened).
+    /// Starts the thread, reading from byte `pos` of `segment`, where the record after
+    /// `applied` is. `shared` is where it publishes the seq it has applied (retention reads
+    /// it; it outlives this applier when the group is reopened).
     pub fn start(
-        dir: &GroupDir,
-        heads: &[File],
-        touched: Touched,
+        heads: Heads<'_>,
         segment: SegmentPath,
         pos: u64,
-        applied: u64,
+        applied: SeqMark,
         shared: Arc<AtomicU64>,
     ) -> io::Result<HeadApplier> {
         let files = heads
+            .files
             .iter()
             .map(File::try_clone)
             .collect::<io::Result<Vec<_>>>()?;
-        shared.store(applied, Ordering::Release);
+        let Heads {
+            dir,
+            names,
+            touched,
+            sums,
+            trusted,
+            ..
+        } = heads;
+        shared.store(applied.seq, Ordering::Release);
         let valid = Arc::new(AtomicBool::new(true));
         let (tx, rx) = crossbeam_channel::unbounded::<Work>();
         let mut follower = Follower {
@@ -156,7 +189,8 @@ impl HeadApplier {
             segment,
             pos,
             stream: None,
-            applied,
+            applied: applied.seq,
+            applied_time_ns: applied.time_ns,
         };
         let (applied_out, valid_out) = (shared.clone(), valid.clone());
         std::thread::Builder::new()
@@ -164,15 +198,36 @@ impl HeadApplier {
             .spawn(move || {
                 let mut failed: Option<String> = None;
                 let mut durable = follower.applied;
-                while let Ok(first) = rx.recv() {
+                let mut last_checkpoint = Instant::now();
+                let mut checkpoint_due = false;
+                loop {
+                    // Idle with a checkpoint due: wake for it when its time comes.
+                    let first = if checkpoint_due {
+                        match rx.recv_timeout(CHECKPOINT_EVERY.saturating_sub(last_checkpoint.elapsed())) {
+                            Ok(w) => Some(w),
+                            Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                        }
+                    } else {
+                        match rx.recv() {
+                            Ok(w) => Some(w),
+                            Err(_) => break,
+                        }
+                    };
                     // Take everything queued: only the newest durable seq matters.
                     let mut drains = Vec::new();
-                    for work in std::iter::once(first).chain(rx.try_iter()) {
+                    let mut checkpoints = Vec::new();
+                    for work in first.into_iter().chain(rx.try_iter()) {
                         match work {
                             Work::Durable(seq) => durable = durable.max(seq),
                             Work::Drain(seq, reply) => {
                                 durable = durable.max(seq);
                                 drains.push(reply);
+                            }
+                            Work::Checkpoint(None) => checkpoint_due = true,
+                            Work::Checkpoint(Some((seq, reply))) => {
+                                durable = durable.max(seq);
+                                checkpoints.push(reply);
                             }
                         }
                     }
@@ -208,9 +263,48 @@ impl HeadApplier {
                             Some(e) => Err(io::Error::other(e.clone())),
                         });
                     }
+                    let timely = checkpoint_due && last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
+                    if !checkpoints.is_empty() || timely {
+                        // Images that miss records must not be recorded as current.
+                        let done = if trusted && failed.is_none() {
+                            let mark = SeqMark {
+                                seq: follower.applied,
+                                time_ns: follower.applied_time_ns,
+                            };
+                            checkpoint(&dir, &names, &files, &touched, &sums, mark)
+                        } else {
+                            Ok(())
+                        };
+                        if let Err(e) = &done {
+                            tracing::warn!("checkpoint of the head images failed: {e:#}");
+                        }
+                        checkpoint_due = false;
+                        last_checkpoint = Instant::now();
+                        for reply in checkpoints {
+                            let _ = reply.send(match &done {
+                                Ok(()) => Ok(()),
+                                Err(e) => Err(anyhow::anyhow!("{e:#}")),
+                            });
+                        }
+                    }
                 }
             })?;
         Ok(HeadApplier { tx, valid })
+    }
+
+    /// Asks for a checkpoint of the images within [`CHECKPOINT_EVERY`].
+    pub fn checkpoint_soon(&self) {
+        let _ = self.tx.send(Work::Checkpoint(None));
+    }
+
+    /// Brings the images to `seq` and checkpoints them, waiting until that is done.
+    pub fn checkpoint_now(&self, seq: u64) -> anyhow::Result<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.tx
+            .send(Work::Checkpoint(Some((seq, tx))))
+            .map_err(|_| anyhow::anyhow!("head applier stopped"))?;
+        rx.recv()
+            .map_err(|_| anyhow::anyhow!("head applier stopped"))?
     }
 
     pub fn is_valid(&self) -> bool {
@@ -230,6 +324,58 @@ impl HeadApplier {
         rx.recv()
             .map_err(|_| io::Error::other("head applier stopped"))?
     }
+}
+
+/// Flushes the head images (holding exactly the records up to `mark`), brings their checksums
+/// up to date and writes them, then records the seq they hold.
+fn checkpoint(
+    dir: &GroupDir,
+    names: &[String],
+    heads: &[File],
+    touched: &Touched,
+    sums: &Sums,
+    mark: SeqMark,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    for f in heads {
+        f.sync_data()?;
+    }
+    let mut sums = sums.lock().unwrap_or_else(|p| p.into_inner());
+    rehash(heads, touched, &mut sums)?;
+    for (name, s) in names.iter().zip(sums.iter_mut()) {
+        s.seq = mark.seq;
+        dir.set_sums("head", name, s)
+            .context("write the head image's checksums")?;
+    }
+    dir.set_mark("head", mark)?;
+    Ok(())
+}
+
+/// Hashes again the chunks of the head images that changed since their sums were made.
+pub fn rehash(
+    heads: &[File],
+    touched: &Touched,
+    sums: &mut [journal::sums::Sums],
+) -> io::Result<()> {
+    let mut touched = touched.lock().unwrap_or_else(|p| p.into_inner());
+    let mut buf = Vec::new();
+    for (d, set) in touched.iter_mut().enumerate() {
+        let size = sums[d].size;
+        let chunks = set.take();
+        for (i, &c) in chunks.iter().enumerate() {
+            match read::hash_chunk(&heads[d], c, size, &mut buf) {
+                Ok(h) => sums[d].set(c, h),
+                Err(e) => {
+                    // Still changed: keep them marked for the next attempt.
+                    for &rest in &chunks[i..] {
+                        set.insert(rest);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Brings head images from `head_seq` up to `durable` by replaying the journal (after a crash).

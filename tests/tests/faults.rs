@@ -717,8 +717,11 @@ impl Damage {
                 std::fs::write(path, &bytes).unwrap();
             }
             Damage::Truncate => {
+                // Two thirds of what the file holds: past a segment's last record there may
+                // be zero padding (direct writes), and cutting only that loses nothing.
+                let held = bytes.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
                 let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-                f.set_len(bytes.len() as u64 * 2 / 3).unwrap();
+                f.set_len(held as u64 * 2 / 3).unwrap();
             }
             Damage::Remove => std::fs::remove_file(path).unwrap(),
         }
