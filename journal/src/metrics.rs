@@ -70,6 +70,8 @@ impl<const N: usize> Sampler<N> {
 
     /// Rates from the newest sample back to the newest one at least `window` older (or the
     /// oldest kept, just after start). A counter that went back (a reopened group) counts 0.
+    /// Values are rounded to 0.001, so that they read back from JSON as the same numbers
+    /// (the store's checksummed status files compare them).
     pub fn rate(&self, window: Duration) -> Rate<N> {
         let zero = Rate {
             seconds: 0.0,
@@ -93,9 +95,12 @@ impl<const N: usize> Sampler<N> {
         }
         let mut per_s = [0.0; N];
         for (r, (a, b)) in per_s.iter_mut().zip(v0.iter().zip(&v1)) {
-            *r = b.saturating_sub(*a) as f64 / seconds;
+            *r = round3(b.saturating_sub(*a) as f64 / seconds);
         }
-        Rate { seconds, per_s }
+        Rate {
+            seconds: round3(seconds),
+            per_s,
+        }
     }
 
     /// Both windows, each made into what status shows by `make`.
@@ -107,13 +112,33 @@ impl<const N: usize> Sampler<N> {
     }
 }
 
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
 /// `7.5 MiB/s` for people.
 pub fn mib_per_s(bytes_per_s: f64) -> String {
     format!("{:.1} MiB/s", bytes_per_s / (1024.0 * 1024.0))
 }
 
+impl<T> Windows<T> {
+    /// Prints both windows under a `rates` heading in a status column, one line each after
+    /// `indent`: the window (`last 1 s:`, or the span measured so far just after the start),
+    /// then what `line` says of its rates. `seconds` reads the span a window measured.
+    pub fn print(&self, indent: &str, seconds: impl Fn(&T) -> f64, line: impl Fn(&T) -> String) {
+        for (nominal, r) in [(1, &self.last_1s), (10, &self.last_10s)] {
+            println!(
+                "{indent}{:<11} {:<10} {}",
+                if nominal == 1 { "rates" } else { "" },
+                format!("{}:", window_label(nominal, seconds(r))),
+                line(r)
+            );
+        }
+    }
+}
+
 /// The label of a rate window in human output (`last 1 s`, or the span measured so far).
-pub fn window_label(nominal: u32, seconds: f64) -> String {
+fn window_label(nominal: u32, seconds: f64) -> String {
     if seconds + 0.05 >= f64::from(nominal) || seconds == 0.0 {
         format!("last {nominal} s")
     } else {

@@ -193,3 +193,18 @@ fn rates_just_after_start_use_what_there_is() {
     assert_eq!(window_label(10, 10.0), "last 10 s");
     assert_eq!(mib_per_s(3.0 * 1024.0 * 1024.0), "3.0 MiB/s");
 }
+
+#[test]
+fn rates_read_back_from_json_as_the_same_numbers() {
+    let mut s = Sampler::<1>::default();
+    let t0 = Instant::now();
+    s.push(t0, [0]);
+    s.push(t0 + Duration::from_nanos(1_234_567_891), [77_777_777]);
+    let r = s.rate(Duration::from_secs(1));
+    for v in [r.seconds, r.per_s[0]] {
+        let text = serde_json::to_string(&v).unwrap();
+        let back: f64 = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.to_bits(), v.to_bits(), "{text}");
+        assert!(text.split('.').nth(1).map_or(0, str::len) <= 3, "{text}");
+    }
+}
