@@ -38,7 +38,7 @@ pub struct Control {
     pub live: crate::metrics::Live,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Status {
     pub group: String,
     pub replicator: String,
@@ -98,7 +98,7 @@ pub struct Status {
     pub disks: Vec<DiskStatus>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct DiskStatus {
     pub name: String,
     pub path: String,

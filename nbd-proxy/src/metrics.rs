@@ -296,3 +296,54 @@ pub fn render(s: &Status) -> String {
     }
     e.render()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::DiskStatus;
+
+    #[test]
+    fn status_as_prometheus_text() {
+        let s = Status {
+            group: "web".into(),
+            link: "connected".into(),
+            tracking: "live".into(),
+            captured_seq: 12,
+            records: 12,
+            lag_ms: 1500,
+            lag_p99_ms: 4.5,
+            log_capacity: 1 << 20,
+            disks: vec![DiskStatus {
+                name: "root".into(),
+                path: "/vms/a \"b\"\\c".into(),
+                size: 4096,
+            }],
+            ..Status::default()
+        };
+        let text = render(&s);
+        for line in [
+            "# TYPE nbd_proxy_records_total counter\nnbd_proxy_records_total{group=\"web\"} 12\n",
+            "# TYPE nbd_proxy_captured_seq gauge\nnbd_proxy_captured_seq{group=\"web\"} 12\n",
+            "nbd_proxy_link_connected{group=\"web\"} 1\n",
+            "nbd_proxy_tracking_live{group=\"web\"} 1\n",
+            "nbd_proxy_lag_seconds{group=\"web\"} 1.5\n",
+            "nbd_proxy_lag_p99_seconds{group=\"web\"} 0.0045\n",
+            "nbd_proxy_change_log_capacity_bytes{group=\"web\"} 1048576\n",
+            "nbd_proxy_disk_size_bytes{group=\"web\",disk=\"root\",path=\"/vms/a \\\"b\\\"\\\\c\"} 4096\n",
+        ] {
+            assert!(text.contains(line), "{line:?} not in:\n{text}");
+        }
+        // Each family once, each with HELP then TYPE.
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
+        assert_eq!(types, helps);
+        let mut names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap_or_default())
+            .collect();
+        let all = names.len();
+        names.dedup();
+        assert_eq!(names.len(), all);
+    }
+}

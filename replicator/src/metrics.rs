@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use journal::metrics::{Exposition, Rate, Sampler, Windows};
+use journal::metrics::{Exposition, Rate, Sampler, Value, Windows};
 use journal::store::GroupDir;
 use serde::{Deserialize, Serialize};
 
@@ -156,55 +156,66 @@ pub fn render(groups: &[(String, GroupDir, &GroupStats)], server: Server) -> Str
         let g = [("group", name.as_str())];
         let g = &g[..];
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let flag = |b: &AtomicBool| b.load(Ordering::Relaxed);
         let seconds = |c: &AtomicU64| load(c) as f64 / 1e9;
-        e.gauge(
-            "replicator_proxy_connected",
-            "1 while a proxy's session feeds the group.",
-            g,
-            s.connected.load(Ordering::Relaxed),
-        );
-        e.counter(
-            "replicator_records_ingested_total",
-            "Records appended to the group's journal since the replicator started.",
-            g,
-            load(&s.records_in),
-        );
-        e.counter(
-            "replicator_ingested_bytes_total",
-            "Payload bytes of the data records ingested since the replicator started.",
-            g,
-            load(&s.bytes_in),
-        );
-        e.counter(
-            "replicator_stored_bytes_total",
-            "Bytes appended to the group's journal (records as stored, compressed) since the replicator started.",
-            g,
-            load(&s.stored_in),
-        );
-        e.counter(
-            "replicator_fsyncs_total",
-            "Group commits (fsync of the journal, then of the durable checkpoint) since the replicator started.",
-            g,
-            load(&s.fsyncs),
-        );
-        e.gauge(
-            "replicator_durable_seq",
-            "Highest seq durable (and acknowledged) in the group's journal.",
-            g,
-            load(&s.durable_seq),
-        );
-        e.gauge(
-            "replicator_durable_timestamp_seconds",
-            "Capture time (Unix) of the newest durable record.",
-            g,
-            seconds(&s.durable_time_ns),
-        );
-        e.gauge(
-            "replicator_last_ingest_timestamp_seconds",
-            "When (Unix time) records were last ingested; 0 if not since the replicator started.",
-            g,
-            seconds(&s.last_ingest_ns),
-        );
+        for (name, help, c) in [
+            (
+                "replicator_records_ingested_total",
+                "Records appended to the group's journal since the replicator started.",
+                &s.records_in,
+            ),
+            (
+                "replicator_ingested_bytes_total",
+                "Payload bytes of the data records ingested since the replicator started.",
+                &s.bytes_in,
+            ),
+            (
+                "replicator_stored_bytes_total",
+                "Bytes appended to the group's journal (records as stored, compressed) since the replicator started.",
+                &s.stored_in,
+            ),
+            (
+                "replicator_fsyncs_total",
+                "Group commits (fsync of the journal, then of the durable checkpoint) since the replicator started.",
+                &s.fsyncs,
+            ),
+        ] {
+            e.counter(name, help, g, load(c));
+        }
+        for (name, help, v) in [
+            (
+                "replicator_proxy_connected",
+                "1 while a proxy's session feeds the group.",
+                Value::from(flag(&s.connected)),
+            ),
+            (
+                "replicator_durable_seq",
+                "Highest seq durable (and acknowledged) in the group's journal.",
+                load(&s.durable_seq).into(),
+            ),
+            (
+                "replicator_durable_timestamp_seconds",
+                "Capture time (Unix) of the newest durable record.",
+                seconds(&s.durable_time_ns).into(),
+            ),
+            (
+                "replicator_last_ingest_timestamp_seconds",
+                "When (Unix time) records were last ingested; 0 if not since the replicator started.",
+                seconds(&s.last_ingest_ns).into(),
+            ),
+            (
+                "replicator_store_failed",
+                "1 while the store cannot take the group's records (full or failing disk, damage).",
+                flag(&s.store_failed).into(),
+            ),
+            (
+                "replicator_damaged",
+                "1 when the group's journal is damaged before its checkpoint: it takes no records until `replicator repair`.",
+                flag(&s.damaged).into(),
+            ),
+        ] {
+            e.gauge(name, help, g, v);
+        }
         if let Ok(size) = dir.disk_usage() {
             e.gauge(
                 "replicator_store_size_bytes",
@@ -213,18 +224,52 @@ pub fn render(groups: &[(String, GroupDir, &GroupStats)], server: Server) -> Str
                 size,
             );
         }
-        e.gauge(
-            "replicator_store_failed",
-            "1 while the store cannot take the group's records (full or failing disk, damage).",
-            g,
-            s.store_failed.load(Ordering::Relaxed),
-        );
-        e.gauge(
-            "replicator_damaged",
-            "1 when the group's journal is damaged before its checkpoint: it takes no records until `replicator repair`.",
-            g,
-            s.damaged.load(Ordering::Relaxed),
-        );
     }
     e.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_as_prometheus_text() {
+        let stats = GroupStats::default();
+        stats.records_in.store(5, Ordering::Relaxed);
+        stats.fsyncs.store(2, Ordering::Relaxed);
+        stats.durable_seq.store(5, Ordering::Relaxed);
+        stats.last_ingest_ns.store(1_500_000_000, Ordering::Relaxed);
+        stats.damaged.store(true, Ordering::Relaxed);
+        let other = GroupStats::default();
+        let nowhere = std::path::Path::new("/nonexistent-store");
+        let groups = [
+            ("a".to_owned(), GroupDir::new(nowhere, "a"), &stats),
+            ("b".to_owned(), GroupDir::new(nowhere, "b"), &other),
+        ];
+        let text = render(
+            &groups,
+            Server {
+                connections: 1,
+                max_connections: 64,
+                retention_secs: Some(86400),
+                max_store_size: None,
+            },
+        );
+        for want in [
+            "# TYPE replicator_records_ingested_total counter\n\
+             replicator_records_ingested_total{group=\"a\"} 5\n\
+             replicator_records_ingested_total{group=\"b\"} 0\n",
+            "replicator_fsyncs_total{group=\"a\"} 2\n",
+            "replicator_durable_seq{group=\"a\"} 5\n",
+            "replicator_last_ingest_timestamp_seconds{group=\"a\"} 1.5\n",
+            "replicator_damaged{group=\"a\"} 1\n",
+            "replicator_damaged{group=\"b\"} 0\n",
+            "replicator_retention_seconds 86400\n",
+        ] {
+            assert!(text.contains(want), "{want:?} not in:\n{text}");
+        }
+        // No size limit, no series for it; a store that cannot be measured has no size.
+        assert!(!text.contains("replicator_max_store_size_bytes"), "{text}");
+        assert!(!text.contains("replicator_store_size_bytes{"), "{text}");
+    }
 }
