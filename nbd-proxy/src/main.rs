@@ -169,7 +169,8 @@ Protect a VM: replicate every change to a replicator, with a control socket:
   nbd-proxy --disk root=/vms/web.img --disk data=/vms/web-data.img --socket /run/web.sock \
     --group web --replicate 127.0.0.1:7070 --control /run/web.ctl
   nbd-proxy status --control /run/web.ctl
-  nbd-proxy ... --metrics 127.0.0.1:9100 && curl -s http://127.0.0.1:9100/metrics
+  nbd-proxy ... --metrics 127.0.0.1:9100
+  curl -s http://127.0.0.1:9100/metrics
   nbd-proxy bookmark --control /run/web.ctl before-upgrade
 
 Socket activation (LISTEN_FDS, as systemd or `nbdinfo -- [ nbd-proxy --disk ... ]` pass it) is used

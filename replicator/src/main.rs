@@ -107,7 +107,8 @@ Examples:
   nbd-proxy --disk root=/vms/web.img --socket /run/web.sock --group web --replicate 127.0.0.1:7070
   replicator status --store /srv/cdp
   replicator check --store /srv/cdp
-  replicator serve ... --metrics 127.0.0.1:9101 && curl -s http://127.0.0.1:9101/metrics
+  replicator serve ... --metrics 127.0.0.1:9101
+  curl -s http://127.0.0.1:9101/metrics
 
 Records are acknowledged to the proxy only after they are fsynced; a restart loses nothing that
 was acknowledged, and a torn tail left by a crash is cut off (with a log line) at start-up.";
