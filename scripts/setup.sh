@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the demo, the tests and the benchmarks use, when any is missing.
+# Installs the Debian packages the demo, the tests and the benchmarks use, when any is missing,
+# and the one PyPI package the tests use (prometheus-client).
 # Idempotent and quiet when everything is already there. Needs root (or sudo) for apt-get.
 set -euo pipefail
 
@@ -37,7 +38,19 @@ if [ -n "$(qemu_ver qemu-system-x86)" ] && [ "$(qemu_ver qemu-system-x86)" != "$
   missing+=(qemu-utils)
 fi
 
+# Python packages from PyPI, for the python3 first on PATH (the one the tests run): the
+# metrics tests parse /metrics with the Prometheus project's own parser (prometheus-client).
+command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+install_pypi() {
+  python3 -c 'import prometheus_client' >/dev/null 2>&1 && return 0
+  echo "setup: installing prometheus-client from PyPI"
+  # Debian's own python3 refuses pip installs outside a venv (PEP 668) unless told otherwise.
+  python3 -m pip install -q prometheus-client 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages prometheus-client
+}
+
 if [ ${#missing[@]} -eq 0 ]; then
+  install_pypi
   exit 0
 fi
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
@@ -62,4 +75,5 @@ if printf '%s\n' "${missing[@]}" | grep -qE '^qemu-(system-x86|utils)$'; then
   pkgs+=("qemu-system-x86=$v" "qemu-utils=$v")
 fi
 $sudo apt-get install -y -qq --allow-downgrades --no-install-recommends "${pkgs[@]}"
+install_pypi
 echo "setup: done"

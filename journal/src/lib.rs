@@ -4,10 +4,12 @@
 //!
 //! `record`, `segment`, `checkpoint` and `wire` do no I/O and are tested on bytes; `store` (the
 //! layout), `writer` (the append end and its corruption policy) and `read` (the one reader and
-//! replay) are the thin layers that put them in files.
+//! replay) are the thin layers that put them in files. `metrics` (rates, the Prometheus text
+//! format and its HTTP responder) serves both binaries.
 
 pub mod append;
 pub mod checkpoint;
+pub mod metrics;
 pub mod names;
 pub mod pit;
 pub mod read;

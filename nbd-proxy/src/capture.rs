@@ -210,6 +210,21 @@ pub struct Stats {
     pub sync_read_failures: AtomicU64,
     /// Replication lag samples in microseconds (record sealed → durable ack), most recent last.
     pub lag_us: Mutex<VecDeque<u64>>,
+    /// Guest WRITE requests completed, and their bytes (status rates, `--metrics`).
+    pub guest_writes: AtomicU64,
+    pub guest_write_bytes: AtomicU64,
+    /// Records the replicator acknowledged as durable.
+    pub records_acked: AtomicU64,
+    /// Bytes of batch frames written to the replicator (records and frame headers).
+    pub bytes_shipped: AtomicU64,
+}
+
+impl Stats {
+    /// A guest WRITE of `bytes` completed.
+    pub fn guest_write(&self, bytes: u64) {
+        self.guest_writes.fetch_add(1, Ordering::Relaxed);
+        self.guest_write_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 impl Capture {

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use journal::metrics::{mib_per_s, Windows};
 use journal::record::{Encoded, Kind};
 use journal::units::human_bytes;
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::capture::Capture;
 use crate::disk::CaptureBackend;
+use crate::metrics::Rates;
 use crate::ship::{lag_percentiles, LinkInfo};
 use nbd_server::BlockBackend;
 
@@ -32,9 +34,11 @@ pub struct Control {
     pub capture: Arc<Capture>,
     pub disks: Vec<(String, String, Arc<CaptureBackend>)>,
     pub link: Arc<Mutex<LinkInfo>>,
+    /// Counter samples for rates (and the metrics endpoint's snapshot).
+    pub live: crate::metrics::Live,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Status {
     pub group: String,
     pub replicator: String,
@@ -75,12 +79,26 @@ pub struct Status {
     #[serde(default)]
     pub last_refusal: Option<String>,
     pub records: u64,
+    /// Records the replicator acknowledged as durable since the start.
+    #[serde(default)]
+    pub records_acked: u64,
+    /// Batch bytes written to the replicator since the start.
+    #[serde(default)]
+    pub bytes_shipped: u64,
+    /// Guest WRITE requests completed since the start, and their bytes.
+    #[serde(default)]
+    pub guest_writes: u64,
+    #[serde(default)]
+    pub guest_write_bytes: u64,
+    /// Per-second rates over the last 1 s and 10 s (sampled 4 times a second).
+    #[serde(default)]
+    pub rates: Windows<Rates>,
     /// Extents the activity log marks as possibly not yet at the replicator.
     pub activity_log_extents: u64,
     pub disks: Vec<DiskStatus>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct DiskStatus {
     pub name: String,
     pub path: String,
@@ -134,6 +152,11 @@ impl Control {
             sync_degraded: c.degraded.load(Ordering::Relaxed),
             last_refusal: c.stats.last_refusal.lock().ok().and_then(|l| l.clone()),
             records: c.stats.records.load(Ordering::Relaxed),
+            records_acked: c.stats.records_acked.load(Ordering::Relaxed),
+            bytes_shipped: c.stats.bytes_shipped.load(Ordering::Relaxed),
+            guest_writes: c.stats.guest_writes.load(Ordering::Relaxed),
+            guest_write_bytes: c.stats.guest_write_bytes.load(Ordering::Relaxed),
+            rates: self.live.rates(),
             activity_log_extents: c.activity.as_ref().map_or(0, |al| al.hot_count()),
             disks: self
                 .disks
@@ -267,6 +290,20 @@ pub fn print_status(s: &Status) {
         s.lag_p50_ms,
         s.lag_p99_ms,
         s.lag_max_ms
+    );
+    s.rates.print(
+        "",
+        |r| r.seconds,
+        |r| {
+            format!(
+                "guest {:.0} writes/s ({}); records {:.0}/s captured, {:.0}/s acknowledged; shipped {}",
+                r.guest_write_iops,
+                mib_per_s(r.guest_write_bytes_per_s),
+                r.records_captured_per_s,
+                r.records_acked_per_s,
+                mib_per_s(r.bytes_shipped_per_s)
+            )
+        },
     );
     println!(
         "seq         captured {}, durable at replicator {}",

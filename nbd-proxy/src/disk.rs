@@ -138,7 +138,9 @@ impl BlockBackend for CaptureBackend {
             enc,
             self.file.write(offset, data, fua),
         )
-        .await
+        .await?;
+        self.capture.stats.guest_write(data.len() as u64);
+        Ok(())
     }
 
     async fn write_zeroes(

@@ -6,6 +6,7 @@ mod activity;
 mod capture;
 mod control;
 mod disk;
+mod metrics;
 mod rangelock;
 mod resync;
 mod ship;
@@ -122,11 +123,19 @@ struct Cli {
     /// Unix socket for `nbd-proxy status` and `nbd-proxy bookmark`.
     #[arg(long, value_name = "CTLSOCK", help_heading = "Replication")]
     control: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9100: lag, change log
+    /// fill, seqs, records and bytes shipped, dirty chunks, sync and link state (what status
+    /// shows). No authentication: bind it to loopback or a management network.
+    #[arg(long, value_name = "ADDR", help_heading = "Replication")]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Show a running proxy's replication state: link, lag, log fill, resync progress.
+    /// Show a running proxy's replication state: link, lag, rates (guest writes, records
+    /// captured and acknowledged, bytes shipped, over the last 1 s and 10 s), log fill, resync
+    /// progress.
     Status {
         /// The proxy's --control socket.
         #[arg(long, value_name = "CTLSOCK")]
@@ -160,6 +169,8 @@ Protect a VM: replicate every change to a replicator, with a control socket:
   nbd-proxy --disk root=/vms/web.img --disk data=/vms/web-data.img --socket /run/web.sock \
     --group web --replicate 127.0.0.1:7070 --control /run/web.ctl
   nbd-proxy status --control /run/web.ctl
+  nbd-proxy ... --metrics 127.0.0.1:9100
+  curl -s http://127.0.0.1:9100/metrics
   nbd-proxy bookmark --control /run/web.ctl before-upgrade
 
 Socket activation (LISTEN_FDS, as systemd or `nbdinfo -- [ nbd-proxy --disk ... ]` pass it) is used
@@ -263,6 +274,9 @@ fn main() -> anyhow::Result<()> {
     if cli.replicate.is_none() && cli.control.is_some() {
         bail!("--control needs --replicate (it reports and bookmarks replication)");
     }
+    if cli.replicate.is_none() && cli.metrics.is_some() {
+        bail!("--metrics needs --replicate (it reports replication)");
+    }
     if cli.replicate.is_some() && cli.read_only {
         bail!("--read-only disks never change: there is nothing to replicate");
     }
@@ -276,6 +290,12 @@ fn main() -> anyhow::Result<()> {
         .map(|p| {
             listen::bind_unix(p)
                 .with_context(|| format!("listen on control socket {}", p.display()))
+        })
+        .transpose()?;
+    let metrics_listener = cli
+        .metrics
+        .map(|a| {
+            std::net::TcpListener::bind(a).with_context(|| format!("listen for --metrics on {a}"))
         })
         .transpose()?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -295,7 +315,14 @@ fn main() -> anyhow::Result<()> {
             serve(&runtime, listeners, exports)
         }
         Some(addr) => {
-            let replication = start_replication(&cli, addr, files, &runtime, control_listener)?;
+            let replication = start_replication(
+                &cli,
+                addr,
+                files,
+                &runtime,
+                control_listener,
+                metrics_listener,
+            )?;
             let exports = replication
                 .disks
                 .iter()
@@ -373,6 +400,7 @@ fn start_replication(
     files: Vec<(Disk, FileBackend)>,
     runtime: &tokio::runtime::Runtime,
     control_listener: Option<std::os::unix::net::UnixListener>,
+    metrics_listener: Option<std::net::TcpListener>,
 ) -> anyhow::Result<Replication> {
     let group = match &cli.group {
         Some(g) => g.clone(),
@@ -460,19 +488,30 @@ fn start_replication(
         cli.on_full,
         cli.link_timeout
     );
+    let control = Arc::new(control::Control {
+        group,
+        replicator: addr.to_owned(),
+        capture: capture.clone(),
+        disks: files
+            .iter()
+            .zip(&disks)
+            .map(|((d, _), b)| (d.name.clone(), d.path.display().to_string(), b.clone()))
+            .collect(),
+        link,
+        live: Default::default(),
+    });
+    if control_listener.is_some() || metrics_listener.is_some() {
+        metrics::start(control.clone(), metrics_listener.is_some())
+            .context("start the metrics sampler")?;
+    }
+    if let Some(l) = metrics_listener {
+        info!("serving metrics at http://{}/metrics", l.local_addr()?);
+        let scraped = control.clone();
+        journal::metrics::serve_http(l, Arc::new(move || scraped.live.scrape()))
+            .context("start the metrics endpoint")?;
+    }
     if let Some(l) = control_listener {
         l.set_nonblocking(true)?;
-        let control = Arc::new(control::Control {
-            group,
-            replicator: addr.to_owned(),
-            capture: capture.clone(),
-            disks: files
-                .iter()
-                .zip(&disks)
-                .map(|((d, _), b)| (d.name.clone(), d.path.display().to_string(), b.clone()))
-                .collect(),
-            link,
-        });
         let _guard = runtime.enter();
         let listener = tokio::net::UnixListener::from_std(l)?;
         runtime.spawn(control::serve(listener, control));

@@ -324,7 +324,7 @@ impl Shipper {
         // Resend what the replicator does not have yet: everything in the log.
         let mut sent = 0;
         while sent < log.len() {
-            sent += send_batch(stream, log.range(sent..))?;
+            sent += send_batch(stream, log.range(sent..), &self.capture.stats.bytes_shipped)?;
         }
         let mut last_sent = Instant::now();
         if let Some(plan) = sync {
@@ -353,7 +353,8 @@ impl Shipper {
                         self.note_oldest(log);
                     }
                     while sent < log.len() {
-                        sent += send_batch(stream, log.range(sent..)).context("send records")?;
+                        sent += send_batch(stream, log.range(sent..), &self.capture.stats.bytes_shipped)
+                            .context("send records")?;
                     }
                     last_sent = Instant::now();
                 }
@@ -391,6 +392,10 @@ impl Shipper {
                 count += 1;
             }
         }
+        self.capture
+            .stats
+            .records_acked
+            .fetch_add(count as u64, Ordering::Relaxed);
         if let Some(at) = newest {
             if let Ok(mut lags) = self.capture.stats.lag_us.lock() {
                 if lags.len() >= 4096 {
@@ -433,10 +438,12 @@ impl Shipper {
 }
 
 /// Sends records from the front of `records` as one batch frame of about [`BATCH_BYTES`]
-/// (at least one record), without copying them; returns how many it sent.
+/// (at least one record), without copying them; returns how many it sent. The frame's bytes
+/// are added to `shipped`.
 fn send_batch<'a>(
     stream: &mut TcpStream,
     records: impl Iterator<Item = &'a Sealed>,
+    shipped: &std::sync::atomic::AtomicU64,
 ) -> std::io::Result<usize> {
     let mut len = 0usize;
     let mut crc = 0u32;
@@ -464,6 +471,7 @@ fn send_batch<'a>(
         }
         IoSlice::advance_slices(&mut slices, n);
     }
+    shipped.fetch_add((FRAME_HEADER_LEN + len) as u64, Ordering::Relaxed);
     Ok(count)
 }
 

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use journal::metrics::mib_per_s;
 use journal::pit::History;
 use journal::store::{self, GroupDir};
 use journal::units::human_bytes;
@@ -98,6 +99,21 @@ pub fn status(store_dir: &Path, json: bool) -> anyhow::Result<()> {
         println!("  link        {link}");
         if let Some(e) = s.live.as_ref().and_then(|l| l.store_error.as_ref()) {
             println!("  STORE ERROR {e}");
+        }
+        // As of the live status's last update (once a second while a proxy is connected).
+        if let Some(l) = s.live.as_ref().filter(|_| s.replicator_running) {
+            l.rates.print(
+                "  ",
+                |r| r.seconds,
+                |r| {
+                    format!(
+                        "{:.0} records/s, {} ingested, {:.0} fsyncs/s",
+                        r.records_per_s,
+                        mib_per_s(r.bytes_per_s),
+                        r.fsyncs_per_s
+                    )
+                },
+            );
         }
         println!("  durable seq {}", s.durable_seq);
         println!(

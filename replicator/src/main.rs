@@ -5,6 +5,7 @@ mod check;
 mod group;
 mod head;
 mod inspect;
+mod metrics;
 mod repair;
 mod retention;
 mod serve;
@@ -62,8 +63,15 @@ enum Command {
         /// are refused.
         #[arg(long, value_name = "N", default_value = "64")]
         max_connections: usize,
+        /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9101: per group
+        /// records and bytes ingested, fsyncs, durable seq, store size, last ingest time, and
+        /// whether the store failed or the journal is damaged. No authentication: bind it to
+        /// loopback or a management network.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
-    /// Show each group's durable seq, history covered, store size and link state.
+    /// Show each group's durable seq, history covered, store size, link state, and the rates
+    /// of a running `replicator serve` (records/s, MiB/s, fsyncs/s over the last 1 s and 10 s).
     Status {
         #[arg(long, value_name = "DIR")]
         store: PathBuf,
@@ -99,6 +107,8 @@ Examples:
   nbd-proxy --disk root=/vms/web.img --socket /run/web.sock --group web --replicate 127.0.0.1:7070
   replicator status --store /srv/cdp
   replicator check --store /srv/cdp
+  replicator serve ... --metrics 127.0.0.1:9101
+  curl -s http://127.0.0.1:9101/metrics
 
 Records are acknowledged to the proxy only after they are fsynced; a restart loses nothing that
 was acknowledged, and a torn tail left by a crash is cut off (with a log line) at start-up.";
@@ -124,6 +134,7 @@ fn main() -> anyhow::Result<()> {
             link_timeout,
             handshake_timeout,
             max_connections,
+            metrics,
         } => {
             std::fs::create_dir_all(&store)
                 .with_context(|| format!("create store {}", store.display()))?;
@@ -131,6 +142,12 @@ fn main() -> anyhow::Result<()> {
             retention::finish_interrupted_folds(&store);
             let listener = std::net::TcpListener::bind(listen)
                 .with_context(|| format!("listen on {listen}"))?;
+            let metrics = metrics
+                .map(|a| {
+                    std::net::TcpListener::bind(a)
+                        .with_context(|| format!("listen for --metrics on {a}"))
+                })
+                .transpose()?;
             info!(
                 "replicator listening on {} with store {}",
                 listener.local_addr()?,
@@ -150,6 +167,7 @@ fn main() -> anyhow::Result<()> {
                     handshake_timeout: handshake_timeout.max(Duration::from_millis(200)),
                     max_connections: max_connections.max(1),
                 },
+                metrics,
             )
         }
         Command::Status { store, json } => {

@@ -24,6 +24,7 @@ use serde::Serialize;
 use tracing::{debug, error, info, warn};
 
 use crate::group::{Group, IngestError};
+use crate::metrics::{GroupRates, GroupStats};
 use crate::retention::{self, Retention};
 
 #[derive(Debug, Clone)]
@@ -54,6 +55,8 @@ struct Slot {
     /// The seq the group's head images have reached, for retention; shared by every opening of
     /// the group, so that retention follows a reopened group too.
     head_applied: Arc<AtomicU64>,
+    /// Counters for status rates and `--metrics` (read without the group's lock).
+    stats: GroupStats,
 }
 
 type Slots = Arc<Mutex<HashMap<String, Arc<Slot>>>>;
@@ -61,10 +64,33 @@ type Slots = Arc<Mutex<HashMap<String, Arc<Slot>>>>;
 /// Batches queued between a session's reader and its writer (each at most [`wire::MAX_BODY`]).
 const QUEUED_BATCHES: usize = 2;
 
-pub fn serve(listener: TcpListener, opts: Options) -> anyhow::Result<()> {
+pub fn serve(
+    listener: TcpListener,
+    opts: Options,
+    metrics: Option<TcpListener>,
+) -> anyhow::Result<()> {
     let slots: Slots = Arc::default();
+    // Every stored group is reported from the start, at its durable checkpoint.
+    for dir in store::list_groups(&opts.store).unwrap_or_default() {
+        if let Ok(meta) = dir.meta() {
+            let slot = Slot {
+                stats: GroupStats::at_start(&dir),
+                ..Slot::default()
+            };
+            slots
+                .lock()
+                .map_err(poison)?
+                .insert(meta.name, Arc::new(slot));
+        }
+    }
     let opts = Arc::new(opts);
     let open = Arc::new(AtomicUsize::new(0));
+    start_sampler(slots.clone())?;
+    if let Some(l) = metrics {
+        info!("serving metrics at http://{}/metrics", l.local_addr()?);
+        let (slots, opts, open) = (slots.clone(), opts.clone(), open.clone());
+        journal::metrics::serve_http(l, Arc::new(move || scrape(&slots, &opts, &open)))?;
+    }
     let next_session = Arc::new(AtomicU64::new(1));
     let mut last_refusal_warning: Option<Instant> = None;
     for conn in listener.incoming() {
@@ -248,6 +274,7 @@ fn run_session(
             slot.head_applied.clone(),
         ) {
             Ok((g, known)) => {
+                slot.stats.damaged.store(false, Ordering::Relaxed);
                 info!(
                     group = %hello.group,
                     durable_seq = g.durable_seq,
@@ -258,6 +285,10 @@ fn run_session(
             }
             Err(e) => {
                 let msg = format!("the replicator cannot take records for this group: {e:#}");
+                let damaged = e.chain().any(|c| c.is::<journal::writer::Damage>());
+                slot.stats.damaged.store(damaged, Ordering::Relaxed);
+                slot.stats.connected.store(false, Ordering::Relaxed);
+                slot.stats.store_failed.store(true, Ordering::Relaxed);
                 write_refusal_status(&dir, &msg);
                 return refuse(stream, msg);
             }
@@ -299,7 +330,7 @@ fn run_session(
     if hello.want_hashes {
         send_hashes(stream, group)?;
     }
-    write_status(group, Some(peer));
+    write_status(group, Some(peer), &slot.stats);
     let keepalive = Duration::from_millis(wire::keepalive_interval_ms(
         link_timeout_ms,
         hello.link_timeout_ms,
@@ -333,12 +364,12 @@ fn run_session(
             }
         }
     });
-    let result = ingest_loop(stream, group, &rx, peer, keepalive);
+    let result = ingest_loop(stream, group, &rx, peer, keepalive, &slot.stats);
     let _ = stream.shutdown(Shutdown::Both);
     drop(rx);
     let read_end = reader_thread.join();
     // Whatever happened, what was appended becomes durable before the group is released.
-    let committed = group.commit();
+    let committed = commit(group, &slot.stats);
     if let Err(e) = group.sync_heads() {
         debug!("sync head images: {e:#}");
     }
@@ -350,7 +381,7 @@ fn run_session(
     if store_error.is_some() {
         group.store_error = store_error;
     }
-    write_status(group, None);
+    write_status(group, None, &slot.stats);
     if let Some(why) = group.failed().map(str::to_owned) {
         error!(group = %hello.group, "the journal must be reopened: {why}");
         *guard = None;
@@ -410,6 +441,7 @@ fn ingest_loop(
     rx: &Receiver<Vec<u8>>,
     peer: &str,
     keepalive: Duration,
+    stats: &GroupStats,
 ) -> anyhow::Result<()> {
     let mut last_status = Instant::now();
     let mut last_sent = Instant::now();
@@ -423,25 +455,25 @@ fn ingest_loop(
                     last_sent = Instant::now();
                 }
                 if last_status.elapsed() >= Duration::from_secs(1) {
-                    write_status(group, Some(peer));
+                    write_status(group, Some(peer), stats);
                     last_status = Instant::now();
                 }
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         };
-        ingest(stream, group, &body)?;
+        ingest(stream, group, &body, stats)?;
         // Group commit: take whatever else has arrived, then one fsync for all of it.
         loop {
             if group.should_commit() {
                 break;
             }
             match rx.try_recv() {
-                Ok(body) => ingest(stream, group, &body)?,
+                Ok(body) => ingest(stream, group, &body, stats)?,
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
-        let durable = match group.commit() {
+        let durable = match commit(group, stats) {
             Ok(seq) => seq,
             Err(e) => {
                 let msg = format!("{e:#}");
@@ -459,15 +491,32 @@ fn ingest_loop(
             acked = durable;
         }
         if last_status.elapsed() >= Duration::from_secs(1) {
-            write_status(group, Some(peer));
+            write_status(group, Some(peer), stats);
             last_status = Instant::now();
         }
     }
 }
 
-fn ingest(stream: &mut TcpStream, group: &mut Group, body: &[u8]) -> anyhow::Result<()> {
+/// Commits what was ingested, counting the fsync when one was made.
+fn commit(group: &mut Group, stats: &GroupStats) -> anyhow::Result<u64> {
+    let before = group.durable_seq;
+    let durable = group.commit()?;
+    stats.committed(group, durable != before);
+    Ok(durable)
+}
+
+fn ingest(
+    stream: &mut TcpStream,
+    group: &mut Group,
+    body: &[u8],
+    stats: &GroupStats,
+) -> anyhow::Result<()> {
+    let before = (group.records_in, group.bytes_in, group.stored_in);
     match group.ingest(body) {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            stats.ingested(before, group);
+            Ok(())
+        }
         Err(IngestError::Refused { seq, reason }) => {
             warn!(group = %group.meta.name, "refusing record seq {seq}: {reason}");
             let _ = stream.write_all(
@@ -488,6 +537,46 @@ fn ingest(stream: &mut TcpStream, group: &mut Group, body: &[u8]) -> anyhow::Res
             Err(StoreFailed(msg).into())
         }
     }
+}
+
+/// Samples every group's counters for rates, for as long as the process runs.
+fn start_sampler(slots: Slots) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("sampler".into())
+        .spawn(move || loop {
+            let list: Vec<Arc<Slot>> = match slots.lock() {
+                Ok(s) => s.values().cloned().collect(),
+                Err(_) => return,
+            };
+            for slot in list {
+                slot.stats.sample();
+            }
+            std::thread::sleep(journal::metrics::SAMPLE_PERIOD);
+        })?;
+    Ok(())
+}
+
+/// What `GET /metrics` answers: every group this replicator knows, from atomics (never the
+/// group's lock) and the store's disk usage.
+fn scrape(slots: &Slots, opts: &Options, open: &AtomicUsize) -> String {
+    let mut list: Vec<(String, Arc<Slot>)> = match slots.lock() {
+        Ok(s) => s.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        Err(_) => Vec::new(),
+    };
+    list.sort_by(|a, b| a.0.cmp(&b.0));
+    let groups: Vec<_> = list
+        .iter()
+        .map(|(name, slot)| (name.clone(), GroupDir::new(&opts.store, name), &slot.stats))
+        .collect();
+    crate::metrics::render(
+        &groups,
+        crate::metrics::Server {
+            connections: open.load(Ordering::Acquire) as u64,
+            max_connections: opts.max_connections as u64,
+            retention_secs: opts.retention.max_age.map(|d| d.as_secs()),
+            max_store_size: opts.retention.max_size,
+        },
+    )
 }
 
 fn start_retention(slot: &Arc<Slot>, group: &Group, opts: &Options) {
@@ -521,9 +610,19 @@ pub struct LiveStatus {
     /// journal); cleared once records are stored again.
     #[serde(default)]
     pub store_error: Option<String>,
+    /// Group commits (fsyncs) since the replicator started.
+    #[serde(default)]
+    pub fsyncs: u64,
+    /// Per-second rates over the last 1 s and 10 s, as of `updated_ns`.
+    #[serde(default)]
+    pub rates: journal::metrics::Windows<GroupRates>,
 }
 
-fn write_status(group: &Group, peer: Option<&str>) {
+fn write_status(group: &Group, peer: Option<&str>, stats: &GroupStats) {
+    stats.connected.store(peer.is_some(), Ordering::Relaxed);
+    stats
+        .store_failed
+        .store(group.store_error.is_some(), Ordering::Relaxed);
     let status = LiveStatus {
         connected: peer.is_some(),
         peer: peer.map(str::to_owned),
@@ -535,6 +634,8 @@ fn write_status(group: &Group, peer: Option<&str>) {
         stored_in: group.stored_in,
         pid: std::process::id(),
         store_error: group.store_error.clone(),
+        fsyncs: stats.fsyncs.load(Ordering::Relaxed),
+        rates: stats.rates(),
     };
     put_status(&group.dir, &status);
 }

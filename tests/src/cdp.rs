@@ -704,3 +704,91 @@ pub fn materialize_at(store: &str, at: &str, out: &Path) -> (bool, String) {
         ],
     )
 }
+
+/// One scrape of a `--metrics` endpoint, fetched with Python's urllib and parsed by the
+/// Prometheus project's own parser (`prometheus_client.parser`, from PyPI; `make setup`
+/// installs it).
+#[derive(Debug)]
+pub struct Scrape {
+    pub content_type: String,
+    pub text: String,
+    /// Families as the parser returns them: name (a counter's without `_total`), type, help,
+    /// samples (name, labels, value).
+    pub families: Vec<serde_json::Value>,
+}
+
+const SCRAPE_PY: &str = r#"
+import json, sys, urllib.error, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+url, mode = sys.argv[1], sys.argv[2]
+if mode == "status":
+    try:
+        urllib.request.urlopen(url, timeout=30).read()
+        print(200)
+    except urllib.error.HTTPError as e:
+        print(e.code)
+    sys.exit(0)
+with urllib.request.urlopen(url, timeout=30) as r:
+    ctype, text = r.headers.get("Content-Type"), r.read().decode("utf-8")
+families = [
+    {"name": f.name, "type": f.type, "help": f.documentation,
+     "samples": [{"name": s.name, "labels": s.labels, "value": s.value} for s in f.samples]}
+    for f in text_string_to_metric_families(text)
+]
+print(json.dumps({"content_type": ctype, "text": text, "families": families}))
+"#;
+
+fn scrape_py(url: &str, mode: &str) -> anyhow::Result<String> {
+    // The python3 on PATH: the one scripts/setup.sh installed prometheus-client for.
+    let out = Command::new("python3")
+        .args(["-c", SCRAPE_PY, url, mode])
+        .output()
+        .context("run python3 (install it, then `make setup`)")?;
+    if !out.status.success() {
+        bail!(
+            "scraping {url} with prometheus_client failed (missing? `make setup` installs it): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// GET http://ADDR/metrics, parsed.
+pub fn scrape(addr: &str) -> anyhow::Result<Scrape> {
+    let out = scrape_py(&format!("http://{addr}/metrics"), "parse")?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(Scrape {
+        content_type: v["content_type"].as_str().unwrap_or_default().to_owned(),
+        text: v["text"].as_str().unwrap_or_default().to_owned(),
+        families: v["families"].as_array().cloned().unwrap_or_default(),
+    })
+}
+
+/// The HTTP status a GET of `http://ADDR{path}` gets.
+pub fn http_status(addr: &str, path: &str) -> anyhow::Result<u16> {
+    Ok(scrape_py(&format!("http://{addr}{path}"), "status")?.parse()?)
+}
+
+impl Scrape {
+    /// The family of a sample named `name` (a counter's family drops `_total`).
+    pub fn family(&self, name: &str) -> Option<&serde_json::Value> {
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        self.families.iter().find(|f| f["name"] == family)
+    }
+
+    /// The value of the sample `name` whose labels include `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.family(name)?["samples"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name && labels.iter().all(|(k, v)| s["labels"][k] == *v))?
+            ["value"]
+            .as_f64()
+    }
+
+    /// Like [`Scrape::value`], failing with the whole text when there is no such sample.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels)
+            .unwrap_or_else(|| panic!("no sample {name} {labels:?} in:\n{}", self.text))
+    }
+}
