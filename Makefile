@@ -35,7 +35,9 @@ vm-image:
 	@bash vm-images/build.sh
 
 # Unit, property, end-to-end and fault tests, then every fuzz target for FUZZ_SECONDS each.
+# nbd-tester-client (the reference implementation's own tester) is built into target/ first.
 test: setup vm-image
+	@bash scripts/nbd-tester.sh
 	$(CARGO) test --release --workspace
 	@bash scripts/fuzz.sh $(FUZZ_SECONDS)
 

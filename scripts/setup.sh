@@ -21,6 +21,12 @@ declare -A want=(
   [cpio]=cpio
   [ip]=iproute2
   [iptables]=iptables
+  # scripts/nbd-tester.sh builds the reference implementation's test client from source.
+  [curl]=curl
+  [xz]=xz-utils
+  [cc]=gcc
+  [make]=make
+  [pkg-config]=pkg-config
 )
 missing=()
 for prog in "${!want[@]}"; do
@@ -29,6 +35,7 @@ done
 [ -x /bin/busybox ] || missing+=(busybox-static)
 python3_nbd() { /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; }
 python3_nbd || missing+=(python3-libnbd)
+pkg-config --exists glib-2.0 2>/dev/null || missing+=(libglib2.0-dev)
 
 # QEMU's system emulator and its utilities must come from the same release: Debian 12 ships
 # qemu-system-x86 7.2, and a newer qemu-utils (from backports) would otherwise stay installed

@@ -4,6 +4,8 @@
 //! concurrently and hand their replies to a writer task, which sends whatever is ready in one
 //! vectored write. So replies leave in completion order, many requests are in flight, and a
 //! payload is never copied on its way out. A byte budget bounds the memory of requests in flight.
+//! Payloads longer than [`PIECE_BYTES`] stream through in pieces of that size: a WRITE is read
+//! and applied piece by piece, a READ read and sent piece by piece.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -20,8 +22,13 @@ use crate::reply::{self, Header, StatusExtent};
 use crate::request::{self, Command, Limits, RequestHeader};
 use crate::server::Export;
 
-/// Bytes of request and reply payloads one connection may hold at once.
-const IN_FLIGHT_BUDGET_BYTES: usize = MAX_PAYLOAD_BYTES as usize + (1 << 20);
+/// Payloads longer than this stream in pieces of this size (each a backend call of its own).
+const PIECE_BYTES: usize = 4 << 20;
+/// Bytes of request and reply payloads one connection may hold at once (independent of
+/// MAX_PAYLOAD_BYTES: a long request holds a few pieces at a time, not its length).
+const IN_FLIGHT_BUDGET_BYTES: usize = (32 << 20) + (1 << 20);
+/// Budget a long READ holds: one piece on its way out, the next being read.
+const LONG_READ_BYTES: usize = 2 * PIECE_BYTES;
 /// Every request also costs this much of the budget, which bounds the request count.
 const REQUEST_COST_BYTES: usize = 4096;
 /// Reads at least this long, without DF, are answered with holes as OFFSET_HOLE chunks.
@@ -140,8 +147,19 @@ async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> io::Result<(
 struct Reply {
     pieces: Vec<Piece>,
     data: Buffer,
-    /// Budget held until the reply is on the wire.
-    _permit: Option<OwnedSemaphorePermit>,
+    /// Budget held until the reply is on the wire (with `more`: until its last part is).
+    budget: Option<OwnedSemaphorePermit>,
+    /// The rest of a long READ's reply, part by part; the writer sends nothing else in between.
+    /// An `Err` means a part failed after a simple reply's header went out: the connection
+    /// closes (the spec's hard disconnect).
+    more: Option<mpsc::Receiver<io::Result<Reply>>>,
+}
+
+/// A WRITE's payload: read whole before the task starts, or (a long one) piece by piece while
+/// it runs, each piece holding its bytes of the budget until it is applied.
+enum Payload {
+    Whole(Buffer),
+    Pieces(mpsc::UnboundedReceiver<(Buffer, OwnedSemaphorePermit)>),
 }
 
 enum Piece {
@@ -156,14 +174,16 @@ impl Reply {
         Reply {
             pieces: vec![Piece::Header(header)],
             data: Buffer::default(),
-            _permit: None,
+            budget: None,
+            more: None,
         }
     }
     fn bytes(bytes: Vec<u8>) -> Reply {
         Reply {
             pieces: vec![Piece::Bytes(bytes)],
             data: Buffer::default(),
-            _permit: None,
+            budget: None,
+            more: None,
         }
     }
     fn error(cookie: u64, structured: bool, errno: Errno, message: &str) -> Reply {
@@ -238,7 +258,7 @@ where
                     break Ok(());
                 };
                 let mut reply = Reply::error(header.cookie, structured, e.errno(), &e.to_string());
-                reply._permit = Some(permit);
+                reply.budget = Some(permit);
                 let _ = replies.send(reply);
                 continue;
             }
@@ -251,20 +271,33 @@ where
             Ok(permit) => permit,
             Err(_) => break Ok(()),
         };
-        let mut payload = Buffer::default();
-        if let Command::Write { length, .. } = command {
-            payload = Buffer::take(length as usize);
-            if let Err(e) = reader.read_exact(&mut payload).await {
-                break Err(e);
+        let (payload, pieces) = match command {
+            Command::Write { length, .. } if length as usize > PIECE_BYTES => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (Payload::Pieces(rx), Some((tx, length)))
             }
-        }
+            Command::Write { length, .. } => {
+                let mut data = Buffer::take(length as usize);
+                if let Err(e) = reader.read_exact(&mut data).await {
+                    break Err(e);
+                }
+                (Payload::Whole(data), None)
+            }
+            _ => (Payload::Whole(Buffer::default()), None),
+        };
         let backend = backend.clone();
         let replies = replies.clone();
         tokio::spawn(async move {
-            let mut reply = execute(&*backend, command, header.cookie, payload, structured).await;
-            reply._permit = Some(permit);
+            let mut reply = execute(&backend, command, header.cookie, payload, structured).await;
+            reply.budget = Some(permit);
             let _ = replies.send(reply);
         });
+        if let Some((tx, length)) = pieces {
+            // After the spawn: each piece is applied while the next one arrives.
+            if let Err(e) = read_pieces(&mut reader, &budget, length, tx).await {
+                break Err(e);
+            }
+        }
     };
     // Requests already read finish and are answered before the socket closes.
     drop(replies);
@@ -272,12 +305,40 @@ where
     result.and(written)
 }
 
-/// Bytes of buffer a command holds while in flight.
+/// Bytes of budget a command holds from its start until its reply is on the wire.
 fn buffer_len(command: &Command) -> usize {
     match *command {
+        Command::Read { length, .. } if length as usize > PIECE_BYTES => LONG_READ_BYTES,
+        // Each piece holds its own share, from when it is read until it is applied.
+        Command::Write { length, .. } if length as usize > PIECE_BYTES => 0,
         Command::Read { length, .. } | Command::Write { length, .. } => length as usize,
         _ => 0,
     }
+}
+
+/// Reads a long WRITE's payload piece by piece for the task applying it; each piece waits for
+/// its bytes of the budget first, so a connection never holds more than the budget.
+async fn read_pieces<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    budget: &Arc<Semaphore>,
+    length: u32,
+    pieces: mpsc::UnboundedSender<(Buffer, OwnedSemaphorePermit)>,
+) -> io::Result<()> {
+    let mut left = length as usize;
+    while left > 0 {
+        let len = left.min(PIECE_BYTES);
+        let permit = budget
+            .clone()
+            .acquire_many_owned(len as u32)
+            .await
+            .map_err(io::Error::other)?;
+        let mut data = Buffer::take(len);
+        reader.read_exact(&mut data).await?;
+        // The task only goes away by panicking; the payload is still read to its end.
+        let _ = pieces.send((data, permit));
+        left -= len;
+    }
+    Ok(())
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(
@@ -289,7 +350,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     while let Some(first) = queue.recv().await {
         batch.push(first);
         let mut pieces = batch[0].pieces.len();
-        while pieces < MAX_SLICES {
+        while pieces < MAX_SLICES && batch.last().is_some_and(|r| r.more.is_none()) {
             match queue.try_recv() {
                 Ok(reply) => {
                     pieces += reply.pieces.len();
@@ -298,15 +359,16 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        let mut slices = Vec::with_capacity(pieces);
-        batch.iter().for_each(|r| r.slices(&mut slices));
-        let written = write_all_vectored(&mut write, &mut slices).await;
-        drop(slices);
-        batch.clear();
-        if let Err(e) = written {
-            // The client is gone; dropping the queue tells the reader to stop.
-            debug!("writing replies failed: {e}");
-            return Err(e);
+        // A long READ's reply goes on in parts: nothing else is sent until its last part.
+        let long = batch
+            .last_mut()
+            .and_then(|r| Some((r.more.take()?, r.budget.take())));
+        send_batch(&mut write, &mut batch).await?;
+        if let Some((mut more, _budget)) = long {
+            while let Some(part) = more.recv().await {
+                batch.push(part?);
+                send_batch(&mut write, &mut batch).await?;
+            }
         }
     }
     write.shutdown().await.or_else(|e| {
@@ -316,6 +378,23 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             Err(e)
         }
     })
+}
+
+/// Writes the replies in one vectored write and empties `batch` (dropping their buffers).
+async fn send_batch<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    batch: &mut Vec<Reply>,
+) -> io::Result<()> {
+    let mut slices = Vec::with_capacity(batch.iter().map(|r| r.pieces.len()).sum());
+    batch.iter().for_each(|r| r.slices(&mut slices));
+    let written = write_all_vectored(write, &mut slices).await;
+    drop(slices);
+    batch.clear();
+    if let Err(e) = &written {
+        // The client is gone; dropping the queue tells the reader to stop.
+        debug!("writing replies failed: {e}");
+    }
+    written
 }
 
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
@@ -334,10 +413,10 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 
 /// Carries out one validated command and builds its reply.
 async fn execute<B: BlockBackend>(
-    backend: &B,
+    backend: &Arc<B>,
     command: Command,
     cookie: u64,
-    payload: Buffer,
+    payload: Payload,
     structured: bool,
 ) -> Reply {
     let done = |result: io::Result<()>, what: &str| match result {
@@ -364,9 +443,21 @@ async fn execute<B: BlockBackend>(
             )
             .await
         }
-        Command::Write { offset, fua, .. } => {
-            done(backend.write(offset, &payload, fua).await, "write")
-        }
+        Command::Write {
+            offset,
+            length,
+            fua,
+        } => match payload {
+            Payload::Whole(data) => done(backend.write(offset, &data, fua).await, "write"),
+            Payload::Pieces(pieces) => {
+                match write_pieces(&**backend, offset, length, fua, pieces).await {
+                    Some(result) => done(result, "write"),
+                    // The connection broke inside the payload: no one reads this reply, but
+                    // the write must not look done.
+                    None => Reply::error(cookie, structured, Errno::Io, "the payload ended early"),
+                }
+            }
+        },
         Command::Flush => done(backend.flush().await, "flush"),
         Command::Trim {
             offset,
@@ -456,84 +547,191 @@ fn status_extents(extents: &[Extent], length: u32) -> Vec<StatusExtent> {
     out
 }
 
-/// A READ: one data chunk (or a simple reply), or, when `split` allows, data and hole chunks.
-async fn read<B: BlockBackend>(
+/// Applies a long WRITE's pieces in order as they arrive, each with the command's FUA (so all
+/// of it is durable before the reply). After a failed piece the rest is still taken from the
+/// reader but not applied, and the command fails (NBD allows a failed write to be partly done).
+/// `None` when the payload ended early (the connection broke).
+async fn write_pieces<B: BlockBackend>(
     backend: &B,
+    offset: u64,
+    length: u32,
+    fua: bool,
+    mut pieces: mpsc::UnboundedReceiver<(Buffer, OwnedSemaphorePermit)>,
+) -> Option<io::Result<()>> {
+    let mut at = offset;
+    let mut result = Ok(());
+    while let Some((data, _budget)) = pieces.recv().await {
+        if result.is_ok() {
+            result = backend.write(at, &data, fua).await;
+        }
+        at += data.len() as u64;
+    }
+    (at == offset + u64::from(length)).then_some(result)
+}
+
+/// A READ: one data chunk (or a simple reply), or, when `split` allows, data and hole chunks.
+/// A read longer than a piece is sent in parts of at most [`PIECE_BYTES`] of data, each read
+/// (by a task of its own) while the part before it is on the wire.
+async fn read<B: BlockBackend>(
+    backend: &Arc<B>,
     cookie: u64,
     offset: u64,
     length: u32,
     split: bool,
     structured: bool,
 ) -> Reply {
-    let mut extents = Vec::new();
-    if split && length >= HOLE_SCAN_MIN_BYTES {
-        if let Err(e) = backend
-            .extents(offset, u64::from(length), MAX_EXTENTS, &mut extents)
-            .await
-        {
-            return io_failure(cookie, structured, "read", &e);
-        }
-        // Cover whatever the extents left out (at most MAX_EXTENTS were asked for) as data.
-        let covered: u64 = extents.iter().map(|e| e.length).sum();
-        if covered < u64::from(length) {
-            extents.push(Extent {
-                length: u64::from(length) - covered,
-                hole: false,
-                zero: false,
-            });
-        }
+    let plan = match ReadPlan::new(&**backend, cookie, offset, length, split, structured).await {
+        Ok(plan) => plan,
+        Err(e) => return io_failure(cookie, structured, "read", &e),
+    };
+    let mut first = match plan.part(&**backend, 0).await {
+        Ok(part) => part,
+        Err(e) => return io_failure(cookie, structured, "read", &e),
+    };
+    if plan.parts() > 1 {
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(read_rest(backend.clone(), plan, tx));
+        first.more = Some(rx);
     }
-    if !extents.iter().any(|e| e.zero) {
-        let mut data = Buffer::take(length as usize);
-        if let Err(e) = backend.read(offset, &mut data).await {
-            return io_failure(cookie, structured, "read", &e);
-        }
-        let header = match (structured, length) {
-            (false, _) => reply::simple(cookie, None),
-            (true, 0) => reply::done(cookie),
-            (true, _) => reply::offset_data(cookie, true, offset, length),
+    first
+}
+
+/// Reads and hands over parts 1.. of a long READ. A slot is reserved before a part is read,
+/// so at most two parts exist at once: one being written, one being read.
+async fn read_rest<B: BlockBackend>(
+    backend: Arc<B>,
+    plan: ReadPlan,
+    parts: mpsc::Sender<io::Result<Reply>>,
+) {
+    for index in 1..plan.parts() {
+        let Ok(slot) = parts.reserve().await else {
+            return; // The writer is gone with the connection.
         };
-        return Reply {
-            pieces: vec![Piece::Header(header), Piece::Data(0..length as usize)],
-            data,
-            _permit: None,
-        };
-    }
-    // Data runs are read into one buffer at their place; holes are sent as OFFSET_HOLE.
-    let mut data = Buffer::take(length as usize);
-    let mut pieces = Vec::with_capacity(extents.len() * 2 + 1);
-    let mut at = 0usize;
-    for e in &extents {
-        let len = (e.length as usize).min(length as usize - at);
-        if len == 0 {
-            break;
-        }
-        let chunk_offset = offset + at as u64;
-        if e.zero {
-            pieces.push(Piece::Header(reply::offset_hole(
-                cookie,
-                false,
-                chunk_offset,
-                len as u32,
-            )));
-        } else {
-            if let Err(e) = backend.read(chunk_offset, &mut data[at..at + len]).await {
-                return io_failure(cookie, structured, "read", &e);
+        match plan.part(&*backend, index).await {
+            Ok(part) => slot.send(Ok(part)),
+            Err(e) if plan.structured => {
+                slot.send(Ok(io_failure(plan.cookie, true, "read", &e)));
+                return;
             }
-            pieces.push(Piece::Header(reply::offset_data(
-                cookie,
-                false,
-                chunk_offset,
-                len as u32,
-            )));
-            pieces.push(Piece::Data(at..at + len));
+            Err(e) => {
+                error!(
+                    cookie = plan.cookie,
+                    "read failed: {e}; its simple reply had begun, so the connection closes"
+                );
+                slot.send(Err(e));
+                return;
+            }
         }
-        at += len;
-    }
-    pieces.push(Piece::Header(reply::done(cookie)));
-    Reply {
-        pieces,
-        data,
-        _permit: None,
     }
 }
+
+/// What a READ's reply is made of: runs of data (and, when holes are sent as OFFSET_HOLE
+/// chunks, of zeroes), cut into parts of at most [`PIECE_BYTES`] bytes of the read.
+struct ReadPlan {
+    cookie: u64,
+    offset: u64,
+    length: usize,
+    structured: bool,
+    /// (start within the read, length, reads as zeroes), in order, covering the read; empty
+    /// when there are no holes (one run of data, without an allocation per read).
+    runs: Vec<(usize, usize, bool)>,
+    /// Some run is a hole: chunks then end with a NONE chunk rather than DONE on the data.
+    holes: bool,
+}
+
+impl ReadPlan {
+    async fn new<B: BlockBackend>(
+        backend: &B,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        split: bool,
+        structured: bool,
+    ) -> io::Result<ReadPlan> {
+        let length = length as usize;
+        let mut extents = Vec::new();
+        if split && length >= HOLE_SCAN_MIN_BYTES as usize {
+            backend
+                .extents(offset, length as u64, MAX_EXTENTS, &mut extents)
+                .await?;
+        }
+        let holes = extents.iter().any(|e| e.zero);
+        let mut runs = Vec::new();
+        if holes {
+            let mut at = 0;
+            for e in &extents {
+                let len = (e.length as usize).min(length - at);
+                if len == 0 {
+                    break;
+                }
+                runs.push((at, len, e.zero));
+                at += len;
+            }
+            // Whatever the extents left out (at most MAX_EXTENTS were asked for) is data.
+            if at < length {
+                runs.push((at, length - at, false));
+            }
+        }
+        Ok(ReadPlan {
+            cookie,
+            offset,
+            length,
+            structured,
+            runs,
+            holes,
+        })
+    }
+
+    fn parts(&self) -> usize {
+        self.length.div_ceil(PIECE_BYTES)
+    }
+
+    /// Part `index`: its data read into one buffer, with the headers that announce it.
+    async fn part<B: BlockBackend>(&self, backend: &B, index: usize) -> io::Result<Reply> {
+        let cookie = self.cookie;
+        let start = index * PIECE_BYTES;
+        let end = (start + PIECE_BYTES).min(self.length);
+        let mut data = Buffer::take(end - start);
+        let mut pieces = Vec::with_capacity(2);
+        if !self.structured && index == 0 {
+            pieces.push(Piece::Header(reply::simple(cookie, None)));
+        }
+        let whole = [(0, self.length, false)];
+        let runs = if self.holes {
+            &self.runs[..]
+        } else {
+            &whole[..]
+        };
+        for &(run, len, zero) in runs {
+            let (from, to) = (run.max(start), (run + len).min(end));
+            if from >= to {
+                continue;
+            }
+            let at = self.offset + from as u64;
+            let len = (to - from) as u32;
+            if zero {
+                pieces.push(Piece::Header(reply::offset_hole(cookie, false, at, len)));
+                continue;
+            }
+            let range = from - start..to - start;
+            backend.read(at, &mut data[range.clone()]).await?;
+            if self.structured {
+                let last = to == self.length && !self.holes;
+                pieces.push(Piece::Header(reply::offset_data(cookie, last, at, len)));
+            }
+            pieces.push(Piece::Data(range));
+        }
+        if self.structured && self.holes && end == self.length {
+            pieces.push(Piece::Header(reply::done(cookie)));
+        }
+        Ok(Reply {
+            pieces,
+            data,
+            budget: None,
+            more: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

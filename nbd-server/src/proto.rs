@@ -130,10 +130,11 @@ impl Errno {
 }
 
 /// Size constraints advertised with `NBD_INFO_BLOCK_SIZE`. Our exports accept any alignment
-/// (minimum 1) and prefer 4 KiB; the maximum payload is the spec's portable 32 MiB.
+/// (minimum 1) and prefer 4 KiB; the maximum payload is 64 MiB (nbdkit's; the spec's portable
+/// minimum is 32 MiB). Long payloads stream in pieces, so it costs no memory per request.
 pub const BLOCK_SIZE_MIN: u32 = 1;
 pub const BLOCK_SIZE_PREFERRED: u32 = 4096;
-pub const MAX_PAYLOAD_BYTES: u32 = 32 * 1024 * 1024;
+pub const MAX_PAYLOAD_BYTES: u32 = 64 * 1024 * 1024;
 
 /// Longest option payload we read during negotiation; longer ones are drained and refused.
 pub const MAX_OPTION_BYTES: u32 = 64 * 1024;

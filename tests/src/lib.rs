@@ -192,6 +192,20 @@ impl Proxy {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
     }
 
+    /// `host:port` of its TCP listener (`--listen 127.0.0.1:0`), as its log names it.
+    pub fn tcp_address(&self) -> anyhow::Result<String> {
+        wait_for(
+            "the TCP address in the log",
+            Duration::from_secs(10),
+            || {
+                self.log_text().lines().find_map(|l| {
+                    let uri = l.split(" at nbd://").nth(1)?;
+                    Some(uri.split('/').next()?.trim().to_owned())
+                })
+            },
+        )
+    }
+
     pub fn pid(&self) -> i32 {
         self.child
             .as_ref()

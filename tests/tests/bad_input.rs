@@ -88,7 +88,7 @@ fn oversized_write_is_refused_without_allocating_its_length() {
     let mut f = fixture(&[]);
     let mut c = connect(&f, false);
     let rss_before = f.proxy.peak_rss_bytes().unwrap();
-    // 96 MiB: three times the maximum payload. The server must stream it away, not buffer it.
+    // 96 MiB: past the maximum payload (64 MiB). The server must stream it away, not buffer it.
     let len = 96 * MIB as u32;
     c.send(&request_bytes(CMD_WRITE, 0, 8, 0, len));
     let chunk = vec![0x5a; MIB as usize];

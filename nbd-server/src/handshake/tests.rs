@@ -108,7 +108,8 @@ fn go_sends_export_info_before_ack_and_enters_transmission() {
     // NBD_INFO_EXPORT first: size and flags (QEMU calls a server broken otherwise).
     assert_eq!(&r[0].2[..2], &INFO_EXPORT.to_be_bytes());
     assert_eq!(&r[0].2[2..10], &(1u64 << 20).to_be_bytes());
-    assert_eq!(&r[1].2, &[0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x02, 0, 0, 0]);
+    // Block sizes: minimum 1, preferred 4 KiB, maximum payload 64 MiB.
+    assert_eq!(&r[1].2, &[0, 3, 0, 0, 0, 1, 0, 0, 0x10, 0, 0x04, 0, 0, 0]);
     assert_eq!(&r[2].2[2..], b"root");
     assert_eq!(&r[3].2[2..], b"root.img");
     let Outcome::Transmission(a) = outcome else {
