@@ -200,7 +200,9 @@ mod tests {
 
     fn records(first: u64, n: u64, size: usize) -> Vec<Vec<u8>> {
         (first..first + n)
-            .map(|s| Encoded::data(Kind::Write, 0, s * 4096, &vec![s as u8; size], false).seal(s, 0))
+            .map(|s| {
+                Encoded::data(Kind::Write, 0, s * 4096, &vec![s as u8; size], false).seal(s, 0)
+            })
             .collect()
     }
 
@@ -218,11 +220,20 @@ mod tests {
     fn appends_in(dir: tempfile::TempDir) {
         let path = dir.path().join("seg");
         std::fs::write(&path, b"HEADER-").unwrap();
-        let open = || OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap()
+        };
         let mut len = 7u64;
         let mut expect = b"HEADER-".to_vec();
         let mut a = Appender::new(open(), &path, len).unwrap();
-        for (i, size) in [1usize, 4000, 4096, 70_000, 3, 9000].into_iter().enumerate() {
+        for (i, size) in [1usize, 4000, 4096, 70_000, 3, 9000]
+            .into_iter()
+            .enumerate()
+        {
             if i == 3 {
                 // A restart in the middle: the tail block is read back from the file.
                 a = Appender::new(open(), &path, len).unwrap();
@@ -237,7 +248,11 @@ mod tests {
             let file = std::fs::read(&path).unwrap();
             assert_eq!(&file[..expect.len()], &expect[..], "after append {i}");
             let pad = &file[expect.len()..];
-            assert!(pad.len() < BLOCK && pad.iter().all(|&b| b == 0), "{}", pad.len());
+            assert!(
+                pad.len() < BLOCK && pad.iter().all(|&b| b == 0),
+                "{}",
+                pad.len()
+            );
         }
         // A cut (after a failed write) reloads the tail: the next append continues there.
         len -= 100;

@@ -131,7 +131,10 @@ impl BlockBackend for CaptureBackend {
         if data.is_empty() {
             return self.file.write(offset, data, fua).await;
         }
-        let enc = self.capture.compress.encode(Kind::Write, self.disk, offset, data);
+        let enc = self
+            .capture
+            .compress
+            .encode(Kind::Write, self.disk, offset, data);
         self.change(
             offset,
             data.len() as u64,

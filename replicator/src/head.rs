@@ -203,7 +203,9 @@ impl HeadApplier {
                 loop {
                     // Idle with a checkpoint due: wake for it when its time comes.
                     let first = if checkpoint_due {
-                        match rx.recv_timeout(CHECKPOINT_EVERY.saturating_sub(last_checkpoint.elapsed())) {
+                        match rx.recv_timeout(
+                            CHECKPOINT_EVERY.saturating_sub(last_checkpoint.elapsed()),
+                        ) {
                             Ok(w) => Some(w),
                             Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
                             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,

@@ -457,7 +457,11 @@ fn every_point_form_of_the_readme_and_no_bookmark_inside_a_seed() {
     // During the seed: refused, saying why.
     let mut refused = None;
     for _ in 0..200 {
-        let s = proxy_status(&ctl).unwrap();
+        // The control socket may not be there yet (the proxy starts listening first).
+        let Ok(s) = proxy_status(&ctl) else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
         if s["sync_running"] == true {
             let (ok, out) = cli("nbd-proxy", &["bookmark", "--control", ctl_s, "early"]);
             if !ok {

@@ -94,11 +94,16 @@ fn the_compress_gate_backs_off_on_incompressible_data_and_returns() {
         }
         // Stored uncompressed, the record still parses to the same data.
         let sealed = enc.seal(i + 1, 0);
-        assert_eq!(parse(&sealed).unwrap().unwrap().payload().unwrap().as_ref(), &noise[..]);
+        assert_eq!(
+            parse(&sealed).unwrap().unwrap().payload().unwrap().as_ref(),
+            &noise[..]
+        );
     }
     let gaps: Vec<u64> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
     assert_eq!(&gaps[..8], &[3, 5, 9, 17, 33, 65, 129, 257]);
-    assert!(gaps.iter().all(|&g| g <= u64::from(CompressGate::MAX_SKIP) + 1));
+    assert!(gaps
+        .iter()
+        .all(|&g| g <= u64::from(CompressGate::MAX_SKIP) + 1));
     // Compressible data: compressed from the first attempt on, every record.
     let zeros = vec![0u8; 4096];
     let mut compressed = 0;
