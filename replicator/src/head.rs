@@ -196,6 +196,13 @@ impl HeadApplier {
         std::thread::Builder::new()
             .name("head-applier".into())
             .spawn(move || {
+                // Background work: the images are a cache for delta sync, and nothing waits
+                // for them while records flow. At the lowest priority they take only what
+                // ingest (and, on a shared host, the guest's I/O) leaves of the CPU.
+                // SAFETY: setpriority on this thread's own id; no memory is passed.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+                }
                 let mut failed: Option<String> = None;
                 let mut durable = follower.applied;
                 let mut last_checkpoint = Instant::now();
