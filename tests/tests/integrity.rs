@@ -215,11 +215,12 @@ fn names_from_the_network_stay_inside_the_store() {
 /// (Before: 452 MiB before any Hello; four hash requests took it past 1 GiB.)
 #[test]
 fn unauthenticated_peers_cannot_exhaust_the_replicator() {
-    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+    // Long enough for 16 accepts on a loaded CI machine, shorter than the trickled Hello.
+    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(8);
     let dir = tempfile::tempdir().unwrap();
     let rep = Replicator::start(
         &dir.path().join("store"),
-        &["--max-connections", "16", "--handshake-timeout", "3s"],
+        &["--max-connections", "16", "--handshake-timeout", "8s"],
     )
     .unwrap();
     let rss_kib = || proc_status(rep.pid(), "VmRSS").unwrap();
@@ -302,7 +303,8 @@ fn unauthenticated_peers_cannot_exhaust_the_replicator() {
             cut_off = true;
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // The whole Hello takes twice the handshake timeout, each byte well within it.
+        std::thread::sleep(2 * HANDSHAKE_TIMEOUT / hello.len() as u32);
     }
     slow.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
