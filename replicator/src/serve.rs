@@ -130,16 +130,20 @@ pub fn serve(
         let spawned = std::thread::Builder::new()
             .name(format!("conn {peer}"))
             .spawn(move || {
-                // The slot is given back before the socket closes, so a peer that
-                // reconnects as soon as it sees the close finds it free.
+                // The slot is given back before the socket closes (a refusal only writes
+                // its reason), so a peer that reconnects as soon as it sees the close
+                // finds it free.
                 let last_handle = stream.try_clone().ok();
-                match handle(stream, &peer, &slots, &opts, &ids) {
+                let result = handle(stream, &peer, &slots, &opts, &ids);
+                open.fetch_sub(1, Ordering::AcqRel);
+                if let Some(s) = last_handle {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                match result {
                     Err(e) if is_disconnect(&e) => debug!(%peer, "connection closed: {e:#}"),
                     Err(e) => warn!(%peer, "connection ended: {e:#}"),
                     Ok(()) => {}
                 }
-                open.fetch_sub(1, Ordering::AcqRel);
-                drop(last_handle);
             });
         if let Err(e) = spawned {
             warn!("cannot start a connection thread: {e}");
@@ -168,10 +172,10 @@ impl std::io::Read for Deadline<'_> {
     }
 }
 
-/// Tells the peer why it is refused (best effort, within the write deadline) and fails.
+/// Tells the peer why it is refused (best effort, within the write deadline) and fails; the
+/// connection's thread closes the socket once its slot is free.
 fn refuse(stream: &mut TcpStream, msg: String) -> anyhow::Result<()> {
     let _ = stream.write_all(&wire::error(&msg));
-    let _ = stream.shutdown(Shutdown::Both);
     bail!(msg)
 }
 

@@ -218,24 +218,35 @@ fn unauthenticated_peers_cannot_exhaust_the_replicator() {
     // Long enough for 16 accepts on a loaded CI machine, shorter than the trickled Hello.
     const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(8);
     let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
     let rep = Replicator::start(
         &dir.path().join("store"),
-        &["--max-connections", "16", "--handshake-timeout", "8s"],
+        &[
+            "--max-connections",
+            "16",
+            "--handshake-timeout",
+            "8s",
+            "--metrics",
+            &metrics,
+        ],
     )
     .unwrap();
     let rss_kib = || proc_status(rep.pid(), "VmRSS").unwrap();
     let threads = || proc_status(rep.pid(), "Threads").unwrap();
     let before = rss_kib();
-    // Connection threads are named `conn PEER` (cut to 15 bytes by the kernel).
-    let conn_threads = || {
-        std::fs::read_dir(format!("/proc/{}/task", rep.pid()))
-            .map(|tasks| {
-                tasks
-                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                    .filter(|comm| comm.starts_with("conn "))
-                    .count()
-            })
-            .unwrap_or(0)
+    // The replicator's own count of the connections holding a slot (a gauge of --metrics;
+    // thread names in /proc are not visible on every CI sandbox).
+    let open_connections = || -> Option<u64> {
+        let mut s = std::net::TcpStream::connect(&metrics).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut s, &mut text).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("replicator_connections "))?
+            .trim()
+            .parse()
+            .ok()
     };
     let read_all = |s: &mut std::net::TcpStream| {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -250,15 +261,22 @@ fn unauthenticated_peers_cannot_exhaust_the_replicator() {
     std::io::Write::write_all(&mut s, &head).unwrap();
     let got = read_all(&mut s).unwrap();
     assert!(String::from_utf8_lossy(&got).contains("larger than the limit"));
-    // Sixteen silent connections take every slot; more are refused with a reason.
+    // Sixteen silent connections take every slot (once the refused one and the start-up
+    // probe gave theirs back); more are refused with a reason.
+    wait_for(
+        "the refused connections to free their slots",
+        CAUGHT_UP,
+        || (open_connections()? == 0).then_some(()),
+    )
+    .unwrap();
     let filled = Instant::now();
     let mut silent: Vec<_> = (0..16)
         .map(|_| std::net::TcpStream::connect(&rep.addr).unwrap())
         .collect();
     wait_for("the silent connections to be accepted", CAUGHT_UP, || {
-        (conn_threads() >= 16).then_some(())
+        (open_connections()? >= 16).then_some(())
     })
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}\n{}", rep.log_text()));
     // Only while the silent ones hold their slots: on a loaded machine the handshake
     // timeout may free them before all 24 have tried.
     let mut refused = 0;
