@@ -53,10 +53,31 @@ struct Cli {
     #[arg(long, value_name = "SOCK")]
     socket: Option<PathBuf>,
 
-    /// Also listen on TCP at this address, e.g. 127.0.0.1:10809. There is no authentication:
-    /// whoever reaches the address can read and write the disks.
+    /// Also listen on TCP at this address, e.g. 127.0.0.1:10809. Without --tls require, whoever
+    /// reaches the address can read and write the disks.
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+
+    /// NBD over TLS on --listen (STARTTLS, x509): off, on (clients choose) or require
+    /// (plaintext clients are refused). The certificate is --tls-cert; with --tls-ca, NBD
+    /// clients must present a certificate signed by it. Unix sockets stay plaintext (0600).
+    #[arg(long, value_enum, default_value = "off", help_heading = "TLS")]
+    tls: tls::Mode,
+
+    /// The certificate and key identify this proxy to the replicator (its name must be the
+    /// group's, or allowed for it there) and to NBD clients on --listen; the CA signed the
+    /// replicator's certificate (and those of NBD clients).
+    #[command(flatten)]
+    tls_files: tls::Files,
+
+    /// The name the replicator's certificate must carry [default: the host of --replicate].
+    #[arg(long, value_name = "NAME", help_heading = "TLS")]
+    tls_server_name: Option<String>,
+
+    /// Replicate over plain TCP, unauthenticated and unencrypted (anyone on the path can read
+    /// the disks' changes; anyone who reaches the replicator can pose as this group).
+    #[arg(long, help_heading = "TLS")]
+    insecure: bool,
 
     /// Serve every disk read-only (writes are refused with EPERM).
     #[arg(long)]

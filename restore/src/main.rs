@@ -60,6 +60,13 @@ enum Command {
         /// Keep the overlay files (in --overlay) at exit.
         #[arg(long, requires = "overlay")]
         keep_overlay: bool,
+        /// NBD over TLS on --listen (STARTTLS, x509): off, on (clients choose) or require
+        /// (plaintext clients are refused). Needs --tls-cert and --tls-key; with --tls-ca,
+        /// clients must present a certificate signed by it. Unix sockets stay plaintext.
+        #[arg(long, value_enum, default_value = "off", help_heading = "TLS")]
+        tls: tls::Mode,
+        #[command(flatten)]
+        tls_files: tls::Files,
     },
     /// Write a point of one disk to an image file, checking every record on the way.
     Materialize {
@@ -138,6 +145,8 @@ fn main() {
             writable,
             overlay,
             keep_overlay,
+            tls: _,
+            tls_files: _,
         } => export(&point, socket, listen, writable, overlay, keep_overlay),
         Command::Materialize {
             point,
