@@ -2,6 +2,7 @@
 //! real sockets: both directions at once, large gathered writes, and the handshake failures a
 //! user meets (another CA, no certificate, a plaintext peer) explained.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 use std::io::{IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
