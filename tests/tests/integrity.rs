@@ -382,7 +382,12 @@ fn a_foreign_session_cannot_disturb_the_groups_proxy() {
         (Some("connected"), connects),
         "{s}"
     );
-    // A foreign stream takes the group and appends garbage at the next seq.
+    // A foreign stream takes the group and appends garbage at the next seq; the proxy is
+    // frozen meanwhile, or its reconnection could displace the foreign session before its ack.
+    let freeze = |sig| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(proxy.pid()), sig).unwrap();
+    };
+    freeze(nix::sys::signal::Signal::SIGSTOP);
     let mut evil = RawPeer::connect(&rep.addr);
     let (welcome, _) = evil
         .hello("g", &[("disk", 4 * MIB)], "evil", false)
@@ -393,6 +398,7 @@ fn a_foreign_session_cannot_disturb_the_groups_proxy() {
     evil.batch(&[garbage]).unwrap();
     assert_eq!(evil.ack().unwrap(), next);
     drop(evil);
+    freeze(nix::sys::signal::Signal::SIGCONT);
     // The proxy's next write has that seq; it must not be lost as a "duplicate".
     qemu_io(
         &proxy.uri("disk"),
