@@ -55,12 +55,14 @@ demo: setup vm-image
 
 # `setup` builds every binary the scripts run (`cargo build --release --bins` includes the tests
 # crate's ingest-bench). For a check in a few minutes:
-#   make bench BENCH_ARGS=--quick BENCH_REPLICATION_ARGS=--quick BENCH_RESTORE_ARGS=--quick
+#   make bench BENCH_ARGS=--quick BENCH_REPLICATION_ARGS=--quick BENCH_RESTORE_ARGS=--quick \
+#     BENCH_TLS_ARGS=--quick
 bench: setup
 	@mkdir -p target/bench
 	python3 scripts/bench.py --out target/bench/nbd-proxy.md $(BENCH_ARGS)
 	/usr/bin/python3 scripts/bench_replication.py --out target/bench/replication.md $(BENCH_REPLICATION_ARGS)
 	/usr/bin/python3 scripts/bench_restore.py --out target/bench/restore.md $(BENCH_RESTORE_ARGS)
+	/usr/bin/python3 scripts/bench_tls.py --out target/bench/tls.md $(BENCH_TLS_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -39,17 +39,24 @@ def cold(path):
         os.close(fd)
 
 
+def insecure(bin_dir):
+    """--insecure for builds whose replication link needs TLS otherwise (older ones lack it)."""
+    out = subprocess.run([f"{bin_dir}/replicator", "serve", "--help"], capture_output=True, text=True)
+    return ["--insecure"] if "--insecure" in out.stdout else []
+
+
 def run(bin_dir, tag, mode, work, port, runtime):
     img = f"{work}/{tag}-{mode}.img"
     subprocess.run(["cp", "--sparse=always", f"{work}/src.img", img], check=True)
     rep = subprocess.Popen([f"{bin_dir}/replicator", "serve", "--listen", f"127.0.0.1:{port}",
-                            "--store", f"{work}/{tag}-{mode}-store"],
+                            "--store", f"{work}/{tag}-{mode}-store", *insecure(bin_dir)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.3)
     sock, ctl = f"{work}/{tag}-{mode}.sock", f"{work}/{tag}-{mode}.ctl"
     proxy = subprocess.Popen([f"{bin_dir}/nbd-proxy", "--disk", f"d={img}", "--socket", sock,
                               "--replicate", f"127.0.0.1:{port}", "--group", "g", "--control", ctl,
-                              "--mode", mode], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              "--mode", mode, *insecure(bin_dir)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(1200):
         s = status(bin_dir, ctl)
         if s and s["link"] == "connected" and s["lag_seq"] == 0 and s["syncs_completed"] >= 1 \

@@ -100,7 +100,7 @@ class Servers:
 
     def replicator(self, name, pin=None):
         addr, store = f"127.0.0.1:{free_port()}", f"{self.work}/{name}-store"
-        cmd = [f"{BIN}/replicator", "serve", "--listen", addr, "--store", store]
+        cmd = [f"{BIN}/replicator", "serve", "--listen", addr, "--store", store, "--insecure"]
         rep = self.spawn(["taskset", "-c", pin, *cmd] if pin else cmd, f"{name}-replicator")
         wait(lambda: rep.poll() is not None or listening(addr), f"{name}'s replicator to listen", 30)
         if rep.poll() is not None:
@@ -113,7 +113,8 @@ class Servers:
         sock, ctl = f"{self.work}/{name}.sock", f"{self.work}/{name}.ctl"
         cmd = [f"{BIN}/nbd-proxy", "--disk", f"d={img}", "--socket", sock]
         if name != "proxy":
-            cmd += ["--group", "bench", "--replicate", self.replicator(name), "--control", ctl, *extra]
+            cmd += ["--group", "bench", "--replicate", self.replicator(name), "--control", ctl,
+                    "--insecure", *extra]
         p = self.spawn(cmd, name)
         self.listen(name, p, sock, img)
         self.files.append(f"{img}.cdp-al")  # its activity log

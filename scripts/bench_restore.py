@@ -78,13 +78,13 @@ def main():
         log = open(f"{work}/log.txt", "w")
         port = 17900 + os.getpid() % 90
         rep = subprocess.Popen([f"{BIN}/replicator", "serve", "--listen", f"127.0.0.1:{port}",
-                                "--store", store], stdout=log, stderr=log)
+                                "--store", store, "--insecure"], stdout=log, stderr=log)
         procs.append(rep)
         time.sleep(0.3)
         sock, ctl = f"{work}/nbd.sock", f"{work}/ctl"
         proxy = subprocess.Popen([f"{BIN}/nbd-proxy", "--disk", f"d={disk}", "--socket", sock,
                                   "--group", "bench", "--replicate", f"127.0.0.1:{port}",
-                                  "--control", ctl], stdout=log, stderr=log)
+                                  "--control", ctl, "--insecure"], stdout=log, stderr=log)
         procs.append(proxy)
         wait(lambda: caught_up(ctl), "the seed", 600)
         print(f"writing {a.records} records of 4 KiB over {a.size}...", file=sys.stderr)

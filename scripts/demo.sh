@@ -32,7 +32,9 @@ ms() { date +%s%3N; }
 cp "$root/vm-images/out/disk.img" "$work/root.img"
 cp "$root/vm-images/out/data.img" "$work/data.img"
 start_replicator() {
-  "$rep_bin" serve --listen "$rep_addr" --store "$work/store" --retention 24h 2>>"$work/replicator.log" &
+  "$rep_bin" serve --listen "$rep_addr" --store "$work/store" --retention 24h \
+    --tls-cert "$work/pki/server-cert.pem" --tls-key "$work/pki/server-key.pem" \
+    --tls-ca "$work/pki/ca-cert.pem" 2>>"$work/replicator.log" &
   rep_pid=$!
   pids+=("$rep_pid")
   for _ in $(seq 100); do
@@ -44,14 +46,21 @@ start_replicator() {
 }
 start_proxy() {
   "$proxy_bin" --disk "root=$work/root.img" --disk "data=$work/data.img" --socket "$work/nbd.sock" \
-    --group vm --replicate "$rep_addr" --control "$work/ctl" 2>>"$work/proxy.log" &
+    --group vm --replicate "$rep_addr" --control "$work/ctl" \
+    --tls-cert "$work/pki/vm/client-cert.pem" --tls-key "$work/pki/vm/client-key.pem" \
+    --tls-ca "$work/pki/vm/ca-cert.pem" 2>>"$work/proxy.log" &
   proxy_pid=$!
   pids+=("$proxy_pid")
   for _ in $(seq 100); do [ -S "$work/nbd.sock" ] && return; sleep 0.05; done
   echo "nbd-proxy did not start; see $work/proxy.log" >&2; exit 1
 }
 
-step "replicator on $rep_addr with its store in $work/store"
+step "a lab CA for mutual TLS on the replication link, and a certificate for group vm ($work/pki)"
+"$rep_bin" tls init "$work/pki" >/dev/null
+"$rep_bin" tls issue --dir "$work/pki" --group vm >/dev/null
+ls "$work/pki" "$work/pki/vm"
+
+step "replicator on $rep_addr (TLS) with its store in $work/store"
 start_replicator
 
 step "nbd-proxy serves the VM's two disks at $work/nbd.sock and replicates them (group vm)"

@@ -91,6 +91,12 @@ pub enum WireError {
     Checksum,
     #[error("malformed {what} frame: {detail}")]
     Malformed { what: &'static str, detail: String },
+    /// The peer sent an `Error` frame where `expected` should have come.
+    #[error("refused by the peer (instead of the {expected}): {message}")]
+    Refused {
+        expected: &'static str,
+        message: String,
+    },
     #[error("expected a {expected} frame, got {got:?}")]
     Unexpected {
         expected: &'static str,
@@ -269,9 +275,9 @@ fn from_json<'a, T: Deserialize<'a>>(
 /// the peer is reported with its text.
 pub fn unexpected(frame: &Frame<'_>, expected: &'static str) -> WireError {
     if frame.kind == FrameType::Error {
-        return WireError::Malformed {
-            what: expected,
-            detail: format!("peer said: {}", String::from_utf8_lossy(frame.body)),
+        return WireError::Refused {
+            expected,
+            message: String::from_utf8_lossy(frame.body).into_owned(),
         };
     }
     WireError::Unexpected {

@@ -492,6 +492,7 @@ fn start_replication(
         link: link.clone(),
         stream,
         link_timeout: cli.link_timeout.max(Duration::from_millis(200)),
+        tls: link_tls(cli, addr)?,
     };
     std::thread::Builder::new()
         .name("shipper".into())
@@ -602,6 +603,35 @@ fn open_disks(cli: &Cli) -> anyhow::Result<Vec<(Disk, FileBackend)>> {
 enum StdListener {
     Unix(std::os::unix::net::UnixListener),
     Tcp(std::net::TcpListener),
+}
+
+/// Mutual TLS to the replicator at `addr`, or None with --insecure.
+fn link_tls(
+    cli: &Cli,
+    addr: &str,
+) -> anyhow::Result<
+    Option<(
+        Arc<tls::rustls::ClientConfig>,
+        tls::rustls::pki_types::ServerName<'static>,
+    )>,
+> {
+    if cli.insecure {
+        warn!(
+            "--insecure: changes go to the replicator over plain TCP, unauthenticated and \
+             unencrypted"
+        );
+        return Ok(None);
+    }
+    let files = &cli.tls_files;
+    let (Some(cert), Some(key), Some(ca)) = (&files.tls_cert, &files.tls_key, &files.tls_ca) else {
+        bail!(
+            "--replicate needs TLS: give --tls-cert, --tls-key and --tls-ca (a lab's come from \
+             `replicator tls issue --dir DIR --group NAME`), or --insecure for plain TCP"
+        );
+    };
+    let config = tls::client_config(ca, Some((cert, key)))?;
+    let name = tls::server_name(cli.tls_server_name.as_deref().unwrap_or(tls::host_of(addr)))?;
+    Ok(Some((config, name)))
 }
 
 /// Binds the listening sockets; also returns the socket file to remove at exit.

@@ -51,7 +51,16 @@ pub struct Shipper {
     /// This proxy's stream id ([`Hello::stream`]).
     pub stream: String,
     pub link_timeout: Duration,
+    /// Mutual TLS to the replicator, and the name its certificate must carry (None: plain
+    /// TCP, --insecure).
+    pub tls: Option<(
+        Arc<tls::rustls::ClientConfig>,
+        tls::rustls::pki_types::ServerName<'static>,
+    )>,
 }
+
+/// The connection to the replicator: TLS, or plain TCP with --insecure.
+type Link = tls::Stream;
 
 enum Ended {
     NeedHashes,
@@ -187,11 +196,22 @@ impl Shipper {
             .next()
             .with_context(|| format!("{} resolves to no address", self.addr))?;
         let connect_timeout = self.link_timeout.min(Duration::from_secs(5));
-        let mut stream = TcpStream::connect_timeout(&addr, connect_timeout)
+        let sock = TcpStream::connect_timeout(&addr, connect_timeout)
             .with_context(|| format!("connect to replicator {addr}"))?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(self.link_timeout))?;
-        stream.set_write_timeout(Some(self.link_timeout))?;
+        sock.set_nodelay(true)?;
+        sock.set_read_timeout(Some(self.link_timeout))?;
+        sock.set_write_timeout(Some(self.link_timeout))?;
+        let mut stream = match &self.tls {
+            Some((config, name)) => {
+                Link::connect(sock, config.clone(), name.clone()).map_err(|e| {
+                    anyhow::anyhow!(
+                        "TLS handshake with replicator {addr} failed: {}",
+                        tls::describe(&e)
+                    )
+                })?
+            }
+            None => Link::plain(sock),
+        };
         let link_timeout_ms = self.link_timeout.as_millis() as u64;
         stream.write_all(
             &Hello {
@@ -234,7 +254,10 @@ impl Shipper {
             return Ok(Ended::NeedHashes);
         }
         info!(
-            "connected to replicator {addr}: group {} {}, durable seq {}; {}",
+            "connected to replicator {addr} ({}): group {} {}, durable seq {}; {}",
+            stream
+                .describe_session()
+                .unwrap_or_else(|| "plain TCP, --insecure".into()),
             self.group,
             if welcome.known { "known" } else { "new" },
             welcome.durable_seq,
@@ -279,12 +302,12 @@ impl Shipper {
             welcome.link_timeout_ms,
         ));
         let result = self.stream_records(&mut stream, rx, log, &from_rx, sync, keepalive);
-        let _ = stream.shutdown(std::net::Shutdown::Both);
+        let _ = stream.socket().shutdown(std::net::Shutdown::Both);
         let _ = ack_thread.join();
         result
     }
 
-    fn read_hashes(&self, stream: &mut TcpStream) -> anyhow::Result<Vec<Vec<u128>>> {
+    fn read_hashes(&self, stream: &mut Link) -> anyhow::Result<Vec<Vec<u128>>> {
         let mut out: Vec<Vec<u128>> = self
             .volumes
             .iter()
@@ -314,7 +337,7 @@ impl Shipper {
 
     fn stream_records(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut Link,
         rx: &Receiver<Sealed>,
         log: &mut VecDeque<Sealed>,
         from: &Receiver<anyhow::Result<FromReplicator>>,
@@ -441,7 +464,7 @@ impl Shipper {
 /// (at least one record), without copying them; returns how many it sent. The frame's bytes
 /// are added to `shipped`.
 fn send_batch<'a>(
-    stream: &mut TcpStream,
+    stream: &mut Link,
     records: impl Iterator<Item = &'a Sealed>,
     shipped: &std::sync::atomic::AtomicU64,
 ) -> std::io::Result<usize> {
@@ -476,17 +499,17 @@ fn send_batch<'a>(
 }
 
 /// Reads a frame; a read that times out means the replicator fell silent.
-fn read_frame(r: &mut TcpStream, limit: u32, what: &str) -> anyhow::Result<(FrameType, Vec<u8>)> {
+fn read_frame(r: &mut Link, limit: u32, what: &str) -> anyhow::Result<(FrameType, Vec<u8>)> {
     wire::read_frame(r, limit).map_err(|e| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => anyhow::anyhow!(
             "the replicator sent nothing for longer than --link-timeout (reading {what})"
         ),
-        _ => anyhow::Error::new(e).context(format!("read {what}")),
+        _ => anyhow::anyhow!("read {what}: {}", tls::describe(&e)),
     })
 }
 
 /// The next frame that matters from the replicator: an ack or a refusal (keepalives skipped).
-fn read_from_replicator(r: &mut TcpStream) -> anyhow::Result<FromReplicator> {
+fn read_from_replicator(r: &mut Link) -> anyhow::Result<FromReplicator> {
     loop {
         let (kind, body) = read_frame(r, wire::MAX_HANDSHAKE_BODY, "acks")?;
         let frame = wire::Frame { kind, body: &body };

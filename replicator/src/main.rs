@@ -14,10 +14,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use journal::units::{parse_duration, parse_size};
-use tracing::info;
+use tracing::{info, warn};
 
 /// Keep every write of protected VM disks: receive change streams from nbd-proxy, store them
 /// durably as base images plus a checksummed journal, acknowledge what is on disk.
@@ -69,6 +69,26 @@ enum Command {
         /// loopback or a management network.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
+        /// The replicator's certificate and key, and the CA that signed the proxies'
+        /// certificates (mutual TLS: a proxy without one is refused). A proxy may feed a group
+        /// when its certificate's name (CN or DNS name) is the group's, or allowed for it by
+        /// --allow. `replicator tls init` makes a lab's.
+        #[command(flatten)]
+        tls: tls::Files,
+        /// Let certificates named NAME feed group GROUP too (repeatable), e.g.
+        /// --allow web=host7.example.
+        #[arg(long, value_name = "GROUP=NAME", value_parser = parse_allow, help_heading = "TLS")]
+        allow: Vec<(String, String)>,
+        /// Accept proxies over plain TCP, unauthenticated and unencrypted: anyone who reaches
+        /// --listen can create groups and append to their history.
+        #[arg(long, help_heading = "TLS", conflicts_with_all = ["tls_cert", "tls_key", "tls_ca", "allow"])]
+        insecure: bool,
+    },
+    /// Make certificates for a lab, so no openssl is needed (QEMU's file names: the
+    /// directories work as QEMU `tls-creds-x509` and libnbd `tls-certificates` directories).
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
     },
     /// Show each group's durable seq, history covered, store size, link state, and the rates
     /// of a running `replicator serve` (records/s, MiB/s, fsyncs/s over the last 1 s and 10 s).
@@ -101,10 +121,118 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum TlsCommand {
+    /// Make a CA (DIR/ca-cert.pem, DIR/ca-key.pem) and the replicator's certificate signed by
+    /// it (DIR/server-cert.pem, DIR/server-key.pem), valid for localhost, 127.0.0.1, ::1, this
+    /// host's name and every --host.
+    Init {
+        /// Directory to create them in (must not hold a CA yet).
+        dir: PathBuf,
+        /// Another name or address the replicator is reached by (repeatable).
+        #[arg(long, value_name = "HOST")]
+        host: Vec<String>,
+        /// Validity of the certificates.
+        #[arg(long, value_name = "N", default_value = "825")]
+        days: u32,
+    },
+    /// Issue a proxy's certificate for a group from the CA in --dir: OUT/client-cert.pem,
+    /// OUT/client-key.pem and a copy of OUT/ca-cert.pem. Give them to the group's nbd-proxy
+    /// (--tls-cert, --tls-key, --tls-ca); they also serve NBD over TLS on its --listen for
+    /// localhost and every --host.
+    Issue {
+        /// The directory `tls init` made.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The group the certificate may feed (its name).
+        #[arg(long, value_name = "NAME")]
+        group: String,
+        /// Where to write [default: DIR/GROUP].
+        #[arg(long, value_name = "OUT")]
+        out: Option<PathBuf>,
+        /// A name or address the proxy's NBD clients reach it by (repeatable).
+        #[arg(long, value_name = "HOST")]
+        host: Vec<String>,
+        #[arg(long, value_name = "N", default_value = "825")]
+        days: u32,
+    },
+}
+
+fn parse_allow(s: &str) -> Result<(String, String), String> {
+    let (group, name) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected GROUP=NAME"))?;
+    if group.is_empty() || name.is_empty() {
+        return Err(format!("{s:?}: expected GROUP=NAME"));
+    }
+    Ok((group.to_owned(), name.to_owned()))
+}
+
+/// The TLS configuration of `serve`: mutual TLS, or None with --insecure.
+fn serve_tls(
+    files: &tls::Files,
+    insecure: bool,
+) -> anyhow::Result<Option<std::sync::Arc<tls::rustls::ServerConfig>>> {
+    if insecure {
+        warn!(
+            "--insecure: proxies connect over plain TCP, unauthenticated and unencrypted; anyone \
+             who reaches --listen can create groups and append to their history"
+        );
+        return Ok(None);
+    }
+    let (Some(cert), Some(key), Some(ca)) = (&files.tls_cert, &files.tls_key, &files.tls_ca) else {
+        bail!(
+            "the replication link needs TLS: give --tls-cert, --tls-key and --tls-ca (make a \
+             lab's with `replicator tls init DIR`), or --insecure for plain TCP"
+        );
+    };
+    Ok(Some(tls::server_config(
+        cert,
+        key,
+        Some((ca, tls::ClientCerts::Required)),
+    )?))
+}
+
+fn tls_command(command: TlsCommand) -> anyhow::Result<()> {
+    let (files, dir) = match command {
+        TlsCommand::Init { dir, host, days } => (
+            tls::lab::init(&dir, &host, tls::lab::Validity::days(days))?,
+            dir,
+        ),
+        TlsCommand::Issue {
+            dir,
+            group,
+            out,
+            host,
+            days,
+        } => {
+            journal::names::check("group", &group).map_err(anyhow::Error::msg)?;
+            let out = out.unwrap_or_else(|| dir.join(&group));
+            let mut hosts = tls::lab::local_hosts();
+            hosts.extend(host);
+            (
+                tls::lab::issue(&dir, &group, &hosts, &out, tls::lab::Validity::days(days))?,
+                out,
+            )
+        }
+    };
+    for f in &files {
+        println!("{}", f.display());
+    }
+    eprintln!("wrote {} files in {}", files.len(), dir.display());
+    Ok(())
+}
+
 const EXAMPLES: &str = "\
 Examples:
-  replicator serve --listen 127.0.0.1:7070 --store /srv/cdp --retention 24h --max-store-size 200GiB
-  nbd-proxy --disk root=/vms/web.img --socket /run/web.sock --group web --replicate 127.0.0.1:7070
+  replicator tls init /etc/cdp/tls
+  replicator tls issue --dir /etc/cdp/tls --group web
+  replicator serve --listen 127.0.0.1:7070 --store /srv/cdp --retention 24h --max-store-size 200GiB \\
+    --tls-cert /etc/cdp/tls/server-cert.pem --tls-key /etc/cdp/tls/server-key.pem \\
+    --tls-ca /etc/cdp/tls/ca-cert.pem
+  nbd-proxy --disk root=/vms/web.img --socket /run/web.sock --group web --replicate 127.0.0.1:7070 \\
+    --tls-cert /etc/cdp/tls/web/client-cert.pem --tls-key /etc/cdp/tls/web/client-key.pem \\
+    --tls-ca /etc/cdp/tls/web/ca-cert.pem
   replicator status --store /srv/cdp
   replicator check --store /srv/cdp
   replicator serve ... --metrics 127.0.0.1:9101
@@ -135,7 +263,11 @@ fn main() -> anyhow::Result<()> {
             handshake_timeout,
             max_connections,
             metrics,
+            tls,
+            allow,
+            insecure,
         } => {
+            let tls = serve_tls(&tls, insecure)?;
             std::fs::create_dir_all(&store)
                 .with_context(|| format!("create store {}", store.display()))?;
             // Before listening: a proxy is only served once its group's base is whole.
@@ -166,10 +298,13 @@ fn main() -> anyhow::Result<()> {
                     link_timeout: link_timeout.max(Duration::from_millis(200)),
                     handshake_timeout: handshake_timeout.max(Duration::from_millis(200)),
                     max_connections: max_connections.max(1),
+                    tls,
+                    allow,
                 },
                 metrics,
             )
         }
+        Command::Tls { command } => tls_command(command),
         Command::Status { store, json } => {
             journal::quiet_on_closed_pipe();
             inspect::status(&store, json)

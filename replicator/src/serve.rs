@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, TryRecvError};
 use journal::store::{self, GroupDir};
 use journal::wire::{self, FrameType, Hello, Welcome};
@@ -37,13 +37,17 @@ pub struct Options {
     /// Time a new connection has to send its Hello.
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// Mutual TLS on every connection (None: plain TCP, --insecure).
+    pub tls: Option<Arc<tls::rustls::ServerConfig>>,
+    /// `--allow GROUP=NAME`: certificates named NAME may feed GROUP too.
+    pub allow: Vec<(String, String)>,
 }
 
 /// The connection that currently feeds a group.
 #[derive(Debug)]
 struct Session {
     id: u64,
-    stream: TcpStream,
+    stream: Link,
 }
 
 /// A group known to this server: its store (when open) and its current session.
@@ -152,9 +156,15 @@ pub fn serve(
     Ok(())
 }
 
+/// A proxy's connection: TLS, or plain TCP with --insecure.
+type Link = tls::Stream;
+
+/// The first byte of every TLS connection (a handshake record).
+const TLS_HANDSHAKE: u8 = 0x16;
+
 /// Reads from a socket until a deadline: each read waits at most for what is left of it.
 struct Deadline<'a> {
-    stream: &'a TcpStream,
+    stream: &'a Link,
     until: Instant,
 }
 
@@ -167,43 +177,128 @@ impl std::io::Read for Deadline<'_> {
                 "the peer did not complete its Hello within --handshake-timeout",
             ));
         }
-        self.stream.set_read_timeout(Some(left))?;
+        self.stream.socket().set_read_timeout(Some(left))?;
         std::io::Read::read(&mut self.stream, buf)
     }
 }
 
 /// Tells the peer why it is refused (best effort, within the write deadline) and fails; the
 /// connection's thread closes the socket once its slot is free.
-fn refuse(stream: &mut TcpStream, msg: String) -> anyhow::Result<()> {
+fn refuse<T>(mut stream: &Link, msg: String) -> anyhow::Result<T> {
     let _ = stream.write_all(&wire::error(&msg));
     bail!(msg)
 }
 
+/// Opens the link: a TLS handshake (or none with --insecure) within `until`. A peer that
+/// speaks the other way is told so in plaintext.
+fn open_link(sock: TcpStream, opts: &Options, until: Instant) -> anyhow::Result<Link> {
+    let left = until.saturating_duration_since(Instant::now());
+    sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+    let mut first = [0u8; 1];
+    if sock.peek(&mut first).context("read the first byte")? == 0 {
+        bail!("closed before a word");
+    }
+    let plain = Link::plain(sock);
+    match &opts.tls {
+        Some(config) => {
+            if first[0] != TLS_HANDSHAKE {
+                return refuse(
+                    &plain,
+                    "this replicator requires TLS: give nbd-proxy --tls-cert, --tls-key and \
+                     --tls-ca (or run both with --insecure)"
+                        .into(),
+                );
+            }
+            Link::accept_until(plain.into_socket(), config.clone(), until)
+                .map_err(|e| anyhow::anyhow!("TLS handshake failed: {}", tls::describe(&e)))
+        }
+        None if first[0] == TLS_HANDSHAKE => refuse(
+            &plain,
+            "this replicator runs without TLS (--insecure): run nbd-proxy with --insecure too, \
+             or give the replicator --tls-cert, --tls-key and --tls-ca"
+                .into(),
+        ),
+        None => Ok(plain),
+    }
+}
+
+/// How a link is secured, for logs.
+fn link_description(link: &Link) -> String {
+    match link.describe_session() {
+        Some(session) => {
+            let names = link
+                .peer_certificate()
+                .map(|c| tls::cert_names(&c))
+                .unwrap_or_default();
+            format!(
+                "{session}, certificate {}",
+                names.first().map_or("?", |n| n.as_str())
+            )
+        }
+        None => "plain TCP, --insecure".into(),
+    }
+}
+
+/// Whether the link's certificate may feed `group`: its name is the group's, or --allow lets
+/// it. Plain links (--insecure) may feed any group.
+fn authorize(link: &Link, group: &str, opts: &Options) -> Result<(), String> {
+    if !link.is_tls() {
+        return Ok(());
+    }
+    let names = link
+        .peer_certificate()
+        .map(|c| tls::cert_names(&c))
+        .unwrap_or_default();
+    let allowed = names.iter().any(|n| {
+        n == group
+            || opts
+                .allow
+                .iter()
+                .any(|(g, allowed)| g == group && allowed == n)
+    });
+    if allowed {
+        return Ok(());
+    }
+    Err(format!(
+        "this proxy's certificate (names: {}) does not allow group {group:?}: issue the proxy a \
+         certificate for the group (`replicator tls issue --group {group}`), or start the \
+         replicator with --allow {group}=NAME",
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
+    ))
+}
+
 fn handle(
-    mut stream: TcpStream,
+    sock: TcpStream,
     peer: &str,
     slots: &Slots,
     opts: &Options,
     ids: &AtomicU64,
 ) -> anyhow::Result<()> {
-    stream.set_nodelay(true)?;
-    stream.set_write_timeout(Some(opts.link_timeout))?;
-    // The whole Hello within the handshake timeout, however slowly its bytes trickle in.
+    sock.set_nodelay(true)?;
+    sock.set_write_timeout(Some(opts.link_timeout))?;
+    // The TLS handshake and the whole Hello within the handshake timeout, however slowly
+    // their bytes trickle in.
+    let until = Instant::now() + opts.handshake_timeout;
+    let mut stream = open_link(sock, opts, until)?;
     let mut hello_read = Deadline {
         stream: &stream,
-        until: Instant::now() + opts.handshake_timeout,
+        until,
     };
     let (kind, body) = match wire::read_frame(&mut hello_read, wire::MAX_HANDSHAKE_BODY) {
         Ok(frame) => frame,
         // Not our protocol, or a Hello too large: say so (a silent peer just times out).
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-            return refuse(&mut stream, format!("read hello: {e}"))
+            return refuse(&stream, format!("read hello: {e}"))
         }
         Err(e) => return Err(anyhow::Error::new(e).context("read hello")),
     };
     let hello = match Hello::decode(&wire::Frame { kind, body: &body }) {
         Ok(h) => h,
-        Err(e) => return refuse(&mut stream, e.to_string()),
+        Err(e) => return refuse(&stream, e.to_string()),
     };
     drop(body);
     if hello.protocol != wire::PROTOCOL {
@@ -212,7 +307,11 @@ fn handle(
             hello.protocol,
             wire::PROTOCOL
         );
-        return refuse(&mut stream, msg);
+        return refuse(&stream, msg);
+    }
+    // Only the group's own proxies, before anything of the group is touched.
+    if let Err(msg) = authorize(&stream, &hello.group, opts) {
+        return refuse(&stream, msg);
     }
     // Checked against the stored group before it may displace anyone.
     let dir = GroupDir::new(&opts.store, &hello.group);
@@ -222,7 +321,7 @@ fn handle(
             .map_err(anyhow::Error::from)
             .and_then(|meta| crate::group::check_volumes(&dir, &meta, &hello.volumes));
         if let Err(e) = checked {
-            return refuse(&mut stream, format!("{e:#}"));
+            return refuse(&stream, format!("{e:#}"));
         }
     }
     let slot = slots
@@ -239,7 +338,7 @@ fn handle(
     });
     if let Some(old) = previous {
         info!(group = %hello.group, "closing the group's previous connection");
-        let _ = old.stream.shutdown(Shutdown::Both);
+        let _ = old.stream.socket().shutdown(Shutdown::Both);
     }
     let result = run_session(&mut stream, peer, &slot, &hello, dir, opts, id);
     let mut current = slot.session.lock().map_err(poison)?;
@@ -251,7 +350,7 @@ fn handle(
 
 /// Waits for the group (its previous session ends first), opens it, and serves the session.
 fn run_session(
-    stream: &mut TcpStream,
+    stream: &mut Link,
     peer: &str,
     slot: &Arc<Slot>,
     hello: &Hello,
@@ -294,7 +393,7 @@ fn run_session(
                 slot.stats.connected.store(false, Ordering::Relaxed);
                 slot.stats.store_failed.store(true, Ordering::Relaxed);
                 write_refusal_status(&dir, &msg);
-                return refuse(stream, msg);
+                return refuse(&*stream, msg);
             }
         }
     }
@@ -302,7 +401,7 @@ fn run_session(
         bail!("group not open");
     };
     if let Err(e) = crate::group::check_volumes(&group.dir, &group.meta, &hello.volumes) {
-        return refuse(stream, format!("{e:#}"));
+        return refuse(&*stream, format!("{e:#}"));
     }
     // From here on the journal takes this stream's records; say whose it held before.
     let owner = group.dir.stream_owner()?;
@@ -318,7 +417,9 @@ fn run_session(
     let known = group.records_in > 0 || group.durable_seq > 0;
     info!(
         group = %hello.group, %peer, durable_seq = group.durable_seq,
-        "proxy connected{}", if hello.want_hashes { "; sending image hashes" } else { "" }
+        "proxy connected ({}){}",
+        link_description(stream),
+        if hello.want_hashes { "; sending image hashes" } else { "" }
     );
     let link_timeout_ms = opts.link_timeout.as_millis() as u64;
     stream.write_all(
@@ -339,7 +440,7 @@ fn run_session(
         link_timeout_ms,
         hello.link_timeout_ms,
     ));
-    stream.set_read_timeout(Some(opts.link_timeout))?;
+    stream.socket().set_read_timeout(Some(opts.link_timeout))?;
     let (tx, rx) = bounded::<Vec<u8>>(QUEUED_BATCHES);
     let mut reader = stream.try_clone()?;
     let reader_thread = std::thread::spawn(move || -> anyhow::Result<()> {
@@ -369,7 +470,7 @@ fn run_session(
         }
     });
     let result = ingest_loop(stream, group, &rx, peer, keepalive, &slot.stats);
-    let _ = stream.shutdown(Shutdown::Both);
+    let _ = stream.socket().shutdown(Shutdown::Both);
     drop(rx);
     let read_end = reader_thread.join();
     // Whatever happened, what was appended becomes durable before the group is released.
@@ -424,7 +525,7 @@ fn poison<T>(_: T) -> anyhow::Error {
     anyhow::anyhow!("a connection thread panicked while holding group state")
 }
 
-fn send_hashes(stream: &mut TcpStream, group: &mut Group) -> anyhow::Result<()> {
+fn send_hashes(stream: &mut Link, group: &mut Group) -> anyhow::Result<()> {
     for disk in 0..group.meta.volumes.len() {
         group.head_hashes(disk, |first_chunk, part| {
             let frame = wire::Hashes {
@@ -440,7 +541,7 @@ fn send_hashes(stream: &mut TcpStream, group: &mut Group) -> anyhow::Result<()> 
 }
 
 fn ingest_loop(
-    stream: &mut TcpStream,
+    stream: &mut Link,
     group: &mut Group,
     rx: &Receiver<Vec<u8>>,
     peer: &str,
@@ -510,7 +611,7 @@ fn commit(group: &mut Group, stats: &GroupStats) -> anyhow::Result<u64> {
 }
 
 fn ingest(
-    stream: &mut TcpStream,
+    stream: &mut Link,
     group: &mut Group,
     body: &[u8],
     stats: &GroupStats,

@@ -24,6 +24,13 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// `--insecure` unless `args` give TLS files: most tests are about other things than the
+/// link's TLS (tests/tests/link_tls.rs is about that).
+pub fn insecure_unless_tls<S: AsRef<str>>(args: &[S]) -> impl Iterator<Item = &'static str> {
+    let tls = args.iter().any(|a| a.as_ref().starts_with("--tls-"));
+    (!tls).then_some("--insecure").into_iter()
+}
+
 /// A running `replicator serve`, killed when dropped.
 #[derive(Debug)]
 pub struct Replicator {
@@ -77,6 +84,7 @@ impl Replicator {
             .args(["serve", "--listen", &self.addr, "--store"])
             .arg(&self.store)
             .args(&self.extra)
+            .args(insecure_unless_tls(&self.extra))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -566,6 +574,7 @@ pub fn start_proxy(dir: &Path, rep: &str, disks: &[(&str, &Path)], extra: &[&str
     }
     args.push(dir.join("ctl").display().to_string());
     args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(insecure_unless_tls(extra).map(str::to_owned));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     crate::Proxy::start(&dir.join("nbd.sock"), &args).expect("start nbd-proxy")
 }

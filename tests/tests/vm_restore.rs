@@ -62,6 +62,7 @@ fn past_points_boot_with_exactly_their_generations() {
             "g",
             "--replicate",
             &rep.addr,
+            "--insecure",
             "--control",
             ctl.to_str().unwrap(),
         ],

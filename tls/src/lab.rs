@@ -157,7 +157,12 @@ pub fn init(dir: &Path, hosts: &[String], validity: Validity) -> Result<Vec<Path
             "a CA already exists here; issue certificates from it, or pick another directory",
         ));
     }
-    let mut ca_params = params("cdp lab CA", &[], validity)?;
+    // A name of its own: a verifier that meets a certificate from another lab CA then says
+    // "unknown issuer" rather than "bad signature".
+    let made = OffsetDateTime::now_utc();
+    let host = local_hosts().pop().unwrap_or_default();
+    let ca_name = format!("cdp lab CA {host} {}", made.unix_timestamp_nanos());
+    let mut ca_params = params(&ca_name, &[], validity)?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,

@@ -44,9 +44,15 @@ pub enum TlsError {
 
 pub type Result<T> = std::result::Result<T, TlsError>;
 
-/// The crypto provider every configuration here uses.
+/// The crypto provider every configuration here uses: ring's, with AES-128-GCM first (the
+/// suite TLS 1.3 mandates, and with AES-NI the cheapest per byte: 10 rounds to AES-256's 14;
+/// the link carries whole disks' changes).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 fn bad(path: &Path, what: impl Into<String>) -> TlsError {

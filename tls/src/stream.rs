@@ -11,6 +11,7 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
@@ -51,8 +52,40 @@ fn lock<T>(m: &Mutex<T>) -> io::Result<MutexGuard<'_, T>> {
         .map_err(|_| io::Error::other("a thread using this TLS stream panicked"))
 }
 
-fn handshake(sock: &TcpStream, mut conn: Connection) -> io::Result<Stream> {
-    let mut io = sock;
+/// The socket during a handshake: each read waits at most for what is left until `until`.
+struct Until<'a> {
+    sock: &'a TcpStream,
+    until: Option<Instant>,
+}
+
+impl Read for Until<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(until) = self.until {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the TLS handshake did not complete in time",
+                ));
+            }
+            self.sock.set_read_timeout(Some(left))?;
+        }
+        self.sock.read(buf)
+    }
+}
+
+impl Write for Until<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sock.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn handshake(sock: &TcpStream, mut conn: Connection, until: Option<Instant>) -> io::Result<Stream> {
+    let mut io = Until { sock, until };
     while conn.is_handshaking() {
         conn.complete_io(&mut io)?;
     }
@@ -89,13 +122,29 @@ impl Stream {
         name: ServerName<'static>,
     ) -> io::Result<Stream> {
         let conn = ClientConnection::new(config, name).map_err(io::Error::other)?;
-        handshake(&sock, conn.into())
+        handshake(&sock, conn.into(), None)
     }
 
     /// Runs a server handshake on `sock` (its timeouts apply).
     pub fn accept(sock: TcpStream, config: Arc<ServerConfig>) -> io::Result<Stream> {
         let conn = ServerConnection::new(config).map_err(io::Error::other)?;
-        handshake(&sock, conn.into())
+        handshake(&sock, conn.into(), None)
+    }
+
+    /// Runs a server handshake on `sock` that must complete by `until`, however slowly the
+    /// client's bytes trickle in (the socket's read timeout is changed on the way).
+    pub fn accept_until(
+        sock: TcpStream,
+        config: Arc<ServerConfig>,
+        until: Instant,
+    ) -> io::Result<Stream> {
+        let conn = ServerConnection::new(config).map_err(io::Error::other)?;
+        handshake(&sock, conn.into(), Some(until))
+    }
+
+    /// The socket of a plaintext stream, or of a TLS one (then its TLS state is dropped).
+    pub fn into_socket(self) -> TcpStream {
+        self.sock
     }
 
     /// Another handle on the same stream (for a reader thread).
