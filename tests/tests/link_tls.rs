@@ -191,53 +191,52 @@ fn bad_tls_is_refused_with_a_reason_and_the_replicator_stays_up() {
     let store = dir.path().join("store");
     let rep = Replicator::start(&store, &strs(&server_args(&pki))).unwrap();
 
-    // A certificate from another CA: the replicator says why, the proxy hears a refusal.
-    let (_a, ctl) = proxy(
-        dir.path(),
-        "a",
-        "g",
-        &rep.addr,
-        &proxy_tls(&other.join("g"), &pki),
-    );
-    link_error(&ctl, "refused this side's certificate");
+    let plain = Replicator::start(&dir.path().join("plain-store"), &[]).unwrap();
+    let mut named = proxy_tls(&pki.join("g"), &pki);
+    named.extend(["--tls-server-name".into(), "elsewhere.example".into()]);
+    let cases: [(&str, &str, Vec<String>, &str); 5] = [
+        // A certificate from another CA: the proxy hears a refusal (the replicator's reason
+        // is checked below).
+        (
+            "a",
+            &rep.addr,
+            proxy_tls(&other.join("g"), &pki),
+            "refused this side's certificate",
+        ),
+        // A proxy trusting another CA refuses the replicator.
+        (
+            "b",
+            &rep.addr,
+            proxy_tls(&pki.join("g"), &other),
+            "not signed by the CA given with --tls-ca",
+        ),
+        // The replicator's certificate checked against another name than it carries.
+        ("c", &rep.addr, named, "not for the name it was reached by"),
+        // Plaintext to the TLS replicator, and TLS to a plaintext one.
+        (
+            "d",
+            &rep.addr,
+            vec!["--insecure".into()],
+            "this replicator requires TLS",
+        ),
+        (
+            "e",
+            &plain.addr,
+            proxy_tls(&pki.join("g"), &pki),
+            "does not speak TLS",
+        ),
+    ];
+    for (name, addr, args, error) in cases {
+        let (proxy, ctl) = proxy(dir.path(), name, "g", addr, &args);
+        link_error(&ctl, error);
+        drop(proxy);
+    }
     wait_for("the replicator's reason", CAUGHT_UP, || {
         rep.log_text()
             .contains("TLS handshake failed: the peer's certificate is not signed by the CA")
             .then_some(())
     })
     .unwrap();
-    drop(_a);
-    // A proxy trusting another CA refuses the replicator.
-    let (_b, ctl) = proxy(
-        dir.path(),
-        "b",
-        "g",
-        &rep.addr,
-        &proxy_tls(&pki.join("g"), &other),
-    );
-    link_error(&ctl, "not signed by the CA given with --tls-ca");
-    drop(_b);
-    // The replicator's certificate checked against another name than it carries.
-    let mut named = proxy_tls(&pki.join("g"), &pki);
-    named.extend(["--tls-server-name".into(), "elsewhere.example".into()]);
-    let (_c, ctl) = proxy(dir.path(), "c", "g", &rep.addr, &named);
-    link_error(&ctl, "not for the name it was reached by");
-    drop(_c);
-    // Plaintext to the TLS replicator.
-    let (_d, ctl) = proxy(dir.path(), "d", "g", &rep.addr, &["--insecure".into()]);
-    link_error(&ctl, "this replicator requires TLS");
-    drop(_d);
-    // TLS to a plaintext replicator.
-    let plain = Replicator::start(&dir.path().join("plain-store"), &[]).unwrap();
-    let (_e, ctl) = proxy(
-        dir.path(),
-        "e",
-        "g",
-        &plain.addr,
-        &proxy_tls(&pki.join("g"), &pki),
-    );
-    link_error(&ctl, "does not speak TLS");
-    drop(_e);
     assert!(!plain.group("g").exists());
     // An expired certificate: the proxy refuses to start and says so.
     let expired = dir.path().join("expired");
