@@ -87,7 +87,9 @@ pub async fn run<B: BlockBackend>(
     let mut accepting = JoinSet::new();
     for listener in listeners {
         if let Listener::Tcp(l) = &listener {
-            let addr = l.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+            let addr = l
+                .local_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string());
             warn!(
                 "NBD on TCP {addr} without TLS: whoever reaches it can read and write the \
                  exports (--tls require with --tls-ca to allow only clients with a certificate)"
@@ -142,7 +144,11 @@ async fn accept_loop<B: BlockBackend>(
 
 enum Accepted {
     Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream, std::net::SocketAddr, Option<Arc<Tls>>),
+    Tcp(
+        tokio::net::TcpStream,
+        std::net::SocketAddr,
+        Option<Arc<Tls>>,
+    ),
 }
 
 /// Socket send buffer asked for: large enough that one vectored write hands a 1 MiB read reply

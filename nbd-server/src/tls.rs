@@ -60,7 +60,10 @@ impl Tls {
             .tls_ca
             .as_deref()
             .map(|ca| (ca, tls::ClientCerts::Required));
-        Ok(Some(Tls::new(tls::server_config(cert, key, clients)?, required)))
+        Ok(Some(Tls::new(
+            tls::server_config(cert, key, clients)?,
+            required,
+        )))
     }
 
     /// What the negotiation offers on a socket of this listener.
