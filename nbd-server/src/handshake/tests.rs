@@ -356,7 +356,11 @@ fn optional_tls_serves_plaintext_clients() {
 fn starttls_is_acknowledged_and_forgets_what_was_negotiated_before() {
     let mut n = Negotiation::new(CLIENT, TlsOffer::Optional);
     ask(&mut n, OPT_STRUCTURED_REPLY, &[]);
-    ask(&mut n, OPT_SET_META_CONTEXT, &meta_data("root", &["base:allocation"]));
+    ask(
+        &mut n,
+        OPT_SET_META_CONTEXT,
+        &meta_data("root", &["base:allocation"]),
+    );
     let mut out = Vec::new();
     assert_eq!(
         n.handle(OPT_STARTTLS, &[], &exports(), &mut out),
@@ -402,7 +406,10 @@ fn required_tls_refuses_every_option_but_starttls_and_abort_until_tls_runs() {
         (OPT_LIST, vec![]),
         (OPT_STRUCTURED_REPLY, vec![]),
         (OPT_LIST_META_CONTEXT, meta_data("root", &[])),
-        (OPT_SET_META_CONTEXT, meta_data("root", &["base:allocation"])),
+        (
+            OPT_SET_META_CONTEXT,
+            meta_data("root", &["base:allocation"]),
+        ),
         (999, vec![]),
     ] {
         assert_eq!(
@@ -415,14 +422,21 @@ fn required_tls_refuses_every_option_but_starttls_and_abort_until_tls_runs() {
     let mut out = Vec::new();
     n.too_big(OPT_GO, &mut out);
     assert_eq!(replies(&out)[0].1, REP_ERR_TLS_REQD);
-    assert_eq!(n.refused_for_tls(), Some(OPT_GO), "the first refused option");
+    assert_eq!(
+        n.refused_for_tls(),
+        Some(OPT_GO),
+        "the first refused option"
+    );
     assert_eq!(ask(&mut n, OPT_ABORT, &[]), (Outcome::Abort, vec![REP_ACK]));
 }
 
 #[test]
 fn required_tls_closes_on_export_name_before_tls() {
     let mut n = Negotiation::new(CLIENT, TlsOffer::Required);
-    assert_eq!(ask(&mut n, OPT_EXPORT_NAME, b"root"), (Outcome::Close, vec![]));
+    assert_eq!(
+        ask(&mut n, OPT_EXPORT_NAME, b"root"),
+        (Outcome::Close, vec![])
+    );
     assert_eq!(n.refused_for_tls(), Some(OPT_EXPORT_NAME));
 }
 
@@ -446,7 +460,9 @@ fn required_tls_serves_everything_inside_tls_and_never_says_tls_required() {
     n.too_big(OPT_GO, &mut out);
     assert_eq!(replies(&out)[0].1, REP_ERR_TOO_BIG);
     let (outcome, _) = ask(&mut n, OPT_GO, &go_data("data", &[]));
-    assert!(matches!(outcome, Outcome::Transmission(a) if a.export_index == 1 && a.structured_replies));
+    assert!(
+        matches!(outcome, Outcome::Transmission(a) if a.export_index == 1 && a.structured_replies)
+    );
     assert!(n.refused_for_tls().is_none());
 }
 
