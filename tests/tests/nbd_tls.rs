@@ -162,6 +162,12 @@ fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
+/// Asserts that one of the project's programs exits with an error saying `says`.
+fn fails(program: &str, args: &[String], says: &str) {
+    let (ok, out) = cli(program, &strs(args));
+    assert!(!ok && out.contains(says), "{program} {args:?}:\n{out}");
+}
+
 /// Asserts that a client failed, and that what it said contains one of `words`.
 fn refused(result: anyhow::Result<impl std::fmt::Debug>, words: &[&str], who: &str) {
     let err = match result {
@@ -178,45 +184,36 @@ fn refused(result: anyhow::Result<impl std::fmt::Debug>, words: &[&str], who: &s
 /// The bad clients of a server whose clients need certificates, each followed by a good one:
 /// the server refuses them and goes on serving.
 fn refuses_bad_clients(lab: &Lab, target: &Target, size: u64) {
-    let good = || {
+    // (credentials, who, what nbdinfo says, what qemu-img says)
+    let bad: [(Option<&Path>, &str, &str, &str); 3] = [
+        (
+            None,
+            "in plaintext",
+            "server requires TLS",
+            "TLS negotiation required",
+        ),
+        (
+            Some(&lab.foreign),
+            "with a certificate from another CA",
+            "TLS",
+            "TLS",
+        ),
+        (Some(&lab.anonymous), "without a certificate", "TLS", "TLS"),
+    ];
+    for (creds, who, nbdinfo_says, qemu_says) in bad {
+        refused(
+            target.nbdinfo_size(creds),
+            &[nbdinfo_says],
+            &format!("nbdinfo {who}"),
+        );
         assert_eq!(target.nbdinfo_size(Some(&lab.client)).unwrap(), size);
-    };
-    refused(
-        target.nbdinfo_size(None),
-        &["TLS", "tls"],
-        "nbdinfo in plaintext",
-    );
-    good();
-    refused(
-        target.qemu_compare(None, Path::new("/dev/null")),
-        &["TLS"],
-        "qemu-img in plaintext",
-    );
-    good();
-    refused(
-        target.nbdinfo_size(Some(&lab.foreign)),
-        &["TLS", "tls", "certificate"],
-        "nbdinfo with a certificate from another CA",
-    );
-    good();
-    refused(
-        target.qemu_compare(Some(&lab.foreign), Path::new("/dev/null")),
-        &["TLS", "certificate"],
-        "qemu-img with a certificate from another CA",
-    );
-    good();
-    refused(
-        target.nbdinfo_size(Some(&lab.anonymous)),
-        &["TLS", "tls", "certificate"],
-        "nbdinfo without a certificate",
-    );
-    good();
-    refused(
-        target.qemu_compare(Some(&lab.anonymous), Path::new("/dev/null")),
-        &["TLS", "certificate"],
-        "qemu-img without a certificate",
-    );
-    good();
+        refused(
+            target.qemu_compare(creds, Path::new("/dev/null")),
+            &[qemu_says],
+            &format!("qemu-img {who}"),
+        );
+        assert_eq!(target.nbdinfo_size(Some(&lab.client)).unwrap(), size);
+    }
 }
 
 /// A 16 MiB image with data at 0..1M and 5M..6M.
@@ -230,6 +227,15 @@ fn sample_image(path: &Path) {
         ],
     )
     .unwrap();
+}
+
+/// A temporary directory with a [`Lab`] and a sample image in it.
+fn lab_with_image() -> (tempfile::TempDir, Lab, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::new(dir.path());
+    let image = dir.path().join("disk.img");
+    sample_image(&image);
+    (dir, lab, image)
 }
 
 fn tls_proxy(dir: &Path, image: &Path, lab: &Lab, mode: &str, ca: bool) -> (Proxy, Target) {
@@ -268,10 +274,7 @@ fn wait_warns(proxy: &Proxy, text: &str, count: usize) {
 
 #[test]
 fn proxy_requiring_tls_serves_qemu_and_libnbd_and_refuses_everyone_else() {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::new(dir.path());
-    let image = dir.path().join("disk.img");
-    sample_image(&image);
+    let (dir, lab, image) = lab_with_image();
     let (mut proxy, target) = tls_proxy(dir.path(), &image, &lab, "require", true);
     assert!(
         proxy.log_text().contains("TLS required"),
@@ -339,10 +342,7 @@ fn proxy_requiring_tls_serves_qemu_and_libnbd_and_refuses_everyone_else() {
 
 #[test]
 fn proxy_offering_tls_serves_tls_and_plaintext_clients() {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::new(dir.path());
-    let image = dir.path().join("disk.img");
-    sample_image(&image);
+    let (dir, lab, image) = lab_with_image();
     // No --tls-ca: clients need no certificate, only to trust the server's.
     let (mut proxy, target) = tls_proxy(dir.path(), &image, &lab, "on", false);
     target.qemu_compare(Some(&lab.anonymous), &image).unwrap();
@@ -360,40 +360,33 @@ fn proxy_offering_tls_serves_tls_and_plaintext_clients() {
 
 #[test]
 fn tls_flags_are_checked_and_plaintext_tcp_is_warned_about() {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::new(dir.path());
-    let image = dir.path().join("disk.img");
-    sample_image(&image);
+    let (dir, lab, image) = lab_with_image();
     let disk = format!("disk={}", image.display());
-    let sock = path(&dir.path().join("x.sock"));
-    let (ok, out) = cli(
+    let proxy_with = |flags: &[&str]| {
+        let mut args = vec!["--disk".to_owned(), disk.clone()];
+        args.extend(flags.iter().map(|f| (*f).to_owned()));
+        args
+    };
+    let tcp = ["--listen", "127.0.0.1:0"];
+    fails(
         "nbd-proxy",
-        &["--disk", &disk, "--listen", "127.0.0.1:0", "--tls", "on"],
+        &proxy_with(&[&tcp[..], &["--tls", "on"]].concat()),
+        "--tls on needs --tls-cert and --tls-key",
     );
-    assert!(
-        !ok && out.contains("--tls on needs --tls-cert and --tls-key"),
-        "{out}"
-    );
-    let (ok, out) = cli(
+    let missing = [
+        "--tls-cert",
+        "/nonexistent/cert.pem",
+        "--tls-key",
+        "/nonexistent/key.pem",
+    ];
+    fails(
         "nbd-proxy",
-        &[
-            "--disk",
-            &disk,
-            "--listen",
-            "127.0.0.1:0",
-            "--tls",
-            "require",
-            "--tls-cert",
-            "/nonexistent/cert.pem",
-            "--tls-key",
-            "/nonexistent/key.pem",
-        ],
+        &proxy_with(&[&tcp[..], &["--tls", "require"], &missing].concat()),
+        "/nonexistent/cert.pem",
     );
-    assert!(!ok && out.contains("/nonexistent/cert.pem"), "{out}");
-    let mut args = vec!["--disk".to_owned(), disk.clone(), "--socket".into(), sock];
-    args.extend(lab.server_args("require", false));
-    let (ok, out) = cli("nbd-proxy", &strs(&args));
-    assert!(!ok && out.contains("unix sockets stay plaintext"), "{out}");
+    let mut unix_only = proxy_with(&["--socket", &path(&dir.path().join("x.sock"))]);
+    unix_only.extend(lab.server_args("require", false));
+    fails("nbd-proxy", &unix_only, "unix sockets stay plaintext");
 
     let mut proxy = Proxy::start(
         &dir.path().join("plain.sock"),
@@ -438,45 +431,25 @@ fn restore_export_requiring_tls_serves_the_point_and_refuses_everyone_else() {
     let lab = Lab::new(dir.path());
     let (store, image) = store_with_one_disk(dir.path());
 
-    let (ok, out) = cli(
+    let store_arg = path(&store);
+    let export = |flags: &[&str]| {
+        let mut args = vec![
+            "export", "--store", &store_arg, "--group", "g", "--at", "latest",
+        ];
+        args.extend(["--listen", "127.0.0.1:0"]);
+        args.extend(flags);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    fails(
         "restore",
-        &[
-            "export",
-            "--store",
-            &path(&store),
-            "--group",
-            "g",
-            "--at",
-            "latest",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls",
-            "require",
-        ],
+        &export(&["--tls", "require"]),
+        "--tls require needs --tls-cert",
     );
-    assert!(
-        !ok && out.contains("--tls require needs --tls-cert"),
-        "{out}"
-    );
-    let (ok, out) = cli(
+    let ca = path(&lab.ca.join(lab::CA_CERT));
+    fails(
         "restore",
-        &[
-            "export",
-            "--store",
-            &path(&store),
-            "--group",
-            "g",
-            "--at",
-            "latest",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-ca",
-            &path(&lab.ca.join(lab::CA_CERT)),
-        ],
-    );
-    assert!(
-        !ok && out.contains("are for --tls on or --tls require"),
-        "{out}"
+        &export(&["--tls-ca", &ca]),
+        "are for --tls on or --tls require",
     );
 
     let addr = format!("127.0.0.1:{}", free_port());
@@ -533,10 +506,7 @@ fn writable_restore_export_offering_tls_takes_writes_over_tls() {
 /// the address (`replicator tls issue` takes the hosts to add).
 #[test]
 fn clients_check_the_server_certificate_names_the_host() {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::new(dir.path());
-    let image = dir.path().join("disk.img");
-    sample_image(&image);
+    let (dir, lab, image) = lab_with_image();
     let named = dir.path().join("named");
     lab::issue(&lab.ca, "web", &[], &named, Validity::days(1)).unwrap();
     let disk = format!("disk={}", image.display());
@@ -579,10 +549,7 @@ fn clients_check_the_server_certificate_names_the_host() {
 /// QMP `object-add` (tls-creds-x509) and `blockdev-add` (nbd with tls-creds), and writes to it.
 #[test]
 fn qemu_attaches_a_disk_over_tls_and_writes_through_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let lab = Lab::new(dir.path());
-    let image = dir.path().join("disk.img");
-    sample_image(&image);
+    let (dir, lab, image) = lab_with_image();
     let (mut proxy, target) = tls_proxy(dir.path(), &image, &lab, "require", true);
     let mut qemu = tests::qmp::Qemu::start(dir.path(), &[]).unwrap();
     qemu.execute(

@@ -378,6 +378,15 @@ fn starttls_is_acknowledged_and_forgets_what_was_negotiated_before() {
     assert_eq!(agreement.flags & FLAG_SEND_DF, 0);
 }
 
+/// STARTTLS acknowledged, and the handshake taken to have succeeded.
+fn start_tls(n: &mut Negotiation) {
+    assert_eq!(
+        ask(n, OPT_STARTTLS, &[]),
+        (Outcome::StartTls, vec![REP_ACK])
+    );
+    n.tls_started();
+}
+
 #[test]
 fn starttls_twice_or_with_data_is_invalid() {
     let mut n = Negotiation::new(CLIENT, TlsOffer::Required);
@@ -385,11 +394,7 @@ fn starttls_twice_or_with_data_is_invalid() {
         ask(&mut n, OPT_STARTTLS, &[0]),
         (Outcome::Continue, vec![REP_ERR_INVALID])
     );
-    assert_eq!(
-        ask(&mut n, OPT_STARTTLS, &[]),
-        (Outcome::StartTls, vec![REP_ACK])
-    );
-    n.tls_started();
+    start_tls(&mut n);
     assert_eq!(
         ask(&mut n, OPT_STARTTLS, &[]),
         (Outcome::Continue, vec![REP_ERR_INVALID])
@@ -443,11 +448,7 @@ fn required_tls_closes_on_export_name_before_tls() {
 #[test]
 fn required_tls_serves_everything_inside_tls_and_never_says_tls_required() {
     let mut n = Negotiation::new(CLIENT, TlsOffer::Required);
-    assert_eq!(
-        ask(&mut n, OPT_STARTTLS, &[]),
-        (Outcome::StartTls, vec![REP_ACK])
-    );
-    n.tls_started();
+    start_tls(&mut n);
     assert_eq!(
         ask(&mut n, OPT_LIST, &[]),
         (Outcome::Continue, vec![REP_SERVER, REP_SERVER, REP_ACK])
