@@ -843,3 +843,5 @@ impl ReadPlan {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;
