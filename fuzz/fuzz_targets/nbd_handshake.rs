@@ -3,12 +3,14 @@
 //! longer than `MAX_OPTION_BYTES` is skipped and answered with `too_big`, as the server drains it;
 //! input that ends inside an option is a client that hung up. Nothing may panic, every reply must
 //! be well framed, and an agreement must name an export that exists. After an agreement, the rest
-//! of the input is read as transmission requests validated against what was agreed.
+//! of the input is read as transmission requests validated against what was agreed. The input
+//! runs once per TLS offer (none, optional, required); an acknowledged STARTTLS is taken to
+//! succeed, and options go on as if inside TLS. Required TLS never lets a client in before it.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use nbd_server::handshake::{
-    parse_client_flags, parse_option_header, ExportInfo, Negotiation, Outcome,
+    parse_client_flags, parse_option_header, ExportInfo, Negotiation, Outcome, TlsOffer,
 };
 use nbd_server::proto::*;
 use nbd_server::request::{validate, Limits, RequestHeader};
@@ -59,6 +61,12 @@ fn check_replies(option: u32, mut out: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
+    for tls in [TlsOffer::None, TlsOffer::Optional, TlsOffer::Required] {
+        negotiate(data, tls);
+    }
+});
+
+fn negotiate(data: &[u8], tls: TlsOffer) {
     let Some((flags, mut input)) = data.split_first_chunk::<4>() else {
         return;
     };
@@ -66,7 +74,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let exports = exports();
-    let mut negotiation = Negotiation::new(client);
+    let mut negotiation = Negotiation::new(client, tls);
     let mut out = Vec::new();
     let agreement = loop {
         let Some((header, rest)) = input.split_first_chunk::<16>() else {
@@ -81,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
         input = &rest[len as usize..];
         out.clear();
         let outcome = if len > MAX_OPTION_BYTES {
-            Negotiation::too_big(option, &mut out)
+            negotiation.too_big(option, &mut out)
         } else {
             negotiation.handle(option, body, &exports, &mut out)
         };
@@ -92,7 +100,17 @@ fuzz_target!(|data: &[u8]| {
                 return;
             }
             Outcome::Close => assert!(out.is_empty(), "Close after a reply"),
+            Outcome::StartTls => {
+                assert_ne!(tls, TlsOffer::None, "STARTTLS acknowledged without TLS");
+                assert!(!negotiation.tls_running(), "STARTTLS acknowledged twice");
+                check_replies(option, &out);
+                negotiation.tls_started();
+            }
             Outcome::Transmission(agreement) => {
+                assert!(
+                    tls != TlsOffer::Required || negotiation.tls_running(),
+                    "transmission before the required TLS"
+                );
                 let export = exports
                     .get(agreement.export_index)
                     .expect("agreement names an export");
@@ -133,4 +151,4 @@ fuzz_target!(|data: &[u8]| {
             .get(header.payload_len() as usize..)
             .unwrap_or_default();
     }
-});
+}

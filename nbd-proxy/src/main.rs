@@ -602,7 +602,8 @@ fn open_disks(cli: &Cli) -> anyhow::Result<Vec<(Disk, FileBackend)>> {
 
 enum StdListener {
     Unix(std::os::unix::net::UnixListener),
-    Tcp(std::net::TcpListener),
+    /// TCP, with the TLS it offers (`--tls on|require`).
+    Tcp(std::net::TcpListener, Option<Arc<nbd_server::Tls>>),
 }
 
 /// Mutual TLS to the replicator at `addr`, or None with --insecure.
@@ -634,8 +635,23 @@ fn link_tls(
     Ok(Some((config, name)))
 }
 
-/// Binds the listening sockets; also returns the socket file to remove at exit.
+/// Binds the listening sockets; also returns the socket file to remove at exit. TLS (`--tls`)
+/// is offered on TCP only: a unix socket is reachable only through its 0600 mode.
 fn bind(cli: &Cli) -> anyhow::Result<(Vec<StdListener>, Option<PathBuf>)> {
+    let tls = nbd_server::Tls::from_flags(cli.tls, &cli.tls_files)
+        .context("NBD over TLS (--tls)")?
+        .map(Arc::new);
+    let (listeners, socket_file) = bind_sockets(cli, &tls)?;
+    if tls.is_some() && !listeners.iter().any(|l| matches!(l, StdListener::Tcp(..))) {
+        bail!("--tls is for NBD on TCP (--listen); unix sockets stay plaintext");
+    }
+    Ok((listeners, socket_file))
+}
+
+fn bind_sockets(
+    cli: &Cli,
+    tls: &Option<Arc<nbd_server::Tls>>,
+) -> anyhow::Result<(Vec<StdListener>, Option<PathBuf>)> {
     let inherited = listen::activated().context("take socket-activation sockets")?;
     if !inherited.is_empty() {
         info!("using {} socket(s) from socket activation", inherited.len());
@@ -643,7 +659,7 @@ fn bind(cli: &Cli) -> anyhow::Result<(Vec<StdListener>, Option<PathBuf>)> {
             .into_iter()
             .map(|l| match l {
                 Inherited::Unix(u) => StdListener::Unix(u),
-                Inherited::Tcp(t) => StdListener::Tcp(t),
+                Inherited::Tcp(t) => StdListener::Tcp(t, tls.clone()),
             })
             .collect();
         return Ok((listeners, None));
@@ -669,9 +685,18 @@ fn bind(cli: &Cli) -> anyhow::Result<(Vec<StdListener>, Option<PathBuf>)> {
         let l =
             std::net::TcpListener::bind(addr).with_context(|| format!("listen on TCP {addr}"))?;
         let addr = l.local_addr()?;
-        listeners.push(StdListener::Tcp(l));
+        listeners.push(StdListener::Tcp(l, tls.clone()));
+        let with_tls = match cli.tls {
+            tls::Mode::Off => "",
+            tls::Mode::On => ", TLS offered (nbds://)",
+            tls::Mode::Require => ", TLS required (nbds://)",
+        };
         for e in &cli.disks {
-            info!("serving {} at nbd://{addr}/{}", e.path.display(), e.name);
+            info!(
+                "serving {} at nbd://{addr}/{}{with_tls}",
+                e.path.display(),
+                e.name
+            );
         }
     }
     Ok((listeners, cli.socket.clone()))
@@ -683,9 +708,9 @@ fn into_tokio(listener: StdListener) -> std::io::Result<Listener> {
             l.set_nonblocking(true)?;
             Listener::Unix(tokio::net::UnixListener::from_std(l)?)
         }
-        StdListener::Tcp(l) => {
+        StdListener::Tcp(l, tls) => {
             l.set_nonblocking(true)?;
-            Listener::Tcp(tokio::net::TcpListener::from_std(l)?)
+            Listener::tcp(tokio::net::TcpListener::from_std(l)?, tls)
         }
     })
 }

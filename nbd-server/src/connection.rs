@@ -1,4 +1,6 @@
-//! One client connection: the handshake's I/O, then the transmission phase.
+//! One client connection: the handshake's I/O (with STARTTLS, the TLS handshake on the same
+//! socket, and option haggling going on inside TLS), then the transmission phase over the
+//! plain or the TLS stream.
 //!
 //! In transmission a reader loop parses requests and spawns one task per request; tasks run
 //! concurrently and hand their replies to a writer task, which sends whatever is ready in one
@@ -7,6 +9,7 @@
 //! Payloads longer than [`PIECE_BYTES`] stream through in pieces of that size: a WRITE is read
 //! and applied piece by piece, a READ read and sent piece by piece.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 
@@ -16,11 +19,12 @@ use tracing::{debug, error, warn};
 
 use crate::backend::{BlockBackend, Extent, ZeroError, ZeroMode};
 use crate::buffer::Buffer;
-use crate::handshake::{self, Agreement, Negotiation, Outcome};
+use crate::handshake::{self, Agreement, Negotiation, Outcome, TlsOffer};
 use crate::proto::*;
 use crate::reply::{self, Header, StatusExtent};
 use crate::request::{self, Command, Limits, RequestHeader};
 use crate::server::Export;
+use crate::tls::Tls;
 
 /// Payloads longer than this stream in pieces of this size (each a backend call of its own).
 const PIECE_BYTES: usize = 4 << 20;
@@ -37,8 +41,9 @@ const HOLE_SCAN_MIN_BYTES: u32 = 64 * 1024;
 const MAX_EXTENTS: usize = 1024;
 const READ_BUFFER_BYTES: usize = 256 * 1024;
 
-/// A stream that splits into independently owned halves (no lock between reader and writer).
-pub trait SplitStream: Send + 'static {
+/// A stream that splits into independently owned halves (a socket: no lock between reader and
+/// writer; a TLS stream shares one session between them).
+pub trait SplitStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Read: AsyncRead + Unpin + Send + 'static;
     type Write: AsyncWrite + Unpin + Send + 'static;
     fn split(self) -> (Self::Read, Self::Write);
@@ -60,24 +65,106 @@ impl SplitStream for tokio::net::TcpStream {
     }
 }
 
+impl<S: SplitStream> SplitStream for tokio_rustls::server::TlsStream<S> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn split(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 /// Serves one connection until the client disconnects, breaks the protocol, or `shutdown`
 /// turns true (then requests already read are finished and answered, and the socket closes).
+/// With `tls`, the client may (or, required, must) start TLS before anything is served.
 pub async fn serve<S: SplitStream, B: BlockBackend>(
-    stream: S,
+    mut stream: S,
     exports: Arc<[Export<B>]>,
+    tls: Option<Arc<Tls>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let (read, mut write) = stream.split();
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
     let infos: Vec<handshake::ExportInfo> = exports.iter().map(|e| e.info.clone()).collect();
-    let agreement = tokio::select! {
-        biased;
-        _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
-        agreed = negotiate(&mut reader, &mut write, &infos) => agreed?,
-    };
-    let Some(agreement) = agreement else {
+    let offer = tls.as_ref().map_or(TlsOffer::None, |t| t.offer());
+    let Some(mut negotiation) = unless_stopped(&mut shutdown, greet(&mut stream, offer)).await?
+    else {
         return Ok(());
     };
+    let haggled = options(&mut stream, &mut negotiation, &infos);
+    let agreement = match unless_stopped(&mut shutdown, haggled).await? {
+        None | Some(Haggled::Closed) => {
+            note_plaintext_refusal(&negotiation);
+            return Ok(());
+        }
+        Some(Haggled::Agreed(agreement)) => agreement,
+        Some(Haggled::StartTls) => {
+            // The negotiation acknowledges STARTTLS only where TLS is offered.
+            let tls = tls.ok_or_else(|| io::Error::other("STARTTLS acknowledged without TLS"))?;
+            let accepted = match unless_stopped(&mut shutdown, tls.accept(stream)).await {
+                Ok(Some(stream)) => stream,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    // The client is refused, the server goes on: its operator must hear why.
+                    warn!("TLS handshake failed: {}", tls::describe(&e));
+                    return Ok(());
+                }
+            };
+            negotiation.tls_started();
+            return serve_tls(accepted, exports, &infos, negotiation, shutdown).await;
+        }
+    };
+    transmission(stream, &exports, agreement, shutdown).await
+}
+
+/// The rest of a connection once TLS runs: option haggling inside TLS, then transmission.
+async fn serve_tls<S: SplitStream, B: BlockBackend>(
+    mut stream: tokio_rustls::server::TlsStream<S>,
+    exports: Arc<[Export<B>]>,
+    infos: &[handshake::ExportInfo],
+    mut negotiation: Negotiation,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let haggled = options(&mut stream, &mut negotiation, infos);
+    match unless_stopped(&mut shutdown, haggled).await? {
+        None | Some(Haggled::Closed) => Ok(()),
+        Some(Haggled::Agreed(agreement)) => {
+            transmission(stream, &exports, agreement, shutdown).await
+        }
+        Some(Haggled::StartTls) => Err(io::Error::other("STARTTLS acknowledged inside TLS")),
+    }
+}
+
+/// `work`'s result, or `None` once `shutdown` turns true first.
+async fn unless_stopped<T>(
+    shutdown: &mut watch::Receiver<bool>,
+    work: impl Future<Output = io::Result<T>>,
+) -> io::Result<Option<T>> {
+    tokio::select! {
+        biased;
+        _ = shutdown.wait_for(|stop| *stop) => Ok(None),
+        done = work => done.map(Some),
+    }
+}
+
+/// A client that gave up after being told TLS is required: a WARN, since a plaintext client
+/// pointed at a TLS-only server is a misconfiguration someone must fix.
+fn note_plaintext_refusal(negotiation: &Negotiation) {
+    if let Some(option) = negotiation.refused_for_tls() {
+        warn!(
+            "refused a plaintext client: TLS is required here, and it sent {} without \
+             NBD_OPT_STARTTLS (give the client TLS credentials, or use --tls on)",
+            handshake::option_name(option)
+        );
+    }
+}
+
+/// Splits the negotiated stream and runs the transmission phase on the agreed export.
+async fn transmission<S: SplitStream, B: BlockBackend>(
+    stream: S,
+    exports: &[Export<B>],
+    agreement: Agreement,
+    shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let (read, write) = stream.split();
+    let reader = BufReader::with_capacity(READ_BUFFER_BYTES, read);
     let export = &exports[agreement.export_index];
     debug!(export = %export.info.name, structured = agreement.structured_replies, "transmission");
     let limits = Limits {
@@ -89,44 +176,61 @@ pub async fn serve<S: SplitStream, B: BlockBackend>(
     transmit(reader, write, export.backend.clone(), limits, shutdown).await
 }
 
-/// Runs the option haggling; `None` when the client went away or aborted.
-async fn negotiate<R, W>(
-    reader: &mut R,
-    write: &mut W,
-    exports: &[handshake::ExportInfo],
-) -> io::Result<Option<Agreement>>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    write.write_all(&handshake::greeting()).await?;
+/// Sends the greeting and reads the client's flags.
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    tls: TlsOffer,
+) -> io::Result<Negotiation> {
+    stream.write_all(&handshake::greeting()).await?;
     let mut flags = [0u8; 4];
-    reader.read_exact(&mut flags).await?;
+    stream.read_exact(&mut flags).await?;
     let client = handshake::parse_client_flags(flags).map_err(invalid)?;
-    let mut negotiation = Negotiation::new(client);
+    Ok(Negotiation::new(client, tls))
+}
+
+/// How option haggling ended.
+enum Haggled {
+    /// The client went away, aborted, or asked for what cannot be answered.
+    Closed,
+    Agreed(Agreement),
+    /// STARTTLS was acknowledged: the TLS handshake comes next, on the same socket.
+    StartTls,
+}
+
+/// Runs option haggling on `stream` until transmission, STARTTLS or the end. Options are read
+/// unbuffered, so no byte after the last one (a TLS ClientHello, a first request) is taken
+/// from the socket here.
+async fn options<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    negotiation: &mut Negotiation,
+    exports: &[handshake::ExportInfo],
+) -> io::Result<Haggled> {
     let mut out = Vec::new();
     let mut data = Vec::new();
     loop {
         let mut header = [0u8; 16];
-        match reader.read_exact(&mut header).await {
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        match stream.read_exact(&mut header).await {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Haggled::Closed),
             r => r?,
         };
         let (option, len) = handshake::parse_option_header(&header).map_err(invalid)?;
         out.clear();
         let outcome = if len > MAX_OPTION_BYTES {
-            discard(reader, u64::from(len)).await?;
-            Negotiation::too_big(option, &mut out)
+            discard(stream, u64::from(len)).await?;
+            negotiation.too_big(option, &mut out)
         } else {
             data.resize(len as usize, 0);
-            reader.read_exact(&mut data).await?;
+            stream.read_exact(&mut data).await?;
             negotiation.handle(option, &data, exports, &mut out)
         };
-        write.write_all(&out).await?;
+        stream.write_all(&out).await?;
+        // A TLS stream holds what it encrypted until flushed.
+        stream.flush().await?;
         match outcome {
             Outcome::Continue => continue,
-            Outcome::Abort | Outcome::Close => return Ok(None),
-            Outcome::Transmission(agreement) => return Ok(Some(agreement)),
+            Outcome::Abort | Outcome::Close => return Ok(Haggled::Closed),
+            Outcome::Transmission(agreement) => return Ok(Haggled::Agreed(agreement)),
+            Outcome::StartTls => return Ok(Haggled::StartTls),
         }
     }
 }
@@ -387,7 +491,11 @@ async fn send_batch<W: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     let mut slices = Vec::with_capacity(batch.iter().map(|r| r.pieces.len()).sum());
     batch.iter().for_each(|r| r.slices(&mut slices));
-    let written = write_all_vectored(write, &mut slices).await;
+    let mut written = write_all_vectored(write, &mut slices).await;
+    if written.is_ok() {
+        // A TLS stream may hold encrypted bytes until flushed (a socket's flush does nothing).
+        written = write.flush().await;
+    }
     drop(slices);
     batch.clear();
     if let Err(e) = &written {
@@ -735,3 +843,5 @@ impl ReadPlan {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;

@@ -1,5 +1,14 @@
 //! Fixed-newstyle option negotiation, without I/O: the connection reads one option, hands its
 //! bytes to [`Negotiation::handle`], writes what it encoded, and acts on the [`Outcome`].
+//!
+//! TLS (the spec's "TLS support"): a listener offers none ([`TlsOffer::None`], the spec's
+//! NOTLS: STARTTLS is refused with `NBD_REP_ERR_POLICY`), lets clients choose
+//! ([`TlsOffer::Optional`]: every export may be used either way, so SELECTIVETLS with no
+//! TLS-only export), or insists ([`TlsOffer::Required`], FORCEDTLS: until TLS runs every option
+//! but STARTTLS and ABORT is answered `NBD_REP_ERR_TLS_REQD`, and `NBD_OPT_EXPORT_NAME`, which
+//! cannot be answered with an error, closes the connection). STARTTLS is acknowledged with
+//! [`Outcome::StartTls`]; the connection runs the TLS handshake and calls
+//! [`Negotiation::tls_started`], which forgets what was negotiated before, as the spec demands.
 
 use crate::proto::*;
 
@@ -62,6 +71,18 @@ pub fn parse_option_header(bytes: &[u8; 16]) -> Result<(u32, u32), HandshakeErro
     Ok((option, len))
 }
 
+/// What a listener offers of TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsOffer {
+    /// No TLS here (a unix socket, or TCP with `--tls off`).
+    #[default]
+    None,
+    /// Clients may start TLS, or go on without it.
+    Optional,
+    /// Nothing is served before TLS runs.
+    Required,
+}
+
 /// Where the negotiation goes after an option.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -71,8 +92,12 @@ pub enum Outcome {
     Abort,
     /// Enter transmission with this export (after sending what was encoded).
     Transmission(Agreement),
-    /// `NBD_OPT_EXPORT_NAME` named no export: the spec allows no error reply, so close.
+    /// `NBD_OPT_EXPORT_NAME` named no export (or came before a required TLS): the spec allows
+    /// no error reply, so close.
     Close,
+    /// STARTTLS was acknowledged: send the ACK, run the TLS handshake on the socket, call
+    /// [`Negotiation::tls_started`], and read the next option inside TLS.
+    StartTls,
 }
 
 /// What both sides agreed on for the transmission phase.
@@ -93,14 +118,39 @@ pub struct Negotiation {
     structured_replies: bool,
     /// Export (index) for which `base:allocation` was selected by the last SET_META_CONTEXT.
     meta_export: Option<usize>,
+    tls: TlsOffer,
+    tls_running: bool,
+    /// The first option refused because TLS was required and not running (for the log).
+    refused_for_tls: Option<u32>,
 }
 
 impl Negotiation {
-    pub fn new(client: ClientFlags) -> Negotiation {
+    pub fn new(client: ClientFlags, tls: TlsOffer) -> Negotiation {
         Negotiation {
             no_zeroes: client.no_zeroes,
+            tls,
             ..Negotiation::default()
         }
+    }
+
+    /// The TLS handshake after [`Outcome::StartTls`] succeeded: options from now on arrive
+    /// inside TLS, and nothing negotiated before counts ("the server MUST NOT preserve any
+    /// negotiation state ... issued before this command").
+    pub fn tls_started(&mut self) {
+        self.structured_replies = false;
+        self.meta_export = None;
+        self.tls_running = true;
+    }
+
+    /// Whether options now arrive inside TLS.
+    pub fn tls_running(&self) -> bool {
+        self.tls_running
+    }
+
+    /// The first option refused because this listener requires TLS and the client had not
+    /// started it: a client that gave up after it was a plaintext client.
+    pub fn refused_for_tls(&self) -> Option<u32> {
+        self.refused_for_tls
     }
 
     /// Handles one option whose data is `data`, encoding replies into `out`.
@@ -111,6 +161,9 @@ impl Negotiation {
         exports: &[ExportInfo],
         out: &mut Vec<u8>,
     ) -> Outcome {
+        if let Some(refused) = self.refuse_before_tls(option, out) {
+            return refused;
+        }
         match option {
             OPT_EXPORT_NAME => self.export_name(data, exports, out),
             OPT_ABORT => {
@@ -130,7 +183,7 @@ impl Negotiation {
                 reply(out, option, REP_ACK, &[]);
                 Outcome::Continue
             }
-            OPT_STARTTLS => error(out, option, REP_ERR_UNSUP, "this server does not offer TLS"),
+            OPT_STARTTLS => self.start_tls(data, out),
             OPT_INFO | OPT_GO => self.info_or_go(option, data, exports, out),
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -153,8 +206,43 @@ impl Negotiation {
     }
 
     /// Answers an option whose data was longer than [`MAX_OPTION_BYTES`] (and was drained).
-    pub fn too_big(option: u32, out: &mut Vec<u8>) -> Outcome {
+    pub fn too_big(&mut self, option: u32, out: &mut Vec<u8>) -> Outcome {
+        if let Some(refused) = self.refuse_before_tls(option, out) {
+            return refused;
+        }
         error(out, option, REP_ERR_TOO_BIG, "option data too long")
+    }
+
+    /// FORCEDTLS before TLS runs: every option but STARTTLS and ABORT is refused.
+    fn refuse_before_tls(&mut self, option: u32, out: &mut Vec<u8>) -> Option<Outcome> {
+        if self.tls != TlsOffer::Required
+            || self.tls_running
+            || matches!(option, OPT_STARTTLS | OPT_ABORT)
+        {
+            return None;
+        }
+        self.refused_for_tls.get_or_insert(option);
+        if option == OPT_EXPORT_NAME {
+            return Some(Outcome::Close);
+        }
+        Some(error(out, option, REP_ERR_TLS_REQD, TLS_REQUIRED))
+    }
+
+    fn start_tls(&mut self, data: &[u8], out: &mut Vec<u8>) -> Outcome {
+        let refusal = if self.tls == TlsOffer::None {
+            Some((REP_ERR_POLICY, "TLS is not offered here"))
+        } else if self.tls_running {
+            Some((REP_ERR_INVALID, "TLS is already running"))
+        } else if !data.is_empty() {
+            Some((REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data"))
+        } else {
+            None
+        };
+        if let Some((kind, message)) = refusal {
+            return error(out, OPT_STARTTLS, kind, message);
+        }
+        reply(out, OPT_STARTTLS, REP_ACK, &[]);
+        Outcome::StartTls
     }
 
     fn export_name(&mut self, data: &[u8], exports: &[ExportInfo], out: &mut Vec<u8>) -> Outcome {
@@ -308,6 +396,25 @@ impl Negotiation {
             base_allocation: self.meta_export == Some(export_index),
             flags,
         }
+    }
+}
+
+/// The message of every `NBD_REP_ERR_TLS_REQD`.
+const TLS_REQUIRED: &str = "TLS is required here: send NBD_OPT_STARTTLS first";
+
+/// The spec's name of an option, for log lines.
+pub fn option_name(option: u32) -> &'static str {
+    match option {
+        OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
+        OPT_ABORT => "NBD_OPT_ABORT",
+        OPT_LIST => "NBD_OPT_LIST",
+        OPT_STARTTLS => "NBD_OPT_STARTTLS",
+        OPT_INFO => "NBD_OPT_INFO",
+        OPT_GO => "NBD_OPT_GO",
+        OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
+        OPT_LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT",
+        OPT_SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
+        _ => "an unknown option",
     }
 }
 

@@ -12,7 +12,9 @@ pub mod proto;
 pub mod reply;
 pub mod request;
 pub mod server;
+pub mod tls;
 
 pub use backend::{BlockBackend, Capabilities, Extent, ZeroError, ZeroMode};
 pub use file::FileBackend;
 pub use server::{run, shutdown_signal, Export, Listener};
+pub use tls::Tls;

@@ -17,6 +17,7 @@ use crate::backend::BlockBackend;
 use crate::connection::{self, SplitStream};
 use crate::handshake::ExportInfo;
 use crate::proto::*;
+use crate::tls::Tls;
 
 /// One export: its name and description as listed to clients, and what serves its blocks.
 #[derive(Debug)]
@@ -59,7 +60,20 @@ impl<B: BlockBackend> Export<B> {
 #[derive(Debug)]
 pub enum Listener {
     Unix(UnixListener),
+    /// TCP without TLS: whoever reaches it can use the exports (a WARN says so at start).
     Tcp(TcpListener),
+    /// TCP offering TLS (STARTTLS), optionally or required.
+    Tls(TcpListener, Arc<Tls>),
+}
+
+impl Listener {
+    /// A TCP listener, offering TLS when `tls` is given.
+    pub fn tcp(listener: TcpListener, tls: Option<Arc<Tls>>) -> Listener {
+        match tls {
+            Some(tls) => Listener::Tls(listener, tls),
+            None => Listener::Tcp(listener),
+        }
+    }
 }
 
 /// Serves `exports` on `listeners` until `shutdown` resolves, then drains and flushes.
@@ -72,6 +86,15 @@ pub async fn run<B: BlockBackend>(
     let (stop, stopped) = watch::channel(false);
     let mut accepting = JoinSet::new();
     for listener in listeners {
+        if let Listener::Tcp(l) = &listener {
+            let addr = l
+                .local_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string());
+            warn!(
+                "NBD on TCP {addr} without TLS: whoever reaches it can read and write the \
+                 exports (--tls require with --tls-ca to allow only clients with a certificate)"
+            );
+        }
         accepting.spawn(accept_loop(listener, exports.clone(), stopped.clone()));
     }
     shutdown.await;
@@ -103,8 +126,12 @@ async fn accept_loop<B: BlockBackend>(
         };
         while connections.try_join_next().is_some() {}
         match accepted {
-            Ok(Accepted::Unix(s)) => spawn_connection(&mut connections, s, &exports, &stop),
-            Ok(Accepted::Tcp(s)) => spawn_connection(&mut connections, s, &exports, &stop),
+            Ok(Accepted::Unix(s)) => {
+                spawn_connection(&mut connections, s, None, None, &exports, &stop)
+            }
+            Ok(Accepted::Tcp(s, peer, tls)) => {
+                spawn_connection(&mut connections, s, Some(peer), tls, &exports, &stop)
+            }
             Err(e) => {
                 // Out of descriptors or memory: wait a little rather than spin.
                 warn!("accept failed: {e}");
@@ -117,7 +144,11 @@ async fn accept_loop<B: BlockBackend>(
 
 enum Accepted {
     Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream),
+    Tcp(
+        tokio::net::TcpStream,
+        std::net::SocketAddr,
+        Option<Arc<Tls>>,
+    ),
 }
 
 /// Socket send buffer asked for: large enough that one vectored write hands a 1 MiB read reply
@@ -133,11 +164,15 @@ async fn accept(listener: &Listener) -> io::Result<Accepted> {
             let _ = setsockopt(&stream, SndBuf, &SEND_BUFFER_BYTES);
             Ok(Accepted::Unix(stream))
         }
-        Listener::Tcp(l) => {
-            let (stream, _) = l.accept().await?;
+        Listener::Tcp(l) | Listener::Tls(l, _) => {
+            let (stream, peer) = l.accept().await?;
             stream.set_nodelay(true)?;
             let _ = setsockopt(&stream, SndBuf, &SEND_BUFFER_BYTES);
-            Ok(Accepted::Tcp(stream))
+            let tls = match listener {
+                Listener::Tls(_, tls) => Some(tls.clone()),
+                _ => None,
+            };
+            Ok(Accepted::Tcp(stream, peer, tls))
         }
     }
 }
@@ -145,12 +180,17 @@ async fn accept(listener: &Listener) -> io::Result<Accepted> {
 fn spawn_connection<S: SplitStream, B: BlockBackend>(
     connections: &mut JoinSet<()>,
     stream: S,
+    peer: Option<std::net::SocketAddr>,
+    tls: Option<Arc<Tls>>,
     exports: &Arc<[Export<B>]>,
     stop: &watch::Receiver<bool>,
 ) {
     let id = CONNECTION_IDS.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("conn", id);
-    let serving = connection::serve(stream, exports.clone(), stop.clone());
+    let span = match peer {
+        Some(peer) => info_span!("conn", id, %peer),
+        None => info_span!("conn", id),
+    };
+    let serving = connection::serve(stream, exports.clone(), tls, stop.clone());
     connections.spawn(
         async move {
             debug!("connected");

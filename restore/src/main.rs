@@ -8,6 +8,7 @@ mod view;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -47,7 +48,8 @@ enum Command {
         /// Listen on this unix socket.
         #[arg(long, value_name = "SOCK", required_unless_present = "listen")]
         socket: Option<PathBuf>,
-        /// Listen on TCP at this address (no authentication).
+        /// Listen on TCP at this address. Without --tls require, whoever reaches it can read
+        /// the point (and with --writable, write its overlay).
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
         /// Accept writes (a VM booting from the point needs this); they go to a sparse overlay
@@ -145,9 +147,20 @@ fn main() {
             writable,
             overlay,
             keep_overlay,
-            tls: _,
-            tls_files: _,
-        } => export(&point, socket, listen, writable, overlay, keep_overlay),
+            tls,
+            tls_files,
+        } => export(
+            &point,
+            Listen {
+                socket,
+                tcp: listen,
+                tls,
+                tls_files,
+            },
+            writable,
+            overlay,
+            keep_overlay,
+        ),
         Command::Materialize {
             point,
             output,
@@ -305,15 +318,43 @@ fn list(store: &Path, group: Option<&str>, json: bool) -> anyhow::Result<bool> {
     Ok(broken.is_empty())
 }
 
+/// Where an export listens: `--socket`, `--listen` and its `--tls` flags.
+struct Listen {
+    socket: Option<PathBuf>,
+    tcp: Option<SocketAddr>,
+    tls: tls::Mode,
+    tls_files: tls::Files,
+}
+
+impl Listen {
+    /// The TLS that `--listen` offers; checked before anything is opened.
+    fn tls(&self) -> anyhow::Result<Option<Arc<nbd_server::Tls>>> {
+        let tls = nbd_server::Tls::from_flags(self.tls, &self.tls_files)
+            .context("NBD over TLS (--tls)")?;
+        if tls.is_none() && self.tls_files.any() {
+            bail!("--tls-cert, --tls-key and --tls-ca are for --tls on or --tls require");
+        }
+        if tls.is_some() && self.tcp.is_none() {
+            bail!("--tls is for NBD on TCP (--listen); unix sockets stay plaintext");
+        }
+        Ok(tls.map(Arc::new))
+    }
+}
+
 fn export(
     p: &PointArgs,
-    socket: Option<PathBuf>,
-    listen: Option<SocketAddr>,
+    listen: Listen,
     writable: bool,
     overlay: Option<PathBuf>,
     keep_overlay: bool,
 ) -> anyhow::Result<bool> {
     let started = Instant::now();
+    let tls = listen.tls()?;
+    let Listen {
+        socket,
+        tcp: listen,
+        ..
+    } = listen;
     let temp_overlay = if writable && overlay.is_none() {
         Some(
             tempfile::Builder::new()
@@ -394,9 +435,18 @@ fn export(
         }
         if let Some(l) = &tcp {
             let addr = l.local_addr()?;
-            lines.push(format!("nbd://{addr}/{name}"));
+            let (scheme, creds) = match tls {
+                Some(_) => ("nbds", ",tls-creds=tls0"),
+                None => ("nbd", ""),
+            };
+            lines.push(format!("{scheme}://{addr}/{name}"));
+            if tls.is_some() {
+                lines.push(
+                    "-object tls-creds-x509,id=tls0,dir=CLIENT_CERT_DIR,endpoint=client".into(),
+                );
+            }
             lines.push(format!(
-                "-blockdev driver=nbd,node-name={name},server.type=inet,server.host={},server.port={},export={name}{}",
+                "-blockdev driver=nbd,node-name={name},server.type=inet,server.host={},server.port={},export={name}{creds}{}",
                 addr.ip(),
                 addr.port(),
                 if writable { "" } else { ",read-only=on" }
@@ -426,7 +476,7 @@ fn export(
         }
         if let Some(l) = tcp {
             l.set_nonblocking(true)?;
-            listeners.push(Listener::Tcp(tokio::net::TcpListener::from_std(l)?));
+            listeners.push(Listener::tcp(tokio::net::TcpListener::from_std(l)?, tls));
         }
         nbd_server::run(listeners, exports, nbd_server::shutdown_signal()).await
     });

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
@@ -14,6 +15,8 @@ pub const REP_ACK: u32 = 1;
 pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub const REP_ERR_POLICY: u32 = 0x8000_0002;
+pub const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 pub const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
 

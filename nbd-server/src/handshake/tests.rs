@@ -52,11 +52,13 @@ fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
     d
 }
 
+const CLIENT: ClientFlags = ClientFlags {
+    fixed_newstyle: true,
+    no_zeroes: true,
+};
+
 fn negotiation() -> Negotiation {
-    Negotiation::new(ClientFlags {
-        fixed_newstyle: true,
-        no_zeroes: true,
-    })
+    Negotiation::new(CLIENT, TlsOffer::None)
 }
 
 #[test]
@@ -165,10 +167,13 @@ fn export_name_replies_without_padding_when_no_zeroes() {
     ));
     assert_eq!(out.len(), 10);
     assert_eq!(&out[..8], &4096u64.to_be_bytes());
-    let mut padded = Negotiation::new(ClientFlags {
-        fixed_newstyle: true,
-        no_zeroes: false,
-    });
+    let mut padded = Negotiation::new(
+        ClientFlags {
+            fixed_newstyle: true,
+            no_zeroes: false,
+        },
+        TlsOffer::None,
+    );
     out.clear();
     padded.handle(OPT_EXPORT_NAME, b"data", &exports(), &mut out);
     assert_eq!(out.len(), 134);
@@ -196,9 +201,9 @@ fn list_names_every_export() {
 }
 
 #[test]
-fn starttls_and_unknown_options_are_unsupported_and_negotiation_goes_on() {
+fn unknown_options_are_unsupported_and_negotiation_goes_on() {
     let mut n = negotiation();
-    for option in [OPT_STARTTLS, 4, 11, 999] {
+    for option in [4, 11, 999] {
         let mut out = Vec::new();
         assert_eq!(
             n.handle(option, &[], &exports(), &mut out),
@@ -305,6 +310,168 @@ fn unknown_namespace_selects_nothing() {
 #[test]
 fn too_big_option_is_refused() {
     let mut out = Vec::new();
-    Negotiation::too_big(OPT_GO, &mut out);
+    negotiation().too_big(OPT_GO, &mut out);
     assert_eq!(replies(&out)[0].1, REP_ERR_TOO_BIG);
+}
+
+/// One option's outcome and reply types.
+fn ask(n: &mut Negotiation, option: u32, data: &[u8]) -> (Outcome, Vec<u32>) {
+    let mut out = Vec::new();
+    let outcome = n.handle(option, data, &exports(), &mut out);
+    let kinds = replies(&out).into_iter().map(|(o, kind, _)| {
+        assert_eq!(o, option, "a reply names another option");
+        kind
+    });
+    (outcome, kinds.collect())
+}
+
+#[test]
+fn without_tls_starttls_is_refused_by_policy_and_nothing_needs_tls() {
+    let mut n = negotiation();
+    assert_eq!(
+        ask(&mut n, OPT_STARTTLS, &[]),
+        (Outcome::Continue, vec![REP_ERR_POLICY])
+    );
+    assert_eq!(
+        ask(&mut n, OPT_LIST, &[]),
+        (Outcome::Continue, vec![REP_SERVER, REP_SERVER, REP_ACK])
+    );
+    assert!(n.refused_for_tls().is_none());
+}
+
+#[test]
+fn optional_tls_serves_plaintext_clients() {
+    let mut n = Negotiation::new(CLIENT, TlsOffer::Optional);
+    assert_eq!(
+        ask(&mut n, OPT_STRUCTURED_REPLY, &[]),
+        (Outcome::Continue, vec![REP_ACK])
+    );
+    let (outcome, kinds) = ask(&mut n, OPT_GO, &go_data("root", &[]));
+    assert!(matches!(outcome, Outcome::Transmission(a) if a.structured_replies));
+    assert_eq!(kinds, vec![REP_INFO, REP_INFO, REP_ACK]);
+    assert!(!n.tls_running());
+}
+
+#[test]
+fn starttls_is_acknowledged_and_forgets_what_was_negotiated_before() {
+    let mut n = Negotiation::new(CLIENT, TlsOffer::Optional);
+    ask(&mut n, OPT_STRUCTURED_REPLY, &[]);
+    ask(
+        &mut n,
+        OPT_SET_META_CONTEXT,
+        &meta_data("root", &["base:allocation"]),
+    );
+    let mut out = Vec::new();
+    assert_eq!(
+        n.handle(OPT_STARTTLS, &[], &exports(), &mut out),
+        Outcome::StartTls
+    );
+    assert_eq!(replies(&out), vec![(OPT_STARTTLS, REP_ACK, vec![])]);
+    n.tls_started();
+    assert!(n.tls_running());
+    // Structured replies and the meta context were negotiated in plaintext: gone.
+    let (outcome, _) = ask(&mut n, OPT_GO, &go_data("root", &[]));
+    let Outcome::Transmission(agreement) = outcome else {
+        panic!("GO inside TLS: {outcome:?}");
+    };
+    assert!(!agreement.structured_replies && !agreement.base_allocation);
+    assert_eq!(agreement.flags & FLAG_SEND_DF, 0);
+}
+
+/// STARTTLS acknowledged, and the handshake taken to have succeeded.
+fn start_tls(n: &mut Negotiation) {
+    assert_eq!(
+        ask(n, OPT_STARTTLS, &[]),
+        (Outcome::StartTls, vec![REP_ACK])
+    );
+    n.tls_started();
+}
+
+#[test]
+fn starttls_twice_or_with_data_is_invalid() {
+    let mut n = Negotiation::new(CLIENT, TlsOffer::Required);
+    assert_eq!(
+        ask(&mut n, OPT_STARTTLS, &[0]),
+        (Outcome::Continue, vec![REP_ERR_INVALID])
+    );
+    start_tls(&mut n);
+    assert_eq!(
+        ask(&mut n, OPT_STARTTLS, &[]),
+        (Outcome::Continue, vec![REP_ERR_INVALID])
+    );
+}
+
+#[test]
+fn required_tls_refuses_every_option_but_starttls_and_abort_until_tls_runs() {
+    let mut n = Negotiation::new(CLIENT, TlsOffer::Required);
+    for (option, data) in [
+        (OPT_GO, go_data("root", &[])),
+        (OPT_INFO, go_data("root", &[])),
+        (OPT_INFO, go_data("nonexistent", &[])),
+        (OPT_LIST, vec![]),
+        (OPT_STRUCTURED_REPLY, vec![]),
+        (OPT_LIST_META_CONTEXT, meta_data("root", &[])),
+        (
+            OPT_SET_META_CONTEXT,
+            meta_data("root", &["base:allocation"]),
+        ),
+        (999, vec![]),
+    ] {
+        assert_eq!(
+            ask(&mut n, option, &data),
+            (Outcome::Continue, vec![REP_ERR_TLS_REQD]),
+            "{}",
+            option_name(option)
+        );
+    }
+    let mut out = Vec::new();
+    n.too_big(OPT_GO, &mut out);
+    assert_eq!(replies(&out)[0].1, REP_ERR_TLS_REQD);
+    assert_eq!(
+        n.refused_for_tls(),
+        Some(OPT_GO),
+        "the first refused option"
+    );
+    assert_eq!(ask(&mut n, OPT_ABORT, &[]), (Outcome::Abort, vec![REP_ACK]));
+}
+
+#[test]
+fn required_tls_closes_on_export_name_before_tls() {
+    let mut n = Negotiation::new(CLIENT, TlsOffer::Required);
+    assert_eq!(
+        ask(&mut n, OPT_EXPORT_NAME, b"root"),
+        (Outcome::Close, vec![])
+    );
+    assert_eq!(n.refused_for_tls(), Some(OPT_EXPORT_NAME));
+}
+
+#[test]
+fn required_tls_serves_everything_inside_tls_and_never_says_tls_required() {
+    let mut n = Negotiation::new(CLIENT, TlsOffer::Required);
+    start_tls(&mut n);
+    assert_eq!(
+        ask(&mut n, OPT_LIST, &[]),
+        (Outcome::Continue, vec![REP_SERVER, REP_SERVER, REP_ACK])
+    );
+    assert_eq!(
+        ask(&mut n, OPT_STRUCTURED_REPLY, &[]),
+        (Outcome::Continue, vec![REP_ACK])
+    );
+    let mut out = Vec::new();
+    n.too_big(OPT_GO, &mut out);
+    assert_eq!(replies(&out)[0].1, REP_ERR_TOO_BIG);
+    let (outcome, _) = ask(&mut n, OPT_GO, &go_data("data", &[]));
+    assert!(
+        matches!(outcome, Outcome::Transmission(a) if a.export_index == 1 && a.structured_replies)
+    );
+    assert!(n.refused_for_tls().is_none());
+}
+
+#[test]
+fn required_tls_lets_an_oversized_starttls_be_too_big() {
+    let mut n = Negotiation::new(CLIENT, TlsOffer::Required);
+    let mut out = Vec::new();
+    assert_eq!(n.too_big(OPT_STARTTLS, &mut out), Outcome::Continue);
+    assert_eq!(replies(&out)[0].1, REP_ERR_TOO_BIG);
+    assert!(!n.tls_running());
 }
