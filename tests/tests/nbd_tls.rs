@@ -317,15 +317,12 @@ fn proxy_requiring_tls_serves_qemu_and_libnbd_and_refuses_everyone_else() {
         "refused a plaintext client: TLS is required here",
         2,
     );
-    wait_warns(
-        &proxy,
-        "TLS handshake failed: the peer's certificate is not signed by the CA",
-        2,
-    );
+    // GnuTLS withholds a certificate whose issuer is not among the CAs the server names, so
+    // the clients with a foreign certificate are refused as having none, like the anonymous.
     wait_warns(
         &proxy,
         "TLS handshake failed: the peer presented no certificate",
-        2,
+        4,
     );
 
     // The unix socket stays plaintext (its 0600 mode is the access control).
