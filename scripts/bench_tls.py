@@ -66,7 +66,8 @@ def fio_bytes(uri, rw, bs, qd, runtime):
     out = subprocess.run(["fio", "--name=t", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
                           f"--iodepth={qd}", "--size=1g", "--time_based", f"--runtime={runtime}",
                           "--output-format=json"], check=True, capture_output=True, text=True).stdout
-    job = json.loads(out)["jobs"][0]["write"]
+    # The nbd engine may print a line before the JSON.
+    job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
     return job["io_bytes"], job["bw_bytes"]
 
 

@@ -189,6 +189,8 @@ echo
 echo "======================== demo report ========================"
 row "VM booted from nbd-proxy ($accel):" "${boot_ms} ms to READY"
 row "generations written and verified:" "$ok OK, $bad BAD (checked inside the guest)"
+link=$(grep -o 'connected to replicator [^ ]* ([^)]*)' "$work/proxy.log" | tail -n 1 | sed 's/.*(\(.*\))/\1/')
+row "replication link:" "mutual TLS, ${link:-?}, certificate for group vm"
 row "restarts under the running VM:" "proxy SIGTERM, proxy kill -9, replicator kill -9; guest I/O errors: $ioerr"
 row "gen 2 completed across the restart in:" "${restart_ms} ms"
 row "file systems after power-off:" "root $fsck_root, data $fsck_data (e2fsck -fn)"
