@@ -139,7 +139,7 @@ enum TlsCommand {
     /// Issue a proxy's certificate for a group from the CA in --dir: OUT/client-cert.pem,
     /// OUT/client-key.pem and a copy of OUT/ca-cert.pem. Give them to the group's nbd-proxy
     /// (--tls-cert, --tls-key, --tls-ca); they also serve NBD over TLS on its --listen for
-    /// localhost and every --host.
+    /// localhost, 127.0.0.1, ::1 and every --host.
     Issue {
         /// The directory `tls init` made.
         #[arg(long, value_name = "DIR")]
@@ -208,7 +208,8 @@ fn tls_command(command: TlsCommand) -> anyhow::Result<()> {
         } => {
             journal::names::check("group", &group).map_err(anyhow::Error::msg)?;
             let out = out.unwrap_or_else(|| dir.join(&group));
-            let mut hosts = tls::lab::local_hosts();
+            // Loopback only: the proxy runs elsewhere; --host names it.
+            let mut hosts = tls::lab::loopback_hosts();
             hosts.extend(host);
             (
                 tls::lab::issue(&dir, &group, &hosts, &out, tls::lab::Validity::days(days))?,

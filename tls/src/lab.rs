@@ -51,9 +51,15 @@ impl Validity {
     }
 }
 
-/// The names a server certificate made here is valid for, before any given.
+/// localhost, 127.0.0.1 and ::1: what every certificate made here is valid for.
+pub fn loopback_hosts() -> Vec<String> {
+    ["localhost", "127.0.0.1", "::1"].map(String::from).into()
+}
+
+/// The names a server certificate made on this host is valid for, before any given: the
+/// loopback ones and this host's name.
 pub fn local_hosts() -> Vec<String> {
-    let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).into();
+    let mut hosts = loopback_hosts();
     if let Ok(name) = fs::read_to_string("/proc/sys/kernel/hostname") {
         let name = name.trim();
         if !name.is_empty() && !hosts.iter().any(|h| h == name) {
