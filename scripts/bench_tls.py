@@ -9,6 +9,8 @@ drift of the shared machine hits both), each from a cold page cache:
   * the durable rate: the bytes fio wrote over the time from fio's start until the replicator
     acknowledged the last of them (what TLS can slow down: shipping, not the guest);
   * the proxy's and the replicator's CPU seconds per GiB (utime+stime from /proc).
+Then the replicator's ingest alone over each link (tests/src/bin/ingest-bench.rs, records built
+beforehand; replicator pinned to CPU 1, sender to CPU 0), ABBA as well.
 Ratios are tls / plain; the goal is >= 0.9x on 1M writes.
 
 Usage: scripts/bench_tls.py [--runtime 5] [--rounds 2] [--out FILE] [--quick]
@@ -71,6 +73,49 @@ def fio_bytes(uri, rw, bs, qd, runtime):
     return job["io_bytes"], job["bw_bytes"]
 
 
+def ingest_alone(work, pki, rounds, records):
+    """ingest-bench against a replicator per link pinned to CPU 1, the sender on CPU 0; per
+    (workload, link) the run with the best rate, with its replicator CPU seconds."""
+    reps, best = {}, {}
+    try:
+        for kind in KINDS:
+            addr = f"127.0.0.1:{free_port()}"
+            tls_args = (["--tls-cert", f"{pki}/server-cert.pem", "--tls-key", f"{pki}/server-key.pem",
+                         "--tls-ca", f"{pki}/ca-cert.pem"] if kind == "tls" else ["--insecure"])
+            log = open(f"{work}/ingest-{kind}.log", "w")
+            p = subprocess.Popen(["taskset", "-c", "1", f"{BIN}/replicator", "serve", "--listen", addr,
+                                  "--store", f"{work}/ingest-{kind}-store", *tls_args], stdout=log, stderr=log)
+            wait(lambda: p.poll() is not None or listening(addr), f"the {kind} ingest replicator", 30)
+            reps[kind] = (p, addr)
+        n = 0
+        for rnd in range(rounds):
+            for w, count in records.items():
+                for kind in KINDS + KINDS[::-1]:
+                    p, addr = reps[kind]
+                    n += 1
+                    group = f"bench{n}"
+                    extra = []
+                    if kind == "tls":
+                        subprocess.run([f"{BIN}/replicator", "tls", "issue", "--dir", pki, "--group", group,
+                                        "--out", f"{work}/{group}"], check=True, capture_output=True)
+                        extra = ["--tls", f"{work}/{group}"]
+                    c0 = cpu_seconds(p.pid)
+                    out = subprocess.run(["taskset", "-c", "0", f"{BIN}/ingest-bench", "--addr", addr,
+                                          "--workload", w, "--records", str(count), "--group", group, *extra],
+                                         check=True, capture_output=True, text=True)
+                    r = json.loads(out.stdout)
+                    r["cpu"] = cpu_seconds(p.pid) - c0
+                    print(f"ingest alone {w} {kind:5} {r['records_per_s']:.0f} records/s {r['gib_per_s']:.2f} GiB/s "
+                          f"replicator CPU {r['cpu']:.2f} s", file=sys.stderr)
+                    if (w, kind) not in best or r["records_per_s"] > best[(w, kind)]["records_per_s"]:
+                        best[(w, kind)] = r
+    finally:
+        for p, _ in reps.values():
+            p.terminate()
+            p.wait(30)
+    return best
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=5)
@@ -114,6 +159,8 @@ def main():
     finally:
         for p in pairs.values():
             p.stop()
+    alone = ingest_alone(work, pki, 1 if a.quick else 2, {"1m": 512 if a.quick else 2048,
+                                                          "4k": 100_000 if a.quick else 500_000})
     lines = ["| workload | link | guest MiB/s | durable MiB/s | proxy CPU s/GiB | replicator CPU s/GiB |",
              "|---|---|---|---|---|---|"]
     best = {}
@@ -126,6 +173,15 @@ def main():
         t, p = best[(label, "tls")], best[(label, "plain")]
         lines.append(f"| {label} | **tls / plain** | **{t[0] / p[0]:.2f}x** | **{t[1] / p[1]:.2f}x** | "
                      f"{t[2] / p[2]:.2f}x | {t[3] / p[3]:.2f}x |")
+    lines += ["", "Replicator ingest alone (`ingest-bench`, best of the runs):", "",
+              "| workload | link | records/s | GiB/s | replicator CPU s |", "|---|---|---|---|---|"]
+    for w in ("1m", "4k"):
+        for kind in KINDS:
+            r = alone[(w, kind)]
+            lines.append(f"| {w} | {kind} | {r['records_per_s']:.0f} | {r['gib_per_s']:.2f} | {r['cpu']:.2f} |")
+        t, p = alone[(w, "tls")], alone[(w, "plain")]
+        lines.append(f"| {w} | **tls / plain** | **{t['records_per_s'] / p['records_per_s']:.2f}x** | "
+                     f"**{t['gib_per_s'] / p['gib_per_s']:.2f}x** | {t['cpu'] / p['cpu']:.2f}x |")
     text = (f"Best of {a.rounds} rounds x 2 runs per link (ABBA), {a.runtime} s fio rows, async mode, "
             f"1 connection.\n\n" + "\n".join(lines))
     print(text)

@@ -249,16 +249,39 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>) {
 /// A raw peer of the replicator's protocol, for what no well-behaved proxy sends.
 #[derive(Debug)]
 pub struct RawPeer {
-    pub stream: TcpStream,
+    pub stream: tls::Stream,
 }
 
 impl RawPeer {
+    /// A plaintext peer (for a replicator with --insecure).
     pub fn connect(addr: &str) -> RawPeer {
+        RawPeer {
+            stream: tls::Stream::plain(Self::socket(addr)),
+        }
+    }
+
+    /// A TLS peer with the certificate, key and CA in `dir` (`client-cert.pem`,
+    /// `client-key.pem`, `ca-cert.pem`, as `replicator tls issue` writes them).
+    pub fn connect_tls(addr: &str, dir: &Path) -> anyhow::Result<RawPeer> {
+        let config = tls::client_config(
+            &dir.join(tls::lab::CA_CERT),
+            Some((
+                &dir.join(tls::lab::CLIENT_CERT),
+                &dir.join(tls::lab::CLIENT_KEY),
+            )),
+        )?;
+        let name = tls::server_name(tls::host_of(addr))?;
+        let stream = tls::Stream::connect(Self::socket(addr), config, name)
+            .map_err(|e| anyhow::anyhow!("TLS to {addr}: {}", tls::describe(&e)))?;
+        Ok(RawPeer { stream })
+    }
+
+    fn socket(addr: &str) -> TcpStream {
         let stream = TcpStream::connect(addr).expect("connect to the replicator");
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
-        RawPeer { stream }
+        stream
     }
 
     pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {

@@ -7,12 +7,15 @@
 //! after the replicator's fsync). Prints one JSON object: records/s and GiB/s of guest payload.
 //!
 //! ```text
-//! ingest-bench --addr 127.0.0.1:PORT --workload 1m|4k [--records N] [--group NAME]
+//! ingest-bench --addr 127.0.0.1:PORT --workload 1m|4k [--records N] [--group NAME] [--tls DIR]
 //! ```
 //!
 //! * `1m`: 1 MiB writes, each half random and half zeros (lz4 stores about half), sequential
 //!   over the volume and wrapping around.
 //! * `4k`: 4 KiB writes of random data (lz4 keeps them raw) at random 4 KiB-aligned offsets.
+//! * `--tls DIR`: mutual TLS with `DIR/client-cert.pem`, `client-key.pem` and `ca-cert.pem`
+//!   (what `replicator tls issue --out DIR` writes; its group must be --group's); without it
+//!   the replicator must run with --insecure.
 
 use std::time::Instant;
 
@@ -35,6 +38,8 @@ struct Args {
     workload: String,
     records: u64,
     group: String,
+    /// Mutual TLS with the certificates in this directory (`replicator tls issue --out`).
+    tls: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -43,6 +48,7 @@ fn parse_args() -> anyhow::Result<Args> {
         workload: String::new(),
         records: 0,
         group: "ingest-bench".into(),
+        tls: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,6 +58,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--workload" => a.workload = value()?,
             "--records" => a.records = value()?.parse().context("--records")?,
             "--group" => a.group = value()?,
+            "--tls" => a.tls = Some(value()?.into()),
             _ => bail!("unknown argument {flag} (see the header of tests/src/bin/ingest-bench.rs)"),
         }
     }
@@ -111,7 +118,10 @@ fn build(workload: &str, records: u64, first_seq: u64) -> anyhow::Result<(Vec<Ve
 
 fn main() -> anyhow::Result<()> {
     let a = parse_args()?;
-    let mut peer = RawPeer::connect(&a.addr);
+    let mut peer = match &a.tls {
+        Some(dir) => RawPeer::connect_tls(&a.addr, dir)?,
+        None => RawPeer::connect(&a.addr),
+    };
     let (welcome, _) = peer
         .hello(&a.group, &[("root", VOLUME_BYTES)], "ingest-bench", false)
         .map_err(|e| anyhow::anyhow!("hello: {e}"))?;
