@@ -5,7 +5,8 @@ Two pairs of nbd-proxy (async) + replicator, each over its own copy of one 1 GiB
 on a unix socket: `plain` with --insecure on both sides, `tls` with certificates from
 `replicator tls init/issue`. Rows alternate between them (plain, tls, tls, plain: ABBA, so a
 drift of the shared machine hits both), each from a cold page cache:
-  * fio (nbd engine) 1M write QD8 and 4k randwrite QD32 for --runtime seconds: the guest's rate;
+  * fio (nbd engine) 1M write QD8 (2 GiB per run) and 4k randwrite QD32 (256 MiB per run), each
+    for at most --runtime seconds: the guest's rate;
   * the durable rate: the bytes fio wrote over the time from fio's start until the replicator
     acknowledged the last of them (what TLS can slow down: shipping, not the guest);
   * the proxy's and the replicator's CPU seconds per GiB (utime+stime from /proc).
@@ -27,7 +28,9 @@ import time
 from benchlib import BIN, caught_up, cold_cache, cpu_seconds, free_port, listening, wait
 
 GIB = 1 << 30
-ROWS = [("1M write QD8", "write", "1M", 8), ("4k randwrite QD32", "randwrite", "4k", 32)]
+# (name, fio rw, block size, iodepth, bytes per run): each run writes at most that much (or for
+# --runtime seconds), so that the stores, which keep every write, stay a few GiB.
+ROWS = [("1M write QD8", "write", "1M", 8, "2g"), ("4k randwrite QD32", "randwrite", "4k", 32, "256m")]
 KINDS = ["plain", "tls"]
 
 
@@ -64,9 +67,9 @@ class Pair:
                 p.kill()
 
 
-def fio_bytes(uri, rw, bs, qd, runtime):
+def fio_bytes(uri, rw, bs, qd, io_size, runtime):
     out = subprocess.run(["fio", "--name=t", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
-                          f"--iodepth={qd}", "--size=1g", "--time_based", f"--runtime={runtime}",
+                          f"--iodepth={qd}", "--size=1g", f"--io_size={io_size}", f"--runtime={runtime}",
                           "--output-format=json"], check=True, capture_output=True, text=True).stdout
     # The nbd engine may print a line before the JSON.
     job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
@@ -141,13 +144,13 @@ def main():
             pairs[kind] = Pair(work, kind, img, pki)
         os.remove(src)
         for rnd in range(a.rounds):
-            for label, rw, bs, qd in ROWS:
+            for label, rw, bs, qd, io_size in ROWS:
                 for kind in (KINDS if rnd % 2 == 0 else KINDS[::-1]) + (KINDS[::-1] if rnd % 2 == 0 else KINDS):
                     p = pairs[kind]
                     cold_cache([p.img, p.store])
                     c0 = (cpu_seconds(p.proxy.pid), cpu_seconds(p.rep.pid))
                     t0 = time.time()
-                    nbytes, bw = fio_bytes(p.uri, rw, bs, qd, a.runtime)
+                    nbytes, bw = fio_bytes(p.uri, rw, bs, qd, io_size, a.runtime)
                     wait(lambda: caught_up(p.ctl), f"{kind} to catch up", 600)
                     durable_s = time.time() - t0
                     gib = nbytes / GIB
@@ -156,11 +159,12 @@ def main():
                     results.setdefault((label, kind), []).append(r)
                     print(f"round {rnd + 1} {label:18} {kind:5} guest {r[0]:.0f} MiB/s, durable {r[1]:.0f} MiB/s, "
                           f"CPU s/GiB proxy {r[2]:.2f} replicator {r[3]:.2f}", file=sys.stderr)
+        alone = ingest_alone(work, pki, 1 if a.quick else 2, {"1m": 256 if a.quick else 1024,
+                                                              "4k": 60_000 if a.quick else 250_000})
     finally:
         for p in pairs.values():
             p.stop()
-    alone = ingest_alone(work, pki, 1 if a.quick else 2, {"1m": 512 if a.quick else 2048,
-                                                          "4k": 100_000 if a.quick else 500_000})
+        subprocess.run(["rm", "-rf", work])
     lines = ["| workload | link | guest MiB/s | durable MiB/s | proxy CPU s/GiB | replicator CPU s/GiB |",
              "|---|---|---|---|---|---|"]
     best = {}
@@ -188,7 +192,6 @@ def main():
     if a.out:
         with open(a.out, "w") as f:
             f.write(text + "\n")
-    subprocess.run(["rm", "-rf", work])
 
 
 if __name__ == "__main__":
