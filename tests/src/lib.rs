@@ -6,6 +6,7 @@
 
 pub mod cdp;
 pub mod netns;
+pub mod peer;
 pub mod qmp;
 pub mod raw;
 pub mod vm;
