@@ -132,7 +132,7 @@ enum TlsCommand {
         /// Another name or address the replicator is reached by (repeatable).
         #[arg(long, value_name = "HOST")]
         host: Vec<String>,
-        /// Validity of the certificates.
+        /// Validity of the certificates, in days.
         #[arg(long, value_name = "N", default_value = "825")]
         days: u32,
     },
@@ -153,6 +153,7 @@ enum TlsCommand {
         /// A name or address the proxy's NBD clients reach it by (repeatable).
         #[arg(long, value_name = "HOST")]
         host: Vec<String>,
+        /// Validity of the certificate, in days.
         #[arg(long, value_name = "N", default_value = "825")]
         days: u32,
     },
