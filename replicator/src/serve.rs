@@ -9,14 +9,14 @@
 //! durable seq. Either side silent for `--link-timeout` is gone; every write has that deadline.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, TryRecvError};
 use journal::store::{self, GroupDir};
 use journal::wire::{self, FrameType, Hello, Welcome};
@@ -195,8 +195,13 @@ fn open_link(sock: TcpStream, opts: &Options, until: Instant) -> anyhow::Result<
     let left = until.saturating_duration_since(Instant::now());
     sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
     let mut first = [0u8; 1];
-    if sock.peek(&mut first).context("read the first byte")? == 0 {
-        bail!("closed before a word");
+    match sock.peek(&mut first) {
+        Ok(0) => bail!("closed before a word"),
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            bail!("the peer sent nothing within --handshake-timeout")
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("read the first byte")),
     }
     let plain = Link::plain(sock);
     match &opts.tls {
