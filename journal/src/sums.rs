@@ -6,19 +6,27 @@
 //! Only chunks that do not hash like zeroes are listed, so a sparse image has a small file and
 //! memory follows the data written, not the volume's size.
 //!
+//! A head image's sums may also name *stale* chunks: chunks written since their hash was made,
+//! hashed again only when a proxy asks for hashes (delta sync), so that a checkpoint does not
+//! read back every chunk a random stream touched. A stale chunk's listed hash means nothing;
+//! base images never have stale chunks.
+//!
 //! ```text
 //!  0 magic "CDPSUMS1"  8 version u32  12 reserved u32 = 0  16 seq u64  24 size u64
 //! 32 chunk u64        40 count u64    48 entries (count x 24 bytes: chunk u64, hash u128),
 //!                                        chunks ascending
+//!    version 2: stale count u64, then that many chunks (u64, ascending)
 //!    trailer: crc32c of everything before it (u32)
 //! ```
+//!
+//! Version 1 files (no stale list) are read as having no stale chunk; version 2 is written.
 //!
 //! Nothing here does I/O.
 
 use crate::wire::{chunk_hash, HASH_CHUNK};
 
 const MAGIC: &[u8; 8] = b"CDPSUMS1";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 48;
 
 /// The hashes of an image's chunks, as of `seq`.
@@ -28,6 +36,8 @@ pub struct Sums {
     pub size: u64,
     /// Chunks whose hash is not that of zeroes.
     hashes: std::collections::BTreeMap<u64, u128>,
+    /// Chunks whose listed hash is not of the image's bytes (changed since it was made).
+    stale: std::collections::BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -154,7 +164,28 @@ impl Sums {
             seq,
             size,
             hashes: Default::default(),
+            stale: Default::default(),
         }
+    }
+
+    /// Records that chunk `c`'s hash is to be made again before it is trusted.
+    pub fn set_stale(&mut self, c: u64) {
+        if c < self.chunks() {
+            self.stale.insert(c);
+        }
+    }
+
+    /// The chunks whose hash is to be made again, as a set over the image.
+    pub fn stale(&self) -> ChunkSet {
+        let mut set = ChunkSet::new(self.size);
+        for &c in &self.stale {
+            set.insert(c);
+        }
+        set
+    }
+
+    pub fn has_stale(&self) -> bool {
+        !self.stale.is_empty()
     }
 
     /// Chunk `c`'s hash.
@@ -165,7 +196,9 @@ impl Sums {
             .unwrap_or_else(|| zero_hash_of(c, self.size))
     }
 
+    /// Sets chunk `c`'s hash, made from the image's bytes (so the chunk is no longer stale).
     pub fn set(&mut self, c: u64, hash: u128) {
+        self.stale.remove(&c);
         if hash == zero_hash_of(c, self.size) {
             self.hashes.remove(&c);
         } else {
@@ -191,6 +224,10 @@ impl Sums {
             out.extend_from_slice(&c.to_le_bytes());
             out.extend_from_slice(&h.to_le_bytes());
         }
+        out.extend_from_slice(&(self.stale.len() as u64).to_le_bytes());
+        for c in &self.stale {
+            out.extend_from_slice(&c.to_le_bytes());
+        }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -204,37 +241,61 @@ impl Sums {
             return Err(SumsError::Magic);
         }
         let (body, trailer) = b.split_at(b.len() - 4);
-        let le64 = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().unwrap_or_default());
         if crc32c::crc32c(body) != u32::from_le_bytes(trailer.try_into().unwrap_or_default()) {
             return Err(SumsError::Checksum);
         }
+        let le64 = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
         let version = u32::from_le_bytes(body[8..12].try_into().unwrap_or_default());
-        if version != VERSION {
+        if version != 1 && version != VERSION {
             return Err(SumsError::Version(version));
         }
-        let (seq, size, chunk, count) = (le64(16), le64(24), le64(32), le64(40));
+        let (seq, size, chunk) = (le64(&body[16..]), le64(&body[24..]), le64(&body[32..]));
         if chunk != HASH_CHUNK {
             return Err(SumsError::Malformed("chunk size differs"));
         }
-        if (body.len() - HEADER_LEN) as u64 != count.saturating_mul(24) {
+        let mut rest = &body[40..];
+        // `count` entries of `width` bytes, taken off the front of `rest`.
+        let mut list = |width: usize| -> Result<&[u8], SumsError> {
+            let count = rest.get(..8).map(le64);
+            let len = count.and_then(|n| usize::try_from(n).ok()?.checked_mul(width));
+            match len.filter(|&len| len <= rest.len() - 8) {
+                Some(len) => {
+                    let (list, after) = rest[8..].split_at(len);
+                    rest = after;
+                    Ok(list)
+                }
+                None => Err(SumsError::Malformed("length differs from the entry count")),
+            }
+        };
+        let entries = list(24)?;
+        let stale_list = if version == 1 { &[][..] } else { list(8)? };
+        if !rest.is_empty() {
             return Err(SumsError::Malformed("length differs from the entry count"));
         }
-        let mut hashes = std::collections::BTreeMap::new();
-        let mut prev = None;
-        for e in body[HEADER_LEN..].chunks_exact(24) {
-            let c = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
-            if c >= chunks(size) || prev.is_some_and(|p| p >= c) {
-                return Err(SumsError::Malformed(
-                    "chunks out of order or past the image",
-                ));
-            }
-            prev = Some(c);
-            hashes.insert(
-                c,
-                u128::from_le_bytes(e[8..].try_into().unwrap_or_default()),
-            );
-        }
-        Ok(Sums { seq, size, hashes })
+        let chunks_of_list = |list: &[u8], width: usize| {
+            let cs: Vec<u64> = list.chunks_exact(width).map(le64).collect();
+            let ok = cs.iter().all(|&c| c < chunks(size)) && cs.windows(2).all(|w| w[0] < w[1]);
+            ok.then_some(cs).ok_or(SumsError::Malformed(
+                "chunks out of order or past the image",
+            ))
+        };
+        let hashes = chunks_of_list(entries, 24)?
+            .into_iter()
+            .zip(entries.chunks_exact(24))
+            .map(|(c, e)| {
+                (
+                    c,
+                    u128::from_le_bytes(e[8..].try_into().unwrap_or_default()),
+                )
+            })
+            .collect();
+        let stale = chunks_of_list(stale_list, 8)?.into_iter().collect();
+        Ok(Sums {
+            seq,
+            size,
+            hashes,
+            stale,
+        })
     }
 }
 
@@ -256,6 +317,7 @@ mod tests {
             assert!(Sums::decode(&bad).is_err(), "bit {bit}");
         }
         assert_eq!(s.get(3), chunk_hash(&[0u8; 100]));
+        assert!(!s.has_stale());
         assert_eq!(s.get(1), 42);
         assert_eq!(chunks_of(HASH_CHUNK - 1, 2), 0..2);
         assert_eq!(chunks_of(HASH_CHUNK, HASH_CHUNK), 1..2);
@@ -263,5 +325,47 @@ mod tests {
             chunk_range(3, 3 * HASH_CHUNK + 100),
             3 * HASH_CHUNK..3 * HASH_CHUNK + 100
         );
+    }
+
+    #[test]
+    fn stale_chunks_round_trip_until_hashed_again() {
+        let mut s = Sums::zeroes(4 * HASH_CHUNK, 9);
+        s.set(0, 5);
+        s.set_stale(0);
+        s.set_stale(3);
+        s.set_stale(4); // past the image: ignored
+        let b = s.encode();
+        let back = Sums::decode(&b).unwrap();
+        assert_eq!(back, s);
+        assert!(back.stale().contains(0) && back.stale().contains(3));
+        assert!(!back.stale().contains(1));
+        for bit in (0..b.len() * 8).step_by(5) {
+            let mut bad = b.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(Sums::decode(&bad).is_err(), "bit {bit}");
+        }
+        let mut again = back;
+        again.set(0, 6);
+        again.set(3, zero_chunk_hash());
+        assert!(!again.has_stale(), "a chunk hashed again is not stale");
+    }
+
+    #[test]
+    fn version_1_files_are_read_as_having_no_stale_chunk() {
+        let mut s = Sums::zeroes(2 * HASH_CHUNK, 3);
+        s.set(1, 77);
+        // Version 1: the same header and entries, no stale list.
+        let mut v1 = s.encode();
+        v1.truncate(v1.len() - 4 - 8);
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(Sums::decode(&v1), Ok(s));
+        let mut v3 = v1.clone();
+        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let n = v3.len() - 4;
+        let crc = crc32c::crc32c(&v3[..n]);
+        v3[n..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Sums::decode(&v3), Err(SumsError::Version(3)));
     }
 }

@@ -148,8 +148,14 @@ fn check_group(dir: &GroupDir) -> usize {
             }
             Some(h) => {
                 // A head image may hold records past its checkpoint (applied before a crash);
-                // those chunks are rehashed at start-up. The rest must match.
-                let skip = changed_after(dir, h.seq, None, d as u16, v.size);
+                // those chunks are rehashed at start-up, as are the chunks the checkpoint
+                // listed as stale. The rest must match.
+                let mut skip = changed_after(dir, h.seq, None, d as u16, v.size);
+                if let Ok(sums) = dir.sums("head", &v.name) {
+                    for c in sums.stale().take() {
+                        skip.insert(c);
+                    }
+                }
                 check_image(dir, "head", &v.name, v.size, Some(h.seq), &skip, &mut r)
             }
             None => {}
@@ -341,6 +347,12 @@ fn check_image(
             "{}: checksums are of seq {} but {which}.json names seq {seq}",
             path.display(),
             sums.seq
+        ));
+    }
+    if which == "base" && sums.has_stale() {
+        r.bad(format!(
+            "{}: base checksums list stale chunks (only head images may have them)",
+            path.display()
         ));
     }
     match journal::read::verify_image(&file, &sums, size, skip) {

@@ -123,8 +123,9 @@ impl Group {
         for v in &meta.volumes {
             match dir.sums("head", &v.name) {
                 Ok(s) if s.seq == head_mark.seq && s.size == v.size => {
+                    // Chunks the checkpoint left stale are hashed when a proxy asks.
+                    touched.push(s.stale());
                     head_sums.push(s);
-                    touched.push(ChunkSet::new(v.size));
                 }
                 other => {
                     let why = other

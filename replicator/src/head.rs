@@ -335,8 +335,11 @@ impl HeadApplier {
     }
 }
 
-/// Flushes the head images (holding exactly the records up to `mark`), brings their checksums
-/// up to date and writes them, then records the seq they hold.
+/// Flushes the head images (holding exactly the records up to `mark`), writes their checksums
+/// with the chunks changed since they were made listed as stale, then records the seq they
+/// hold. Nothing is read back: a random stream touches every chunk, and rehashing them all at
+/// each checkpoint read the whole image; stale chunks are hashed when a proxy asks for hashes
+/// ([`crate::group::Group::head_hashes`]).
 fn checkpoint(
     dir: &GroupDir,
     names: &[String],
@@ -350,40 +353,20 @@ fn checkpoint(
         f.sync_data()?;
     }
     let mut sums = sums.lock().unwrap_or_else(|p| p.into_inner());
-    rehash(heads, touched, &mut sums)?;
+    {
+        let touched = touched.lock().unwrap_or_else(|p| p.into_inner());
+        for (s, set) in sums.iter_mut().zip(touched.iter()) {
+            for c in set.clone().take() {
+                s.set_stale(c);
+            }
+        }
+    }
     for (name, s) in names.iter().zip(sums.iter_mut()) {
         s.seq = mark.seq;
         dir.set_sums("head", name, s)
             .context("write the head image's checksums")?;
     }
     dir.set_mark("head", mark)?;
-    Ok(())
-}
-
-/// Hashes again the chunks of the head images that changed since their sums were made.
-pub fn rehash(
-    heads: &[File],
-    touched: &Touched,
-    sums: &mut [journal::sums::Sums],
-) -> io::Result<()> {
-    let mut touched = touched.lock().unwrap_or_else(|p| p.into_inner());
-    let mut buf = Vec::new();
-    for (d, set) in touched.iter_mut().enumerate() {
-        let size = sums[d].size;
-        let chunks = set.take();
-        for (i, &c) in chunks.iter().enumerate() {
-            match read::hash_chunk(&heads[d], c, size, &mut buf) {
-                Ok(h) => sums[d].set(c, h),
-                Err(e) => {
-                    // Still changed: keep them marked for the next attempt.
-                    for &rest in &chunks[i..] {
-                        set.insert(rest);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-    }
     Ok(())
 }
 
