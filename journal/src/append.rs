@@ -146,7 +146,7 @@ fn block_start(len: u64) -> u64 {
 
 /// `write_all_at` for a direct fd: a short write is continued at a block boundary (what a
 /// direct write that was cut short completed is whole blocks), else it is an error.
-fn write_all_at(file: &File, mut buf: &[u8], mut at: u64) -> io::Result<()> {
+pub(crate) fn write_all_at(file: &File, mut buf: &[u8], mut at: u64) -> io::Result<()> {
     while !buf.is_empty() {
         match file.write_at(buf, at) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -168,14 +168,14 @@ fn write_all_at(file: &File, mut buf: &[u8], mut at: u64) -> io::Result<()> {
 /// A byte buffer whose start is aligned to [`BLOCK`], grown (never shrunk) as needed and
 /// reused, so the memory a direct write reads from is already mapped.
 #[derive(Debug, Default)]
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     raw: Vec<u8>,
     start: usize,
 }
 
 impl AlignedBuf {
     /// Makes at least `len` bytes available, keeping the first `BLOCK` bytes.
-    fn reserve(&mut self, len: usize) {
+    pub(crate) fn reserve(&mut self, len: usize) {
         if self.raw.len() - self.start >= len {
             return;
         }
@@ -188,7 +188,7 @@ impl AlignedBuf {
         self.start = start;
     }
 
-    fn as_mut(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut(&mut self) -> &mut [u8] {
         &mut self.raw[self.start..]
     }
 }

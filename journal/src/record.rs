@@ -193,22 +193,45 @@ pub struct RecordRef<'a> {
 
 impl<'a> RecordRef<'a> {
     /// The payload as written by the guest (decompressed and checked against `data_crc`).
+    /// A stored-raw payload was checked against `data_crc` when the record was parsed (every
+    /// `RecordRef` comes from [`parse`]), so it is returned as it is, without a second pass.
     pub fn payload(&self) -> Result<Cow<'a, [u8]>, FormatError> {
         let h = &self.header;
-        let data: Cow<'a, [u8]> = if h.compressed {
-            let raw = lz4_flex::block::decompress(self.stored, h.length as usize)
-                .map_err(|e| FormatError::Decompress(e.to_string()))?;
-            if raw.len() as u64 != h.length {
-                return Err(FormatError::Decompress("wrong decompressed length".into()));
-            }
-            Cow::Owned(raw)
-        } else {
-            Cow::Borrowed(self.stored)
-        };
-        if crc32c::crc32c(&data) != h.data_crc {
+        if !h.compressed {
+            return Ok(Cow::Borrowed(self.stored));
+        }
+        let raw = lz4_flex::block::decompress(self.stored, h.length as usize)
+            .map_err(|e| FormatError::Decompress(e.to_string()))?;
+        if raw.len() as u64 != h.length {
+            return Err(FormatError::Decompress("wrong decompressed length".into()));
+        }
+        if crc32c::crc32c(&raw) != h.data_crc {
             return Err(FormatError::DataChecksum);
         }
-        Ok(data)
+        Ok(Cow::Owned(raw))
+    }
+
+    /// Checks the payload as [`RecordRef::payload`] does, decompressing into `scratch` (reused
+    /// between calls, so a stream of records allocates nothing).
+    pub fn check_payload(&self, scratch: &mut Vec<u8>) -> Result<(), FormatError> {
+        let h = &self.header;
+        if !h.compressed {
+            return Ok(());
+        }
+        let len = usize::try_from(h.length)
+            .map_err(|_| FormatError::Decompress("wrong decompressed length".into()))?;
+        if scratch.len() < len {
+            scratch.resize(len, 0);
+        }
+        let n = lz4_flex::block::decompress_into(self.stored, &mut scratch[..len])
+            .map_err(|e| FormatError::Decompress(e.to_string()))?;
+        if n != len {
+            return Err(FormatError::Decompress("wrong decompressed length".into()));
+        }
+        if crc32c::crc32c(&scratch[..len]) != h.data_crc {
+            return Err(FormatError::DataChecksum);
+        }
+        Ok(())
     }
 
     /// The payload read as text (bookmark names, sync reasons).
@@ -235,15 +258,21 @@ pub fn parse(buf: &[u8]) -> Result<Option<RecordRef<'_>>, FormatError> {
     }))
 }
 
-/// Checks a record's checksum.
+/// Checks a record's checksum, and for a payload stored raw its `data_crc` too (the crc of
+/// the same bytes, so one pass serves both).
 pub fn verify(head: &[u8; HEADER_LEN], stored: &[u8]) -> Result<(), FormatError> {
     let stored_crc = u32::from_le_bytes([head[52], head[53], head[54], head[55]]);
-    let computed = crc32c::crc32c_append(crc32c::crc32c(stored), &head[..52]);
+    let payload_crc = crc32c::crc32c(stored);
+    let computed = crc32c::crc32c_append(payload_crc, &head[..52]);
     if stored_crc != computed {
         return Err(FormatError::Checksum {
             stored: stored_crc,
             computed,
         });
+    }
+    let data_crc = u32::from_le_bytes([head[44], head[45], head[46], head[47]]);
+    if head[5] & FLAG_LZ4 == 0 && data_crc != payload_crc {
+        return Err(FormatError::DataChecksum);
     }
     Ok(())
 }

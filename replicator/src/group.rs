@@ -40,6 +40,8 @@ pub struct Group {
     /// Why the store last failed to take records (a full or failing disk); cleared when
     /// records are stored again. Shown by `replicator status`.
     pub store_error: Option<String>,
+    /// Where compressed payloads are decompressed to be checked (reused: no allocation each).
+    scratch: Vec<u8>,
 }
 
 /// Why a batch was not taken.
@@ -197,6 +199,7 @@ impl Group {
             bytes_in: 0,
             stored_in: 0,
             store_error: None,
+            scratch: Vec::new(),
         };
         Ok((group, known))
     }
@@ -246,7 +249,8 @@ impl Group {
             }
             if h.kind.carries_data() {
                 // The payload itself is checked too (decompressed, crc) before it is stored.
-                r.payload().map_err(|e| refuse(h.seq, e.to_string()))?;
+                r.check_payload(&mut self.scratch)
+                    .map_err(|e| refuse(h.seq, e.to_string()))?;
             }
             accepted.push(r);
             next += 1;

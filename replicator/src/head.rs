@@ -41,7 +41,7 @@ pub struct Heads<'a> {
 
 /// Head images as a replay target that also notes which chunks each record changes.
 pub struct Marking<'a> {
-    pub images: Images<'a>,
+    pub images: &'a mut Images,
     pub touched: &'a Mutex<Vec<ChunkSet>>,
 }
 
@@ -98,7 +98,7 @@ impl Follower {
     /// Applies every record up to `durable`, following segment rotations.
     fn advance(
         &mut self,
-        heads: &[File],
+        images: &mut Images,
         touched: &Touched,
         durable: u64,
     ) -> Result<(), ApplyError> {
@@ -119,7 +119,7 @@ impl Follower {
             match next {
                 Some((file, pos, r)) => {
                     let mut target = Marking {
-                        images: Images(heads),
+                        images: &mut *images,
                         touched,
                     };
                     let len = r.bytes.len() as u64;
@@ -182,6 +182,7 @@ impl HeadApplier {
             ..
         } = heads;
         shared.store(applied.seq, Ordering::Release);
+        let mut images = Images::new(&files)?;
         let valid = Arc::new(AtomicBool::new(true));
         let (tx, rx) = crossbeam_channel::unbounded::<Work>();
         let mut follower = Follower {
@@ -242,7 +243,7 @@ impl HeadApplier {
                     }
                     // A failure (a full disk, a bad record) is retried with the next work; the
                     // images are not trusted meanwhile, and each new cause is logged once.
-                    match follower.advance(&files, &touched, durable) {
+                    match follower.advance(&mut images, &touched, durable) {
                         Ok(()) => {
                             if failed.take().is_some() {
                                 tracing::info!(
@@ -391,8 +392,12 @@ pub fn catch_up(
             segments.push((seg, entries));
         }
     }
+    let mut images = Images::new(heads).map_err(|source| read::ReadError::Io {
+        path: dir.path.join("head"),
+        source,
+    })?;
     let mut target = Marking {
-        images: Images(heads),
+        images: &mut images,
         touched,
     };
     read::replay(&segments, head_seq + 1, durable, &mut target)?;

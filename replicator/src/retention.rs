@@ -197,7 +197,8 @@ fn apply_fold(
         })
         .collect::<anyhow::Result<_>>()?;
     let segment = [(seg.clone(), entries.to_vec())];
-    read::replay(&segment, mark.from + 1, mark.to, &mut Images(&images))
+    let mut targets = Images::new(&images).context("open the base images")?;
+    read::replay(&segment, mark.from + 1, mark.to, &mut targets)
         .with_context(|| format!("fold {}", seg.path.display()))?;
     for image in &images {
         image.sync_data()?;

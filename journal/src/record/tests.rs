@@ -66,9 +66,16 @@ fn lying_headers_are_refused() {
         parse(&b).unwrap_err(),
         FormatError::Inconsistent(_)
     ));
-    let mut b = good;
+    let mut b = good.clone();
     b[0] = b'X';
     assert!(matches!(parse(&b).unwrap_err(), FormatError::Magic(_)));
+    // A raw payload whose data_crc is not its crc, resealed so the record crc is right: the
+    // parse refuses it (payload() trusts a parsed raw payload without summing it again).
+    let mut b = good;
+    b[44] ^= 1;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&b[HEADER_LEN..]), &b[..52]);
+    b[52..56].copy_from_slice(&crc.to_le_bytes());
+    assert_eq!(parse(&b).unwrap_err(), FormatError::DataChecksum);
 }
 
 /// Incompressible data: attempts back off (1 in 2, 4, ... up to MAX_SKIP records); the first
