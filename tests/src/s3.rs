@@ -138,14 +138,22 @@ impl Seaweed {
         Ok(())
     }
 
-    /// The environment a replicator or restore reaches this server with.
-    pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
-            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
-            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
-            ("AWS_REGION", "us-east-1".into()),
+    /// The flags a replicator or restore reaches this server with.
+    pub fn flags(&self) -> Vec<String> {
+        self.flags_with_secret(SECRET_KEY)
+    }
+
+    pub fn flags_with_secret(&self, secret: &str) -> Vec<String> {
+        [
+            "--s3-endpoint",
+            &self.endpoint,
+            "--s3-access-key-id",
+            ACCESS_KEY,
+            "--s3-secret-access-key",
+            secret,
         ]
+        .map(str::to_owned)
+        .to_vec()
     }
 
     pub fn settings(&self) -> bucket::Settings {
