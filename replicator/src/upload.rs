@@ -213,48 +213,15 @@ impl Uploader<'_> {
 
     fn sync(&mut self) -> anyhow::Result<()> {
         let meta = self.dir.meta()?;
+        if self.st.pinned_seq.is_none() {
+            // A group new since the start: nothing of it folds before the bucket has it.
+            self.st.repin(self.dir, self.dir.mark("base")?.seq)?;
+        }
         if !self.st.loaded {
             self.load(&meta)?;
         }
-        let base = self.dir.mark("base")?;
-        let bucket_base = self.st.manifest.as_ref().map(|(m, _)| m.base.seq);
-        if bucket_base.is_none_or(|b| b < base.seq) {
-            if self.dir.fold_mark()?.is_some() {
-                return Ok(()); // the base is being rewritten: next round
-            }
-            let Some(new_base) = base::upload(self.bucket, self.dir, &meta, base)? else {
-                return Ok(()); // it moved while read: next round
-            };
-            let mut m = self.next_manifest(&meta);
-            let old = m.segments.clone();
-            m.segments.retain(|s| s.first_seq > new_base.seq);
-            if m.segments
-                .first()
-                .is_some_and(|s| s.first_seq != new_base.seq + 1)
-            {
-                m.segments.clear();
-            }
-            let old_base = std::mem::replace(&mut m.base, new_base);
-            self.commit(m)?;
-            let (m, _) = self.st.manifest.as_ref().expect("just committed");
-            let mut garbage: Vec<String> = old
-                .iter()
-                .filter(|s| !m.segments.contains(s))
-                .flat_map(|s| [s.segment.key.clone(), s.index.key.clone()])
-                .collect();
-            garbage.extend(base::garbage(self.bucket, &old_base, &m.base));
-            for key in garbage {
-                if let Err(e) = self.bucket.delete(&key) {
-                    warn!("uploader: delete {key} (no manifest names it): {e}");
-                }
-            }
-        } else if bucket_base.is_some_and(|b| b > base.seq) {
-            bail!(
-                "the bucket's base (seq {}) is newer than this store's (seq {}): this staging \
-                 store is not the one that uploaded the group",
-                bucket_base.unwrap_or_default(),
-                base.seq
-            );
+        if !self.sync_base(&meta)? {
+            return Ok(()); // the base is being rewritten: next round
         }
         for seg in sealed_segments(self.dir)? {
             let uploaded = self.uploaded_seq();
@@ -279,6 +246,55 @@ impl Uploader<'_> {
         let seq = self.uploaded_seq();
         self.st.repin(self.dir, seq)?;
         Ok(())
+    }
+
+    /// When the local base moved past the bucket's (a fold; or the first upload), uploads it,
+    /// commits a manifest without the folded segments, then deletes what no manifest names.
+    /// False: the base is changing under a fold, try again later.
+    fn sync_base(&mut self, meta: &GroupMeta) -> anyhow::Result<bool> {
+        let base = self.dir.mark("base")?;
+        let bucket_base = self.st.manifest.as_ref().map(|(m, _)| m.base.seq);
+        if bucket_base.is_some_and(|b| b > base.seq) {
+            bail!(
+                "the bucket's base (seq {}) is newer than this store's (seq {}): this staging \
+                 store is not the one that uploaded the group",
+                bucket_base.unwrap_or_default(),
+                base.seq
+            );
+        }
+        if bucket_base.is_some_and(|b| b == base.seq) {
+            return Ok(true);
+        }
+        if self.dir.fold_mark()?.is_some() {
+            return Ok(false);
+        }
+        let Some(new_base) = base::upload(self.bucket, self.dir, meta, base)? else {
+            return Ok(false); // it moved while read
+        };
+        let mut m = self.next_manifest(meta);
+        let old = m.segments.clone();
+        m.segments.retain(|s| s.first_seq > new_base.seq);
+        if m.segments
+            .first()
+            .is_some_and(|s| s.first_seq != new_base.seq + 1)
+        {
+            m.segments.clear();
+        }
+        let old_base = std::mem::replace(&mut m.base, new_base);
+        self.commit(m)?;
+        let (m, _) = self.st.manifest.as_ref().expect("just committed");
+        let mut garbage: Vec<String> = old
+            .iter()
+            .filter(|s| !m.segments.contains(s))
+            .flat_map(|s| [s.segment.key.clone(), s.index.key.clone()])
+            .collect();
+        garbage.extend(base::garbage(self.bucket, &old_base, &m.base));
+        for key in garbage {
+            if let Err(e) = self.bucket.delete(&key) {
+                warn!("uploader: delete {key} (no manifest names it): {e}");
+            }
+        }
+        Ok(true)
     }
 
     fn uploaded_seq(&self) -> u64 {

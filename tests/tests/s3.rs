@@ -406,3 +406,161 @@ fn wrong_credentials_and_a_missing_bucket_are_refused_clearly() {
     let (ok, text) = cli("replicator", &a);
     assert!(!ok && text.contains("refused access key"), "{text}");
 }
+
+/// The bucket's manifest of group g, checked.
+fn bucket_manifest(s3: &Seaweed) -> bucket::manifest::Manifest {
+    let (bytes, _) = s3
+        .client()
+        .unwrap()
+        .get("cdp/g/manifest.json")
+        .unwrap()
+        .unwrap();
+    bucket::manifest::Manifest::decode(&bytes, "manifest").unwrap()
+}
+
+/// A second replicator that takes the group over in the bucket (from a copy of the staging
+/// store) raises the epoch; the first one's next commit fails its condition, and it stops
+/// uploading the group with a reason in its status, never overwriting the new writer's manifest.
+#[test]
+fn a_second_writer_takes_the_group_over_and_fences_the_first() {
+    let s = Setup::start();
+    s.write("a", &["write -P 0x41 0 1M"]);
+    s.fill_b(5, 2);
+    s.wait_uploaded();
+    let first = bucket_manifest(&s.s3).writer;
+    let copy = s.dir.path().join("staging2");
+    tests::run(
+        "cp",
+        &[
+            "-a",
+            s.dir.path().join("staging").to_str().unwrap(),
+            copy.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let mut extra = vec!["--upload-interval", "100ms"];
+    let flags = s.s3.flags();
+    extra.extend(flags.iter().map(String::as_str));
+    let second = Replicator::start_s3(&copy, &s.s3.url("cdp"), &extra).unwrap();
+    let taken = wait_for("the second writer to take over", CAUGHT_UP, || {
+        let w = bucket_manifest(&s.s3).writer;
+        (w.id != first.id).then_some(w)
+    })
+    .unwrap();
+    assert_eq!(taken.epoch, first.epoch + 1);
+
+    // The first one has more to upload: its commit loses, and it stops.
+    s.fill_b(6, 3);
+    let g = s.staging();
+    let up = wait_for("the first writer to be fenced", CAUGHT_UP, || {
+        upload_status(&g).filter(|u| {
+            u["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("taken over"))
+        })
+    })
+    .unwrap();
+    assert!(up["error"].as_str().unwrap().contains(&taken.id), "{up}");
+    assert_eq!(bucket_manifest(&s.s3).writer, taken);
+    drop(second);
+}
+
+/// Retention folds in the staging store reach the bucket: a new base (only its chunks that
+/// are not zeroes), the folded segments out of the manifest and deleted; restore still equals
+/// the disk.
+#[test]
+fn retention_folds_move_the_bucket_base_and_delete_folded_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = Seaweed::start("cdp").expect("start SeaweedFS");
+    let image = dir.path().join("a.img");
+    make_image(&image, 16 * MIB, &[]).unwrap();
+    let mut extra = vec![
+        "--segment-size",
+        "1MiB",
+        "--upload-interval",
+        "100ms",
+        "--retention",
+        "1s",
+        "--retention-interval",
+        "200ms",
+    ];
+    let flags = s3.flags();
+    extra.extend(flags.iter().map(String::as_str));
+    let rep = Replicator::start_s3(&dir.path().join("staging"), &s3.url("cdp"), &extra).unwrap();
+    let proxy = start_proxy(dir.path(), &rep.addr, &[("a", &image)], &[]);
+    let ctl = dir.path().join("ctl");
+    wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    for i in 0..4u64 {
+        let src = dir.path().join(format!("fill-{i}"));
+        std::fs::write(&src, tests::pattern(100 + i, 2 * MIB as usize)).unwrap();
+        let cmd = format!("write -s {} {}M 2M", src.display(), 2 * i);
+        qemu_io(&proxy.uri("a"), &[&cmd]);
+        wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    }
+    let m = wait_for("a fold to reach the bucket", CAUGHT_UP, || {
+        let m = bucket_manifest(&s3);
+        (m.base.seq > 0).then_some(m)
+    })
+    .unwrap();
+    let named: Vec<String> = m
+        .segments
+        .iter()
+        .flat_map(|s| [s.segment.key.clone(), s.index.key.clone()])
+        .collect();
+    let client = s3.client().unwrap();
+    let listed = wait_for("folded segments to be deleted", CAUGHT_UP, || {
+        let mut listed: Vec<String> = client
+            .list("cdp/g/journal/")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k.trim_start_matches("cdp/").to_owned())
+            .collect();
+        listed.sort();
+        let m = bucket_manifest(&s3);
+        let mut named: Vec<String> = m
+            .segments
+            .iter()
+            .flat_map(|s| [s.segment.key.clone(), s.index.key.clone()])
+            .collect();
+        named.sort();
+        (listed == named).then_some(listed)
+    })
+    .unwrap_or_else(|e| panic!("{e}: manifest names {named:?}"));
+    assert!(listed.iter().all(|k| k.starts_with("g/journal/")));
+    let chunks = client.list("cdp/g/base/a/").unwrap();
+    assert!(
+        chunks.iter().any(|(k, _)| k.ends_with(".chunk")),
+        "{chunks:?}"
+    );
+
+    // The bucket's newest point (the open segment's records are not in the bucket).
+    let out = dir.path().join("restored.img");
+    let cache = dir.path().join("cache");
+    let mut args = vec![
+        "materialize".to_owned(),
+        "--store".into(),
+        s3.url("cdp"),
+        "--group".into(),
+        "g".into(),
+        "--at".into(),
+        format!("seq:{}", bucket_manifest(&s3).uploaded_seq()),
+        "--output".into(),
+        out.display().to_string(),
+        "--cache".into(),
+        cache.display().to_string(),
+    ];
+    args.extend(s3.flags());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, text) = cli("restore", &a);
+    assert!(ok, "{text}");
+    // The point equals the staging store's replay up to it (an independent reader).
+    let g = GroupDir::new(&dir.path().join("staging"), "g");
+    let records = read_journal(&g).unwrap();
+    let seq = bucket_manifest(&s3).uploaded_seq();
+    let staged = replay(&g, &records, seq).unwrap();
+    assert!(
+        read_file(&out) == staged[0],
+        "the bucket's point equals the staging store's"
+    );
+    rep.assert_no_errors_but(&[]).unwrap();
+}
