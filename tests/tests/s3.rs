@@ -564,3 +564,80 @@ fn retention_folds_move_the_bucket_base_and_delete_folded_segments() {
     );
     rep.assert_no_errors_but(&[]).unwrap();
 }
+
+/// Not a test: one bounded measurement for BENCHMARKS.md (`cargo test --release -p tests
+/// --test s3 -- --ignored --nocapture measure`): 128 MiB of incompressible writes replicated,
+/// how long until the bucket holds them, and the time until a restore export answers from the
+/// bucket (cold cache, warm cache) and from the staging store.
+#[test]
+#[ignore]
+fn measure_upload_and_restore_ttfb() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = Seaweed::start("cdp").expect("start SeaweedFS");
+    let image = dir.path().join("a.img");
+    make_image(&image, 256 * MIB, &[]).unwrap();
+    let mut extra = vec!["--segment-size", "16MiB", "--upload-interval", "100ms"];
+    let flags = s3.flags();
+    extra.extend(flags.iter().map(String::as_str));
+    let staging = dir.path().join("staging");
+    let rep = Replicator::start_s3(&staging, &s3.url("cdp"), &extra).unwrap();
+    let proxy = start_proxy(dir.path(), &rep.addr, &[("a", &image)], &[]);
+    let ctl = dir.path().join("ctl");
+    wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    let src = dir.path().join("fill");
+    std::fs::write(&src, tests::pattern(7, 16 * MIB as usize)).unwrap();
+    let started = Instant::now();
+    for i in 0..8 {
+        let cmd = format!("write -s {} {}M 16M", src.display(), 16 * i);
+        qemu_io(&proxy.uri("a"), &[&cmd]);
+    }
+    wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    let acked = started.elapsed();
+    let g = GroupDir::new(&staging, "g");
+    wait_for("the upload", CAUGHT_UP, || {
+        let sealed = sealed_last_seq(&g)?;
+        (upload_status(&g)?["uploaded_seq"].as_u64()? >= sealed && sealed > 0).then_some(())
+    })
+    .unwrap();
+    let uploaded = started.elapsed();
+    let m = bucket_manifest(&s3);
+    let bytes: u64 = m.segments.iter().map(|s| s.segment.len).sum();
+    println!(
+        "ingest: 128 MiB acknowledged in {:.2} s; bucket holds {:.1} MiB ({} segments) at {:.2} s: {:.0} MiB/s end to end",
+        acked.as_secs_f64(),
+        bytes as f64 / MIB as f64,
+        m.segments.len(),
+        uploaded.as_secs_f64(),
+        bytes as f64 / MIB as f64 / uploaded.as_secs_f64()
+    );
+    let mut flags = s3.flags();
+    flags.push("--cache".into());
+    flags.push(dir.path().join("cache").display().to_string());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    for (what, store, extra) in [
+        (
+            "bucket, cold cache",
+            Path::new(&s3.url("cdp")).to_owned(),
+            flags.clone(),
+        ),
+        (
+            "bucket, warm cache",
+            Path::new(&s3.url("cdp")).to_owned(),
+            flags.clone(),
+        ),
+        ("staging store", staging.clone(), vec![]),
+    ] {
+        let t = Instant::now();
+        let e = Export::start(&store, "latest", &dir.path().join("e.sock"), &extra).unwrap();
+        let ttfb = t.elapsed();
+        let t = Instant::now();
+        let data = e.read_disk("a", dir.path()).unwrap();
+        println!(
+            "restore export from the {what}: first byte after {:.2} s; whole 256 MiB disk read by qemu-img in {:.2} s",
+            ttfb.as_secs_f64(),
+            t.elapsed().as_secs_f64()
+        );
+        assert_eq!(data.len() as u64, 256 * MIB);
+    }
+}
