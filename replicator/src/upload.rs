@@ -223,8 +223,16 @@ impl Uploader<'_> {
         if !self.sync_base(&meta)? {
             return Ok(()); // the base is being rewritten: next round
         }
-        for seg in sealed_segments(self.dir)? {
+        let sealed = sealed_segments(self.dir)?;
+        for (i, seg) in sealed.iter().enumerate() {
             let uploaded = self.uploaded_seq();
+            // Ends before the next one starts: in the bucket already, no index read.
+            if sealed
+                .get(i + 1)
+                .is_some_and(|n| n.first_seq <= uploaded + 1)
+            {
+                continue;
+            }
             let (entries, _) = seg.load_index()?;
             let Some(last) = entries.last() else { continue };
             if last.seq <= uploaded {
@@ -237,7 +245,7 @@ impl Uploader<'_> {
                     seg.first_seq
                 );
             }
-            let entry = self.upload_segment(&seg, last.seq, last.time_ns)?;
+            let entry = self.upload_segment(seg, last.seq, last.time_ns)?;
             let mut m = self.next_manifest(&meta);
             m.segments.push(entry);
             self.commit(m)?;
@@ -502,18 +510,18 @@ fn write_status(bucket: &Bucket, dir: &GroupDir, st: &GroupState) -> anyhow::Res
         None => (0, 0, 0, 0, 0),
     };
     let durable = dir.checkpoint()?.map_or(0, |c| c.last_seq);
-    let mut local_only_bytes = 0;
-    for seg in dir.segments()? {
-        // The open segment (no index yet) is local only; it is not scanned for that.
-        let sealed = seg.index_path().is_file();
-        let (entries, _) = match sealed {
-            true => seg.load_index().unwrap_or_default(),
-            false => Default::default(),
-        };
-        if entries.last().is_none_or(|e| e.seq > uploaded_seq) {
-            local_only_bytes += std::fs::metadata(&seg.path).map_or(0, |m| m.len());
-        }
-    }
+    // A segment holds seqs up to the next one's first: local only if any is past the upload.
+    let local = dir.segments()?;
+    let local_only_bytes: u64 = local
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| {
+            local
+                .get(i + 1)
+                .is_none_or(|n| n.first_seq > uploaded_seq + 1)
+        })
+        .map(|(_, s)| std::fs::metadata(&s.path).map_or(0, |m| m.len()))
+        .sum();
     let status = UploadStatus {
         bucket: bucket.location.to_string(),
         pid: std::process::id(),
@@ -559,5 +567,33 @@ pub fn print_status(u: &UploadStatus, newest_time_ns: u64) {
     );
     if let Some(e) = &u.error {
         println!("  UPLOAD ERROR {e}");
+    }
+}
+
+/// The upload's gauges for `serve --metrics` (as of its last round).
+pub fn metrics(e: &mut journal::metrics::Exposition, g: &[(&str, &str)], u: &UploadStatus) {
+    for (name, help, v) in [
+        (
+            "replicator_uploaded_seq",
+            "Highest seq the bucket holds (committed in the group's manifest).",
+            u.uploaded_seq,
+        ),
+        (
+            "replicator_local_only_records",
+            "Records durable in the staging store and not in the bucket yet.",
+            u.local_only_seq,
+        ),
+        (
+            "replicator_local_only_bytes",
+            "Journal bytes in the staging store not in the bucket yet (the open segment included).",
+            u.local_only_bytes,
+        ),
+        (
+            "replicator_upload_failing",
+            "1 while uploads to the bucket fail (retried each --upload-interval) or another writer took the group over.",
+            u64::from(u.error.is_some()),
+        ),
+    ] {
+        e.gauge(name, help, g, v);
     }
 }

@@ -88,6 +88,8 @@ struct Setup {
     rep: Replicator,
     proxy: tests::Proxy,
     images: [PathBuf; 2],
+    /// The replicator's --metrics address.
+    metrics: String,
 }
 
 impl Setup {
@@ -97,7 +99,8 @@ impl Setup {
         let images = [dir.path().join("a.img"), dir.path().join("b.img")];
         make_image(&images[0], 4 * MIB, &[]).unwrap();
         make_image(&images[1], 8 * MIB, &[]).unwrap();
-        let rep = start_replicator(&dir, &s3);
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let rep = start_replicator(&dir, &s3, &["--metrics", &metrics]);
         let proxy = start_proxy(
             dir.path(),
             &rep.addr,
@@ -111,6 +114,7 @@ impl Setup {
             rep,
             proxy,
             images,
+            metrics,
         }
     }
 
@@ -179,8 +183,9 @@ impl Setup {
     }
 }
 
-fn start_replicator(dir: &tempfile::TempDir, s3: &Seaweed) -> Replicator {
+fn start_replicator(dir: &tempfile::TempDir, s3: &Seaweed, more: &[&str]) -> Replicator {
     let mut extra = vec!["--segment-size", "1MiB", "--upload-interval", "100ms"];
+    extra.extend(more);
     let flags = s3.flags();
     extra.extend(flags.iter().map(String::as_str));
     Replicator::start_s3(&dir.path().join("staging"), &s3.url("cdp"), &extra).unwrap()
@@ -277,6 +282,14 @@ fn restore_from_the_bucket_equals_the_disk() {
         ok && text.contains("uploaded    seq") && text.contains("RPO bucket"),
         "{text}"
     );
+    let scrape = scrape(&s.metrics).unwrap();
+    let g = [("group", "g")];
+    assert_eq!(
+        scrape.value("replicator_uploaded_seq", &g),
+        Some(uploaded as f64)
+    );
+    assert_eq!(scrape.value("replicator_upload_failing", &g), Some(0.0));
+    assert!(scrape.value("replicator_local_only_bytes", &g).is_some());
     s.rep.assert_no_errors_but(&[]).unwrap();
 }
 
