@@ -11,6 +11,7 @@
 //! names each segment once.
 
 mod base;
+mod gc;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -332,9 +333,14 @@ impl Uploader<'_> {
                 let ours = m.writer.id == self.writer_id;
                 self.st.manifest = Some((m, etag));
                 if !ours {
-                    // Take over: the next commit raises the epoch.
+                    // Take over: the next commit raises the epoch; then no older writer can
+                    // commit, and what the manifest does not name is garbage for good.
                     let m = self.next_manifest(meta);
                     self.commit(m)?;
+                    let (m, _) = self.st.manifest.as_ref().expect("just committed");
+                    if let Err(e) = gc::collect(self.bucket, m) {
+                        warn!(group = %meta.name, "uploader: collect the bucket's garbage: {e:#}");
+                    }
                 }
             }
         }

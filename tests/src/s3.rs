@@ -57,7 +57,23 @@ fn port_pair(taken: &[u16]) -> u16 {
 }
 
 impl Seaweed {
+    /// Starts one; a start that fails (a port taken meanwhile by a parallel test) is tried
+    /// again on other ports, twice.
     pub fn start(bucket: &str) -> anyhow::Result<Seaweed> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Seaweed::start_once(bucket) {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    eprintln!("SeaweedFS did not start ({e:#}); trying other ports");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("three attempts"))
+    }
+
+    fn start_once(bucket: &str) -> anyhow::Result<Seaweed> {
         let dir = tempfile::tempdir()?;
         let mut taken = Vec::new();
         for _ in 0..4 {
@@ -131,6 +147,10 @@ impl Seaweed {
             }
             let ok = bucket.put(".ready", &b"ok"[..]).is_ok();
             ok.then_some(Ok(()))
+        });
+        let tail = |log: String| log.lines().rev().take(30).collect::<Vec<_>>().join("\n");
+        let ready = ready.map_err(|e| {
+            anyhow::anyhow!("{e}; log (last lines first):\n{}", tail(self.log_text()))
         })?;
         if let Err(status) = ready {
             bail!("weed mini exited ({status}); log:\n{}", self.log_text());

@@ -348,7 +348,13 @@ fn a_server_gone_mid_upload_then_back_loses_nothing() {
     );
     s.s3.restart().unwrap();
     s.wait_uploaded();
-    // The replicator crashes and comes back: it takes the group over (epoch + 1).
+    // The replicator crashes mid-upload (an object no manifest names is left) and comes back:
+    // it takes the group over (epoch + 1) and collects that garbage.
+    let orphan = "cdp/g/journal/0000000001-00000000000000999999-00000000000001000000.seg";
+    s.s3.client()
+        .unwrap()
+        .put(orphan, &b"half an upload"[..])
+        .unwrap();
     s.rep.restart().unwrap();
     s.write("a", &["write -P 0x03 2M 1M"]);
     s.fill_b(40, 2);
@@ -360,6 +366,7 @@ fn a_server_gone_mid_upload_then_back_loses_nothing() {
     let (bytes, _) = client.get("cdp/g/manifest.json").unwrap().unwrap();
     let m = bucket::manifest::Manifest::decode(&bytes, "manifest").unwrap();
     assert_eq!(m.uploaded_seq(), uploaded);
+    assert!(client.get(orphan).unwrap().is_none(), "garbage collected");
     // Contiguous (decode checks it), so no segment twice; the records are those acknowledged.
     let records = read_journal(&g).unwrap();
     assert!(records.iter().any(|r| r.seq == uploaded));
