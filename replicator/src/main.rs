@@ -98,6 +98,8 @@ enum Command {
     /// Show each group's durable seq, history covered, store size, link state, and the rates
     /// of a running `replicator serve` (records/s, MiB/s, fsyncs/s over the last 1 s and 10 s).
     Status {
+        /// The store directory (for a store on S3: the --staging DIR of `serve`, whose
+        /// status says what is uploaded and what is local only).
         #[arg(long, value_name = "DIR")]
         store: PathBuf,
         /// Print JSON for scripts.
@@ -323,6 +325,9 @@ fn main() -> anyhow::Result<()> {
         Command::Tls { command } => tls_command(command),
         Command::Status { store, json } => {
             journal::quiet_on_closed_pipe();
+            if store.to_str().and_then(bucket::Location::parse).is_some() {
+                bail!("status reads the local store: give --store the --staging DIR of `serve`");
+            }
             inspect::status(&store, json)
         }
         Command::Repair {
