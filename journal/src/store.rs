@@ -482,12 +482,19 @@ impl SegmentPath {
 /// `crc` it carries (crc32c of the rest of the object, keys sorted): a changed byte is an error
 /// that names the file, never a wrong value.
 pub fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> io::Result<T> {
-    let mut s = String::new();
+    let mut s = Vec::new();
     File::open(path)
-        .and_then(|mut f| f.read_to_string(&mut s))
+        .and_then(|mut f| f.read_to_end(&mut s))
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    let bad = |what: String| invalid(format!("{}: {what}", path.display()));
-    let mut value: serde_json::Value = serde_json::from_str(&s).map_err(|e| bad(e.to_string()))?;
+    decode_checked_json(&s, &path.display().to_string())
+}
+
+/// Decodes JSON that [`encode_checked_json`] made, checking its `crc`; errors name `what` (a
+/// file, an object in a bucket).
+pub fn decode_checked_json<T: for<'a> Deserialize<'a>>(bytes: &[u8], what: &str) -> io::Result<T> {
+    let bad = |why: String| invalid(format!("{what}: {why}"));
+    let mut value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
     let Some(map) = value.as_object_mut() else {
         return Err(bad("not a JSON object".into()));
     };
@@ -499,7 +506,7 @@ pub fn read_json<T: for<'a> Deserialize<'a>>(path: &Path) -> io::Result<T> {
     let computed = json_crc(&value)?;
     if stored.as_str() != Some(computed.as_str()) {
         return Err(bad(format!(
-            "checksum mismatch (stored {stored}, computed {computed:?}): the file is damaged"
+            "checksum mismatch (stored {stored}, computed {computed:?}): it is damaged"
         )));
     }
     serde_json::from_value(value).map_err(|e| bad(e.to_string()))
@@ -511,8 +518,9 @@ fn json_crc(value: &serde_json::Value) -> io::Result<String> {
     Ok(format!("{:08x}", crc32c::crc32c(&canonical)))
 }
 
-/// `value` as pretty JSON with its `crc` field added.
-fn checked_json<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+/// `value` as pretty JSON with its `crc` field added (what [`read_json`] and
+/// [`decode_checked_json`] check).
+pub fn encode_checked_json<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     let mut v = serde_json::to_value(value).map_err(io::Error::other)?;
     let crc = json_crc(&v)?;
     let Some(map) = v.as_object_mut() else {
@@ -525,7 +533,7 @@ fn checked_json<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
 }
 
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
-    write_file_atomic(path, &checked_json(value)?)
+    write_file_atomic(path, &encode_checked_json(value)?)
 }
 
 /// Bytes a file written by [`write_json_in_place`] is padded to.
@@ -536,7 +544,7 @@ const IN_PLACE_LEN: usize = 4096;
 /// see a torn write; such files hold nothing another file does not also hold durably.
 pub fn write_json_in_place<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let mut bytes = checked_json(value)?;
+    let mut bytes = encode_checked_json(value)?;
     let existing = fs::metadata(path).map(|m| m.len() as usize).unwrap_or(0);
     let len = existing.max(IN_PLACE_LEN).max(bytes.len());
     bytes.resize(len, b' ');

@@ -33,6 +33,8 @@ pub struct GroupStatus {
     /// The `replicator serve` that wrote `live` is still running.
     pub replicator_running: bool,
     pub retention: Option<RetentionState>,
+    /// What `serve --store s3://` has uploaded from this (staging) store.
+    pub upload: Option<crate::upload::UploadStatus>,
 }
 
 pub fn group_status(dir: &GroupDir) -> anyhow::Result<GroupStatus> {
@@ -53,6 +55,7 @@ pub fn group_status(dir: &GroupDir) -> anyhow::Result<GroupStatus> {
         live: store::read_json(&dir.path.join("status.json")).ok(),
         replicator_running: false,
         retention: store::read_json(&dir.path.join("retention.json")).ok(),
+        upload: crate::upload::read_status(&dir.path),
     };
     status.replicator_running = status
         .live
@@ -155,6 +158,9 @@ pub fn status(store_dir: &Path, json: bool) -> anyhow::Result<()> {
         }
         if !s.bookmarks.is_empty() {
             println!("  bookmarks   {}", s.bookmarks.join(", "));
+        }
+        if let Some(u) = &s.upload {
+            crate::upload::print_status(u, s.newest_time_ns);
         }
     }
     Ok(())

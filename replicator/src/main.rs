@@ -9,6 +9,7 @@ mod metrics;
 mod repair;
 mod retention;
 mod serve;
+mod upload;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,9 +36,13 @@ enum Command {
         /// Address to listen on for proxies, e.g. 127.0.0.1:7070.
         #[arg(long, value_name = "ADDR")]
         listen: SocketAddr,
-        /// Store directory (created if missing); one subdirectory per group.
-        #[arg(long, value_name = "DIR")]
+        /// Store directory (created if missing); one subdirectory per group. Or s3://BUCKET/PREFIX:
+        /// the store on S3-compatible object storage, with --staging as the local store that
+        /// acknowledges (fsync) and uploads sealed segments and base images to the bucket.
+        #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
         store: PathBuf,
+        #[command(flatten)]
+        s3: Box<upload::ServeArgs>,
         /// Keep this much history (e.g. 24h, 7d); older records are folded into the base.
         #[arg(long, value_name = "AGE", value_parser = parse_duration)]
         retention: Option<Duration>,
@@ -93,6 +98,8 @@ enum Command {
     /// Show each group's durable seq, history covered, store size, link state, and the rates
     /// of a running `replicator serve` (records/s, MiB/s, fsyncs/s over the last 1 s and 10 s).
     Status {
+        /// The store directory (for a store on S3: the --staging DIR of `serve`, whose
+        /// status says what is uploaded and what is local only).
         #[arg(long, value_name = "DIR")]
         store: PathBuf,
         /// Print JSON for scripts.
@@ -257,6 +264,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve {
             listen,
             store,
+            s3,
             retention,
             max_store_size,
             segment_size,
@@ -270,10 +278,18 @@ fn main() -> anyhow::Result<()> {
             insecure,
         } => {
             let tls = serve_tls(&tls, insecure)?;
+            let (store, bucket) = upload::store_and_bucket(store, &s3)?;
             std::fs::create_dir_all(&store)
                 .with_context(|| format!("create store {}", store.display()))?;
             // Before listening: a proxy is only served once its group's base is whole.
             retention::finish_interrupted_folds(&store);
+            if let Some(bucket) = bucket {
+                upload::start(upload::Options {
+                    store: store.clone(),
+                    bucket,
+                    interval: s3.upload_interval,
+                })?;
+            }
             let listener = std::net::TcpListener::bind(listen)
                 .with_context(|| format!("listen on {listen}"))?;
             let metrics = metrics
@@ -309,6 +325,9 @@ fn main() -> anyhow::Result<()> {
         Command::Tls { command } => tls_command(command),
         Command::Status { store, json } => {
             journal::quiet_on_closed_pipe();
+            if store.to_str().and_then(bucket::Location::parse).is_some() {
+                bail!("status reads the local store: give --store the --staging DIR of `serve`");
+            }
             inspect::status(&store, json)
         }
         Command::Repair {

@@ -224,6 +224,9 @@ pub fn render(groups: &[(String, GroupDir, &GroupStats)], server: Server) -> Str
                 size,
             );
         }
+        if let Some(u) = crate::upload::read_status(&dir.path) {
+            crate::upload::metrics(&mut e, g, &u);
+        }
     }
     e.render()
 }

@@ -3,6 +3,7 @@
 //! ever read: writes to an export go to an overlay of its own.
 
 mod open;
+mod remote;
 mod verify;
 mod view;
 
@@ -32,8 +33,11 @@ enum Command {
     /// Groups, disks, the history window, bookmarks, flush points, and windows that are not
     /// consistent (a seed or resync ran there).
     List {
-        #[arg(long, value_name = "DIR")]
+        /// The replicator's store directory, or s3://BUCKET/PREFIX (its store on S3).
+        #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
         store: PathBuf,
+        #[command(flatten)]
+        remote: remote::CacheArgs,
         /// Only this group.
         #[arg(long, value_name = "NAME")]
         group: Option<String>,
@@ -92,9 +96,12 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct PointArgs {
-    /// The replicator's store directory.
-    #[arg(long, value_name = "DIR")]
+    /// The replicator's store directory, or s3://BUCKET/PREFIX (its store on S3: what the
+    /// group's manifest names is fetched into --cache, every object checked).
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
     store: PathBuf,
+    #[command(flatten)]
+    remote: remote::CacheArgs,
     /// The group (one VM) to restore.
     #[arg(long, value_name = "NAME")]
     group: String,
@@ -126,7 +133,7 @@ Points inside a seed or resync window are refused: the disks there are not a sta
 ever in. `restore list` shows them.";
 
 fn main() {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -135,8 +142,14 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if let Err(e) = fetch_from_bucket(&mut cli.command) {
+        eprintln!("restore: {e:#}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
-        Command::List { store, group, json } => {
+        Command::List {
+            store, group, json, ..
+        } => {
             journal::quiet_on_closed_pipe();
             list(&store, group.as_deref(), json)
         }
@@ -178,6 +191,25 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// With an s3:// --store, the command reads the local cache of the bucket instead.
+fn fetch_from_bucket(command: &mut Command) -> anyhow::Result<()> {
+    let (store, group, remote) = match command {
+        Command::List {
+            store,
+            group,
+            remote,
+            ..
+        } => (store, group.clone(), &*remote),
+        Command::Export { point, .. }
+        | Command::Materialize { point, .. }
+        | Command::Verify { point, .. } => {
+            (&mut point.store, Some(point.group.clone()), &point.remote)
+        }
+    };
+    *store = remote::local_store(store, group.as_deref(), remote)?;
+    Ok(())
 }
 
 #[derive(Debug, serde::Serialize)]

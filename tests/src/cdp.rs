@@ -43,6 +43,8 @@ pub struct Replicator {
     extra: Vec<String>,
     /// The network namespace it runs in (None: this one).
     netns: Option<String>,
+    /// `--store` when it is not `store` (an s3:// one; `store` is then its --staging).
+    store_arg: Option<String>,
 }
 
 impl Replicator {
@@ -64,6 +66,26 @@ impl Replicator {
             log: store.with_extension("replicator.log"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             netns: netns.map(str::to_owned),
+            store_arg: None,
+        };
+        r.spawn()?;
+        Ok(r)
+    }
+
+    /// Starts it with `--store URL --staging STAGING` (a store on S3).
+    pub fn start_s3(staging: &Path, url: &str, extra: &[&str]) -> anyhow::Result<Replicator> {
+        let mut r = Replicator {
+            child: None,
+            store: staging.to_owned(),
+            addr: format!("127.0.0.1:{}", free_port()),
+            log: staging.with_extension("replicator.log"),
+            extra: ["--staging", &staging.display().to_string()]
+                .into_iter()
+                .chain(extra.iter().copied())
+                .map(str::to_owned)
+                .collect(),
+            netns: None,
+            store_arg: Some(url.to_owned()),
         };
         r.spawn()?;
         Ok(r)
@@ -84,7 +106,11 @@ impl Replicator {
         };
         let mut child = cmd
             .args(["serve", "--listen", &self.addr, "--store"])
-            .arg(&self.store)
+            .arg(
+                self.store_arg
+                    .as_ref()
+                    .map_or(self.store.as_os_str(), |s| s.as_ref()),
+            )
             .args(&self.extra)
             .args(insecure_unless_tls(&self.extra))
             .stdin(Stdio::null())

@@ -9,6 +9,7 @@ pub mod netns;
 pub mod peer;
 pub mod qmp;
 pub mod raw;
+pub mod s3;
 pub mod vm;
 
 use std::fs::File;
