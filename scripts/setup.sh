@@ -36,6 +36,9 @@ done
 python3_nbd() { /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1; }
 python3_nbd || missing+=(python3-libnbd)
 pkg-config --exists glib-2.0 2>/dev/null || missing+=(libglib2.0-dev)
+# scripts/seaweedfs.sh installs the S3 server of the tests into a venv: Debian's python3 has
+# no ensurepip (so no venv) without python3-venv.
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 
 # QEMU's system emulator and its utilities must come from the same release: Debian 12 ships
 # qemu-system-x86 7.2, and a newer qemu-utils (from backports) would otherwise stay installed

@@ -26,6 +26,11 @@ pub type Sums = Arc<Mutex<Vec<journal::sums::Sums>>>;
 /// A head applier checkpoints the images at most this often while records flow.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
 
+/// How often the applier starts the writeback of what it wrote to the head images. Left to
+/// the checkpoint's fsync, ten seconds of random writes went to the disk at once, and the
+/// journal's fsyncs queued behind them: the replication lag spiked to 0.6 s every 10 s.
+const WRITEBACK_EVERY: Duration = Duration::from_secs(1);
+
 /// The head images of a group and what is known of them, as the applier works on them.
 pub struct Heads<'a> {
     pub dir: GroupDir,
@@ -208,6 +213,7 @@ impl HeadApplier {
                 let mut durable = follower.applied;
                 let mut last_checkpoint = Instant::now();
                 let mut checkpoint_due = false;
+                let mut last_writeback = Instant::now();
                 loop {
                     // Idle with a checkpoint due: wake for it when its time comes.
                     let first = if checkpoint_due {
@@ -267,6 +273,10 @@ impl HeadApplier {
                         }
                     }
                     applied_out.store(follower.applied, Ordering::Release);
+                    if last_writeback.elapsed() >= WRITEBACK_EVERY {
+                        read::start_writeback(&files);
+                        last_writeback = Instant::now();
+                    }
                     for reply in drains {
                         let _ = reply.send(match &failed {
                             None => Ok(()),

@@ -95,7 +95,8 @@ pub fn store_and_bucket(
     };
     let Some(staging) = staging else {
         bail!(
-            "--store {} needs --staging DIR: the local store records are made durable in              (and acknowledged from) before they are uploaded",
+            "--store {} needs --staging DIR: the local store records are made durable in \
+             (and acknowledged from) before they are uploaded",
             store.display()
         );
     };

@@ -25,7 +25,9 @@ pub fn upload(
     let mut volumes = Vec::new();
     for v in &meta.volumes {
         let sums = dir.sums("base", &v.name)?;
-        if sums.seq != mark.seq || sums.size != v.size {
+        // Base checksums never list stale chunks (only head images have them); if one did, its
+        // hashes could not vouch for the bytes uploaded.
+        if sums.seq != mark.seq || sums.size != v.size || sums.has_stale() {
             return Ok(None);
         }
         let file = dir.open_image("base", &v.name, Access::Read)?;

@@ -118,17 +118,31 @@ fn build(workload: &str, records: u64, first_seq: u64) -> anyhow::Result<(Vec<Ve
 
 fn main() -> anyhow::Result<()> {
     let a = parse_args()?;
-    let mut peer = match &a.tls {
-        Some(dir) => RawPeer::connect_tls(&a.addr, dir)?,
-        None => RawPeer::connect(&a.addr),
+    let session = || -> anyhow::Result<(RawPeer, u64)> {
+        let mut peer = match &a.tls {
+            Some(dir) => RawPeer::connect_tls(&a.addr, dir)?,
+            None => RawPeer::connect(&a.addr),
+        };
+        let (welcome, _) = peer
+            .hello(&a.group, &[("root", VOLUME_BYTES)], "ingest-bench", false)
+            .map_err(|e| anyhow::anyhow!("hello: {e}"))?;
+        Ok((peer, welcome.durable_seq))
     };
-    let (welcome, _) = peer
-        .hello(&a.group, &[("root", VOLUME_BYTES)], "ingest-bench", false)
-        .map_err(|e| anyhow::anyhow!("hello: {e}"))?;
-    let first_seq = welcome.durable_seq + 1;
+    // The records are built between two sessions: one that learns where the group's journal
+    // ends and one that sends. A session idle while they are built (seconds on a loaded
+    // machine) would pass the replicator's --link-timeout.
+    let (_, durable) = session()?;
+    let first_seq = durable + 1;
     let built = Instant::now();
     let (frames, payload_bytes) = build(&a.workload, a.records, first_seq)?;
     let build_s = built.elapsed().as_secs_f64();
+    let (mut peer, now_durable) = session()?;
+    if now_durable != durable {
+        bail!(
+            "group {} moved from seq {durable} to {now_durable} while records were built",
+            a.group
+        );
+    }
     let wire_bytes: usize = frames.iter().map(Vec::len).sum();
     let last_seq = first_seq + a.records - 1;
 
