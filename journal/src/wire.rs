@@ -6,7 +6,7 @@
 //! 0 magic "CDPW"  4 type u8  5 reserved [u8; 3] = 0  8 body_len u32  12 crc u32 = crc32c(body)
 //! ```
 //!
-//! A Batch frame's crc is 0 and not checked (protocol 3): its body is sealed records, each
+//! A Batch frame's crc field is 0 (protocol 3; anything else is refused): its body is sealed records, each
 //! with its own checksum over its header and payload, checked one by one before any of a batch
 //! is stored. Summing the body as well was a second pass over every byte on each side.
 //!
@@ -141,9 +141,18 @@ fn summed(kind: FrameType) -> bool {
     kind != FrameType::Batch
 }
 
-/// Checks a body against the crc from its header.
+/// Checks a body against the crc from its header (a batch's crc field must be 0).
 pub fn check_body(kind: FrameType, crc: u32, body: &[u8]) -> Result<(), WireError> {
-    if summed(kind) && crc32c::crc32c(body) != crc {
+    if !summed(kind) {
+        if crc != 0 {
+            return Err(WireError::Malformed {
+                what: "frame",
+                detail: "a batch frame's crc field is not zero (protocol 3 sends 0)".into(),
+            });
+        }
+        return Ok(());
+    }
+    if crc32c::crc32c(body) != crc {
         return Err(WireError::Checksum);
     }
     Ok(())
@@ -589,6 +598,9 @@ mod tests {
         assert_eq!(f[12..16], [0; 4], "batch frames are not summed");
         let (frame, _) = parse(&f).unwrap().unwrap();
         assert_eq!(batch_records(frame.body).filter(Result::is_err).count(), 0);
+        let mut summed = f.clone();
+        summed[12] = 1;
+        assert!(matches!(parse(&summed), Err(WireError::Malformed { .. })));
         for bit in 0..body.len() * 8 {
             let mut bad = body.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
