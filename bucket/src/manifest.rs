@@ -112,6 +112,19 @@ pub struct Segment {
     pub last_time_ns: u64,
     pub segment: ObjectRef,
     pub index: ObjectRef,
+    /// The bookmarks among its records, so a reader lists them without reading the segment.
+    /// None in manifests written before they were recorded: then a reader reads them from
+    /// the segment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bookmarks: Option<Vec<Bookmark>>,
+}
+
+/// A bookmark record: its name, seq and time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bookmark {
+    pub name: String,
+    pub seq: u64,
+    pub time_ns: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,6 +273,7 @@ mod tests {
                 last_time_ns: 9,
                 segment: r("a"),
                 index: r("b"),
+                bookmarks: None,
             }],
             updated_ns: 0,
         }

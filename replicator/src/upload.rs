@@ -451,8 +451,17 @@ impl Uploader<'_> {
         let index = std::fs::read(seg.index_path())
             .with_context(|| format!("read {}", seg.index_path().display()))?;
         // Checked before it leaves: every record, and the index against the segment.
-        let scan = journal::segment::scan(&bytes, |_, _| {})
-            .map_err(|e| anyhow::anyhow!("{}: {e}", seg.path.display()))?;
+        let mut bookmarks = Vec::new();
+        let scan = journal::segment::scan(&bytes, |r, _| {
+            if r.header.kind == journal::record::Kind::Bookmark {
+                bookmarks.push(manifest::Bookmark {
+                    name: r.text(),
+                    seq: r.header.seq,
+                    time_ns: r.header.time_ns,
+                });
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("{}: {e}", seg.path.display()))?;
         let entries = journal::segment::decode_index(&index, bytes.len() as u64)
             .map_err(|e| anyhow::anyhow!("{}: {e}", seg.index_path().display()))?;
         if scan.stop.is_some() || scan.entries != entries {
@@ -477,6 +486,7 @@ impl Uploader<'_> {
             last_time_ns,
             segment,
             index,
+            bookmarks: Some(bookmarks),
         })
     }
 
