@@ -151,6 +151,16 @@ pub struct Segment {
     pub path: PathBuf,
     pub first_seq: u64,
     pub entries: Vec<IndexEntry>,
+    /// Open for reading (a descriptor, or a bucket's object through a cache).
+    pub file: crate::read::SegmentFile,
+}
+
+/// A sealed segment read from elsewhere than a group directory (a bucket): its index and its
+/// bytes, and its bookmarks when they are known (else they are read from it).
+#[derive(Debug)]
+pub struct Sealed {
+    pub segment: Segment,
+    pub bookmarks: Option<Vec<Bookmark>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -251,19 +261,7 @@ impl History {
         let fold = dir.fold_mark()?.filter(|f| f.to > base.seq);
         // Read before the segments: the files hold at least what it names.
         let durable_seq = dir.checkpoint()?.map(|c| c.last_seq);
-        let mut h = History {
-            meta,
-            base,
-            segments: Vec::new(),
-            last_seq: base.seq,
-            last_time_ns: base.time_ns,
-            bookmarks: Vec::new(),
-            flushes: 0,
-            last_flush: None,
-            inconsistent: Vec::new(),
-            damage: None,
-            fold,
-        };
+        let mut h = History::empty(meta, base, fold);
         let mut open: Option<Window> = None;
         let segments = dir.segments()?;
         let count = segments.len();
@@ -304,29 +302,17 @@ impl History {
                     }
                 }
             }
-            entries.retain(|e| e.seq > base.seq);
             let file = crate::read::SegmentFile::open(&seg.path)?;
-            for e in &entries {
-                if e.seq != h.last_seq + 1 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "{}: seq {} follows seq {}: records are missing",
-                            seg.path.display(),
-                            e.seq,
-                            h.last_seq
-                        ),
-                    ));
-                }
-                h.last_seq = e.seq;
-                h.last_time_ns = e.time_ns;
-                h.note(e, &file, &mut open);
-            }
-            h.segments.push(Segment {
-                path: seg.path.clone(),
-                first_seq: seg.first_seq,
-                entries,
-            });
+            h.push(
+                Segment {
+                    path: seg.path.clone(),
+                    first_seq: seg.first_seq,
+                    entries,
+                    file,
+                },
+                None,
+                &mut open,
+            )?;
             if let Some(c) = stop {
                 h.end_at_damage(c);
                 break;
@@ -336,6 +322,70 @@ impl History {
             h.inconsistent.push(w);
         }
         Ok(h)
+    }
+
+    /// The history of sealed segments that follow `base` (a store in a bucket: no fold under
+    /// way, nothing torn).
+    pub fn sealed(meta: GroupMeta, base: SeqMark, segments: Vec<Sealed>) -> io::Result<History> {
+        let mut h = History::empty(meta, base, None);
+        let mut open = None;
+        for s in segments {
+            h.push(s.segment, s.bookmarks, &mut open)?;
+        }
+        if let Some(w) = open {
+            h.inconsistent.push(w);
+        }
+        Ok(h)
+    }
+
+    fn empty(meta: GroupMeta, base: SeqMark, fold: Option<crate::store::FoldMark>) -> History {
+        History {
+            meta,
+            base,
+            segments: Vec::new(),
+            last_seq: base.seq,
+            last_time_ns: base.time_ns,
+            bookmarks: Vec::new(),
+            flushes: 0,
+            last_flush: None,
+            inconsistent: Vec::new(),
+            damage: None,
+            fold,
+        }
+    }
+
+    /// Adds the next segment: its entries after the base, which must follow the history's
+    /// last seq. Bookmarks come from `bookmarks` when given, else from the segment.
+    fn push(
+        &mut self,
+        mut seg: Segment,
+        bookmarks: Option<Vec<Bookmark>>,
+        open: &mut Option<Window>,
+    ) -> io::Result<()> {
+        seg.entries.retain(|e| e.seq > self.base.seq);
+        let known = bookmarks.is_some();
+        if let Some(b) = bookmarks {
+            self.bookmarks
+                .extend(b.into_iter().filter(|b| b.seq > self.base.seq));
+        }
+        for e in &seg.entries {
+            if e.seq != self.last_seq + 1 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: seq {} follows seq {}: records are missing",
+                        seg.path.display(),
+                        e.seq,
+                        self.last_seq
+                    ),
+                ));
+            }
+            self.last_seq = e.seq;
+            self.last_time_ns = e.time_ns;
+            self.note(e, (!known).then_some(&seg.file), open);
+        }
+        self.segments.push(seg);
+        Ok(())
     }
 
     /// The history ends before a record that does not read back where the journal is durable.
@@ -348,14 +398,21 @@ impl History {
         self.damage = Some(c);
     }
 
-    /// Takes note of one entry: flushes, bookmarks (their names read from `file`), windows.
-    fn note(&mut self, e: &IndexEntry, file: &crate::read::SegmentFile, open: &mut Option<Window>) {
+    /// Takes note of one entry: flushes, bookmarks (their names read from `file`, unless they
+    /// are known), windows.
+    fn note(
+        &mut self,
+        e: &IndexEntry,
+        file: Option<&crate::read::SegmentFile>,
+        open: &mut Option<Window>,
+    ) {
         match e.kind {
             Kind::Flush => {
                 self.flushes += 1;
                 self.last_flush = Some((e.seq, e.time_ns));
             }
             Kind::Bookmark => {
+                let Some(file) = file else { return };
                 let mut buf = Vec::new();
                 match file.read(e, &mut buf) {
                     Ok(r) => self.bookmarks.push(Bookmark {

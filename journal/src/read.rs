@@ -58,11 +58,24 @@ impl From<Corrupt> for io::Error {
     }
 }
 
+/// Bytes a segment is read from: a file, or something else that reads at offsets (restore
+/// reads segments in a bucket through a cache of range GETs).
+pub trait Blob: Send + Sync + std::fmt::Debug {
+    /// Reads up to `buf.len()` bytes at `pos`; fewer only at the end.
+    fn read_up_to(&self, buf: &mut [u8], pos: u64) -> io::Result<usize>;
+}
+
+impl Blob for File {
+    fn read_up_to(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        read_up_to(self, buf, pos)
+    }
+}
+
 /// A segment file open for reading. An open descriptor keeps the records readable even if
 /// retention removes the file meanwhile.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SegmentFile {
-    file: File,
+    file: std::sync::Arc<dyn Blob>,
     path: PathBuf,
 }
 
@@ -73,9 +86,14 @@ impl SegmentFile {
             source,
         })?;
         Ok(SegmentFile {
-            file,
+            file: std::sync::Arc::new(file),
             path: path.to_owned(),
         })
+    }
+
+    /// A segment read from `blob`; `path` names it in errors.
+    pub fn from_blob(path: PathBuf, blob: std::sync::Arc<dyn Blob>) -> SegmentFile {
+        SegmentFile { file: blob, path }
     }
 
     pub fn path(&self) -> &Path {
@@ -110,17 +128,20 @@ impl SegmentFile {
             return Err(corrupt(seq.unwrap_or(0), format!("a record of {len} bytes")).into());
         }
         buf.resize(len as usize, 0);
-        self.file
-            .read_exact_at(buf, pos)
-            .map_err(|source| match source.kind() {
-                io::ErrorKind::UnexpectedEof => {
-                    corrupt(seq.unwrap_or(0), "the file ends inside the record".into()).into()
-                }
-                _ => ReadError::Io {
+        match self.file.read_up_to(buf, pos) {
+            Ok(n) if n == buf.len() => {}
+            Ok(_) => {
+                return Err(
+                    corrupt(seq.unwrap_or(0), "the file ends inside the record".into()).into(),
+                )
+            }
+            Err(source) => {
+                return Err(ReadError::Io {
                     path: self.path.clone(),
                     source,
-                },
-            })?;
+                })
+            }
+        }
         let expected = seq.unwrap_or_else(|| record::seq_of(buf));
         let r = match record::parse(buf) {
             Ok(Some(r)) => r,
@@ -478,12 +499,14 @@ impl Stream {
             if self.window.len() < size {
                 self.window.resize(size, 0);
             }
-            let n = read_up_to(&self.file.file, &mut self.window[..size], self.pos).map_err(
-                |source| ReadError::Io {
+            let n = self
+                .file
+                .file
+                .read_up_to(&mut self.window[..size], self.pos)
+                .map_err(|source| ReadError::Io {
                     path: self.file.path.clone(),
                     source,
-                },
-            )?;
+                })?;
             self.window_pos = self.pos;
             self.window_len = n;
             self.refilled = true;

@@ -133,7 +133,7 @@ Points inside a seed or resync window are refused: the disks there are not a sta
 ever in. `restore list` shows them.";
 
 fn main() {
-    let mut cli = Cli::parse();
+    let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -142,16 +142,15 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    if let Err(e) = fetch_from_bucket(&mut cli.command) {
-        eprintln!("restore: {e:#}");
-        std::process::exit(2);
-    }
     let result = match cli.command {
         Command::List {
-            store, group, json, ..
+            store,
+            group,
+            json,
+            remote,
         } => {
             journal::quiet_on_closed_pipe();
-            list(&store, group.as_deref(), json)
+            remote::Store::open(&store, &remote).and_then(|s| list(&s, group.as_deref(), json))
         }
         Command::Export {
             point,
@@ -179,9 +178,9 @@ fn main() {
             output,
             format,
         } => materialize(&point, &output, format),
-        Command::Verify { point, boot } => {
-            verify::verify(&point.store, &point.group, &point.at, &boot)
-        }
+        Command::Verify { point, boot } => point
+            .store()
+            .and_then(|s| verify::verify(&s, &point.group, &point.at, &boot)),
     };
     match result {
         Ok(true) => {}
@@ -193,23 +192,10 @@ fn main() {
     }
 }
 
-/// With an s3:// --store, the command reads the local cache of the bucket instead.
-fn fetch_from_bucket(command: &mut Command) -> anyhow::Result<()> {
-    let (store, group, remote) = match command {
-        Command::List {
-            store,
-            group,
-            remote,
-            ..
-        } => (store, group.clone(), &*remote),
-        Command::Export { point, .. }
-        | Command::Materialize { point, .. }
-        | Command::Verify { point, .. } => {
-            (&mut point.store, Some(point.group.clone()), &point.remote)
-        }
-    };
-    *store = remote::local_store(store, group.as_deref(), remote)?;
-    Ok(())
+impl PointArgs {
+    fn store(&self) -> anyhow::Result<remote::Store> {
+        remote::Store::open(&self.store, &self.remote)
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -266,25 +252,41 @@ fn listing(h: &History) -> Listing {
     }
 }
 
-fn list(store: &Path, group: Option<&str>, json: bool) -> anyhow::Result<bool> {
-    let groups = match group {
-        Some(g) => vec![open::group_dir(store, g)?],
-        None => journal::store::list_groups(store)
-            .with_context(|| format!("read store {}", store.display()))?,
+fn list(store: &remote::Store, group: Option<&str>, json: bool) -> anyhow::Result<bool> {
+    let (listings, broken) = match store {
+        remote::Store::Dir(store) => {
+            let groups = match group {
+                Some(g) => vec![open::group_dir(store, g)?],
+                None => journal::store::list_groups(store)
+                    .with_context(|| format!("read store {}", store.display()))?,
+            };
+            let listings = groups
+                .iter()
+                .map(|d| History::load(d).map(|h| listing(&h)))
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let broken = if group.is_none() {
+                journal::store::list_broken_groups(store)?
+            } else {
+                Vec::new()
+            };
+            (listings, broken)
+        }
+        remote::Store::Bucket(r) => {
+            let groups = match group {
+                Some(g) => vec![g.to_owned()],
+                None => r.groups()?,
+            };
+            let listings = groups
+                .iter()
+                .map(|g| r.history(g).map(|(h, _)| listing(&h)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            (listings, Vec::new())
+        }
     };
-    let listings = groups
-        .iter()
-        .map(|d| History::load(d).map(|h| listing(&h)))
-        .collect::<std::io::Result<Vec<_>>>()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&listings)?);
         return Ok(true);
     }
-    let broken = if group.is_none() {
-        journal::store::list_broken_groups(store)?
-    } else {
-        Vec::new()
-    };
     for b in &broken {
         eprintln!(
             "restore: {} holds a group's files but no group.json: it cannot be restored (run `replicator check`)",
@@ -292,7 +294,7 @@ fn list(store: &Path, group: Option<&str>, json: bool) -> anyhow::Result<bool> {
         );
     }
     if listings.is_empty() && broken.is_empty() {
-        println!("store {}: no groups", store.display());
+        println!("store {store}: no groups");
     }
     for l in &listings {
         println!("group {}", l.group);
@@ -399,11 +401,12 @@ fn export(
     let overlay_dir = overlay
         .clone()
         .or_else(|| temp_overlay.as_ref().map(|t| t.path().to_owned()));
+    let store = p.store()?;
     if let Some(o) = &overlay {
-        refuse_inside_store(&p.store, o)?;
+        refuse_inside_store(&store, o)?;
     }
     let mut opened = open::open_point(
-        &p.store,
+        &store,
         &p.group,
         p.disk.as_deref(),
         &p.at,
@@ -521,7 +524,10 @@ fn export(
 }
 
 /// Restore never writes the store: an overlay (or an output) inside it is refused.
-fn refuse_inside_store(store: &Path, path: &Path) -> anyhow::Result<()> {
+fn refuse_inside_store(store: &remote::Store, path: &Path) -> anyhow::Result<()> {
+    let remote::Store::Dir(store) = store else {
+        return Ok(());
+    };
     let store =
         std::fs::canonicalize(store).with_context(|| format!("read store {}", store.display()))?;
     // The path may not exist yet: resolve its nearest existing ancestor.
@@ -546,28 +552,28 @@ fn refuse_inside_store(store: &Path, path: &Path) -> anyhow::Result<()> {
 
 fn materialize(p: &PointArgs, output: &Path, format: Format) -> anyhow::Result<bool> {
     let started = Instant::now();
-    let dir = open::group_dir(&p.store, &p.group)?;
-    let meta = dir.meta()?;
-    let disk = match (&p.disk, meta.volumes.as_slice()) {
-        (Some(d), _) => d.clone(),
-        (None, [only]) => only.name.clone(),
-        (None, many) => bail!(
-            "group {} has several disks ({}): choose one with --disk",
-            p.group,
-            many.iter()
-                .map(|v| v.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
     if output.exists() {
         bail!(
             "{} exists; materialize never overwrites a file",
             output.display()
         );
     }
-    refuse_inside_store(&p.store, output)?;
-    let opened = open::open_point(&p.store, &p.group, Some(&disk), &p.at, None)?;
+    let store = p.store()?;
+    refuse_inside_store(&store, output)?;
+    let opened = open::open_point(&store, &p.group, p.disk.as_deref(), &p.at, None)?;
+    if opened.disks.len() > 1 {
+        bail!(
+            "group {} has several disks ({}): choose one with --disk",
+            p.group,
+            opened
+                .disks
+                .iter()
+                .map(|(n, _, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let disk = opened.disks[0].0.clone();
     let (_, size, view) = &opened.disks[0];
     let raw_path = match format {
         Format::Raw => output.to_owned(),

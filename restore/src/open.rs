@@ -8,7 +8,8 @@ use anyhow::{bail, Context};
 use journal::pit::{self, History};
 use journal::store::{GroupDir, Pin};
 
-use crate::view::{BaseCheck, PointView, Sources};
+use crate::remote::Store;
+use crate::view::{Base, BaseCheck, PointView, Sources};
 
 /// A resolved, pinned point of a group and its disks' views.
 #[derive(Debug)]
@@ -46,14 +47,39 @@ pub fn group_dir(store: &Path, group: &str) -> anyhow::Result<GroupDir> {
 /// gives each disk a writable overlay file in that directory: anonymous (gone at exit), or
 /// named `GROUP-DISK-seqN.overlay` and kept when the flag is set.
 pub fn open_point(
-    store: &Path,
+    store: &Store,
     group: &str,
     disk: Option<&str>,
     at: &str,
     overlay: Option<(&Path, bool)>,
 ) -> anyhow::Result<Opened> {
-    let dir = group_dir(store, group)?;
     let point = pit::parse_point(at, journal::now_ns()).map_err(anyhow::Error::msg)?;
+    let store = match store {
+        Store::Dir(d) => d,
+        Store::Bucket(remote) => {
+            let (history, m) = remote.history(group)?;
+            let seq = history.resolve(&point)?;
+            let mut bases = Vec::new();
+            for (i, v) in m.base.volumes.iter().enumerate() {
+                if disk.is_none_or(|d| d == v.name) {
+                    bases.push((v.name.clone(), remote.base(v, i as u64)?));
+                }
+            }
+            return views(history, seq, disk, overlay, group, |v| {
+                let i = bases
+                    .iter()
+                    .position(|(n, _)| *n == v.name)
+                    .with_context(|| {
+                        format!(
+                            "the manifest of {group} names no base image of disk {}",
+                            v.name
+                        )
+                    })?;
+                Ok(Base::Bucket(bases.swap_remove(i).1))
+            });
+        }
+    };
+    let dir = group_dir(store, group)?;
     for _attempt in 0..10 {
         // Pin the base first so no fold runs while the history is read; then pin the point.
         let base = dir.mark("base")?;
@@ -66,77 +92,90 @@ pub fn open_point(
                 return Err(anyhow::Error::new(e).context(format!("read the journal of {group}")))
             }
         };
-        let sources = Sources::open(&history);
-        if dir.mark("base")?.seq != base.seq || sources.is_err() {
+        if dir.mark("base")?.seq != base.seq {
             continue; // a fold finished meanwhile: read again
         }
-        let sources = sources?;
         let seq = history.resolve(&point)?;
         let pin = pin(&dir, seq)?;
         drop(early_pin);
-        let volumes = history.meta.volumes.clone();
-        let all_volumes: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
-        let time_ns = history.time_of(seq);
-        let maps = history.into_view(seq);
-        // The build's scratch memory goes back to the system rather than staying in the heap.
-        // SAFETY: malloc_trim only releases free heap memory; no pointer is involved.
-        unsafe { libc::malloc_trim(0) };
-        let mut disks = Vec::new();
-        for (v, map) in volumes.iter().zip(maps) {
-            if disk.is_some_and(|d| d != v.name) {
-                continue;
-            }
-            let base = dir
+        let mut opened = views(history, seq, disk, overlay, group, |v| {
+            let file = dir
                 .open_image("base", &v.name, journal::store::Access::Read)
                 .context("open a base image")?;
-            let overlay_file = match overlay {
-                Some((o, false)) => Some(
-                    tempfile::Builder::new()
-                        .prefix(&format!("{}-", v.name))
-                        .suffix(".overlay")
-                        .tempfile_in(o)
-                        .with_context(|| format!("create an overlay in {}", o.display()))?
-                        .into_file(),
-                ),
-                Some((o, true)) => {
-                    let path = o.join(format!("{group}-{}-seq{seq}.overlay", v.name));
-                    Some(
-                        std::fs::OpenOptions::new()
-                            .read(true)
-                            .write(true)
-                            .create_new(true)
-                            .open(&path)
-                            .with_context(|| format!("create overlay {}", path.display()))?,
-                    )
-                }
-                None => None,
-            };
             let sums = dir
                 .sums("base", &v.name)
                 .context("read the base image's checksums")?;
             let check = BaseCheck::new(dir.clone(), &v.name, v.size, sums);
-            disks.push((
-                v.name.clone(),
-                v.size,
-                PointView::new(v.size, map, base, check, sources.clone(), overlay_file)?,
-            ));
-        }
-        if let Some(d) = disk {
-            if disks.is_empty() {
-                bail!(
-                    "group {group} has no disk {d:?}; disks: {}",
-                    all_volumes.join(", ")
-                );
-            }
-        }
-        return Ok(Opened {
-            seq,
-            time_ns,
-            disks,
-            _pin: pin,
-        });
+            Ok(Base::Local { file, check })
+        })?;
+        opened._pin = pin;
+        return Ok(opened);
     }
     bail!("the store kept changing under retention while reading it; try again")
+}
+
+/// The views of a history's disks (or only `disk`) at `seq`, their bases from `base`.
+fn views(
+    history: History,
+    seq: u64,
+    disk: Option<&str>,
+    overlay: Option<(&Path, bool)>,
+    group: &str,
+    mut base: impl FnMut(&journal::wire::Volume) -> anyhow::Result<Base>,
+) -> anyhow::Result<Opened> {
+    let sources = Sources::new(&history);
+    let volumes = history.meta.volumes.clone();
+    let time_ns = history.time_of(seq);
+    let maps = history.into_view(seq);
+    // The build's scratch memory goes back to the system rather than staying in the heap.
+    // SAFETY: malloc_trim only releases free heap memory; no pointer is involved.
+    unsafe { libc::malloc_trim(0) };
+    let mut disks = Vec::new();
+    for (v, map) in volumes.iter().zip(maps) {
+        if disk.is_some_and(|d| d != v.name) {
+            continue;
+        }
+        let overlay_file = match overlay {
+            Some((o, false)) => Some(
+                tempfile::Builder::new()
+                    .prefix(&format!("{}-", v.name))
+                    .suffix(".overlay")
+                    .tempfile_in(o)
+                    .with_context(|| format!("create an overlay in {}", o.display()))?
+                    .into_file(),
+            ),
+            Some((o, true)) => {
+                let path = o.join(format!("{group}-{}-seq{seq}.overlay", v.name));
+                Some(
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                        .with_context(|| format!("create overlay {}", path.display()))?,
+                )
+            }
+            None => None,
+        };
+        let base = base(v)?;
+        disks.push((
+            v.name.clone(),
+            v.size,
+            PointView::new(v.size, map, base, sources.clone(), overlay_file)?,
+        ));
+    }
+    if let Some(d) = disk {
+        if disks.is_empty() {
+            let all: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+            bail!("group {group} has no disk {d:?}; disks: {}", all.join(", "));
+        }
+    }
+    Ok(Opened {
+        seq,
+        time_ns,
+        disks,
+        _pin: None,
+    })
 }
 
 /// Pins `seq` against retention. A store restore may not write to (a read-only mount, a

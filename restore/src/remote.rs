@@ -1,208 +1,355 @@
-//! `--store s3://BUCKET/PREFIX`: restore from the bucket. Each group's committed manifest is
-//! read, and the objects it names are fetched into a local cache that has the layout of a
-//! store directory (so every command reads it as it reads a replicator's store). Every object
-//! is checked against the length and sha256 its manifest gives before a byte of it is written
-//! to the cache; a damaged one stops the command with its key, nothing is served from it.
-//! Objects already in the cache (checked again) are not fetched again.
+//! `--store s3://BUCKET/PREFIX`: restore straight from the bucket. A group's committed
+//! manifest is read, then what a point needs to be opened (the segment indexes, the base's
+//! chunk tables and checksums: small objects, each checked against the sha256 the manifest
+//! names, kept in `--cache DIR` when given); segment and base bytes are read on demand by range
+//! GETs through a bounded cache with read-ahead ([`cache`]), each block checked before a byte
+//! of it is served. Nothing is downloaded before the export answers.
+
+mod cache;
 
 use std::fs;
-use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bucket::manifest::{self, ChunkTable, Manifest, ObjectRef};
-use bucket::{Bucket, Location};
-use journal::store::{self, GroupDir, SeqMark};
+use bucket::Location;
+use journal::pit::{Bookmark, History, Sealed, Segment};
+use journal::read::SegmentFile;
+use journal::store::SeqMark;
+use journal::sums::Sums;
 use tracing::info;
 
-/// Where restore keeps what it fetched from buckets.
-#[derive(clap::Args, Debug, Clone, Default)]
+use cache::{Blocks, Check, Pool, RemoteObject, BLOCK};
+
+/// Where restore reads a bucket's objects from and keeps them.
+#[derive(clap::Args, Debug, Clone)]
 pub struct CacheArgs {
-    /// With an s3:// --store: the directory objects fetched from the bucket are kept in
-    /// [default: $XDG_CACHE_HOME/cdp-restore, else ~/.cache/cdp-restore].
+    /// With an s3:// --store: keep the small objects a point needs to open (segment indexes,
+    /// chunk tables, checksums) in DIR, so opening a point again fetches none of them. Each is
+    /// checked again at every use. [default: fetched at every start]
     #[arg(long, value_name = "DIR", help_heading = "S3")]
     pub cache: Option<PathBuf>,
+    /// With an s3:// --store: memory for the blocks of segments and base images read from the
+    /// bucket (least recently used go first), e.g. 256M, 2G.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = journal::units::parse_size, help_heading = "S3")]
+    pub cache_size: u64,
+    /// With an s3:// --store: range GETs in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 8, help_heading = "S3")]
+    pub fetchers: usize,
     #[command(flatten)]
     pub s3: bucket::Settings,
 }
 
-/// For an s3:// store, the local cache store with `group` (or every group) fetched; for a
-/// directory, the directory itself.
-pub fn local_store(store: &Path, group: Option<&str>, args: &CacheArgs) -> anyhow::Result<PathBuf> {
-    let Some(location) = store.to_str().and_then(Location::parse) else {
-        return Ok(store.to_owned());
-    };
-    let location = location?;
-    let bucket = Bucket::open(location.clone(), &args.s3)?;
-    bucket.check()?;
-    let root = match &args.cache {
-        Some(c) => c.clone(),
-        None => default_cache()?,
-    };
-    let id = bucket::sha256_hex(
-        format!(
-            "{}\n{location}",
-            args.s3.s3_endpoint.as_deref().unwrap_or("")
-        )
-        .as_bytes(),
-    );
-    let cache = root.join(&id[..16]);
-    fs::create_dir_all(&cache).with_context(|| format!("create cache {}", cache.display()))?;
-    let _lock = lock(&cache)?;
-    let groups = match group {
-        Some(g) => vec![g.to_owned()],
-        None => groups(&bucket)?,
-    };
-    for g in groups {
-        journal::names::check("group", &g).map_err(anyhow::Error::msg)?;
-        let key = manifest::manifest_key(&g);
-        let Some((bytes, _)) = bucket.get(&key)? else {
-            if group.is_some() {
-                bail!("{location} has no group {g:?} (no {key})");
-            }
-            continue;
+/// What a command reads: a store directory, or a store in a bucket.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Dir(PathBuf),
+    Bucket(Arc<Remote>),
+}
+
+impl Store {
+    /// `store` as the user gave it: an s3:// URL (then the bucket is checked once) or a
+    /// directory.
+    pub fn open(store: &Path, args: &CacheArgs) -> anyhow::Result<Store> {
+        let Some(location) = store.to_str().and_then(Location::parse) else {
+            return Ok(Store::Dir(store.to_owned()));
         };
-        let m = Manifest::decode(&bytes, &key)?;
-        hydrate(&bucket, &GroupDir::new(&cache, &g), &m)
-            .with_context(|| format!("fetch group {g} from {location}"))?;
-    }
-    Ok(cache)
-}
-
-fn default_cache() -> anyhow::Result<PathBuf> {
-    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
-        return Ok(PathBuf::from(x).join("cdp-restore"));
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => Ok(PathBuf::from(h).join(".cache/cdp-restore")),
-        None => bail!("no HOME: give --cache DIR for what is fetched from the bucket"),
+        Ok(Store::Bucket(Arc::new(Remote::open(location?, args)?)))
     }
 }
 
-/// One restore at a time fills a cache directory (others wait); the lock ends when the
-/// returned file is closed.
-fn lock(cache: &Path) -> anyhow::Result<fs::File> {
-    let f = fs::File::create(cache.join(".lock"))?;
-    // SAFETY: flock on a descriptor `f` owns, open for the call.
-    let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
-    if r != 0 {
-        return Err(io::Error::last_os_error()).context("lock the cache");
-    }
-    Ok(f)
-}
-
-/// Groups in the bucket: prefixes with a manifest.
-fn groups(bucket: &Bucket) -> anyhow::Result<Vec<String>> {
-    let mut out: Vec<String> = bucket
-        .list("")?
-        .into_iter()
-        .filter_map(|(k, _)| k.strip_suffix("/manifest.json").map(str::to_owned))
-        .filter(|g| !g.contains('/'))
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
-/// An object, fetched and checked.
-fn fetch(bucket: &Bucket, r: &ObjectRef) -> anyhow::Result<Vec<u8>> {
-    let (bytes, _) = bucket.get(&r.key)?.with_context(|| {
-        format!(
-            "{} is missing from the bucket, though the manifest names it",
-            r.key
-        )
-    })?;
-    r.check(&bytes)?;
-    Ok(bytes.to_vec())
-}
-
-/// A cached file that holds object `r`, fetched unless it is there already (and checks).
-fn cached(bucket: &Bucket, r: &ObjectRef, path: &Path) -> anyhow::Result<()> {
-    if let Ok(bytes) = fs::read(path) {
-        if r.check(&bytes).is_ok() {
-            return Ok(());
+impl std::fmt::Display for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Store::Dir(d) => write!(f, "{}", d.display()),
+            Store::Bucket(r) => write!(f, "{}", r.location),
         }
     }
-    let bytes = fetch(bucket, r)?;
-    store::write_file_atomic(path, &bytes).with_context(|| format!("write {}", path.display()))
 }
 
-/// Makes `dir` hold what `m` names: group.json, base images and checksums, sealed segments
-/// and their indexes; removes segments it does not name.
-fn hydrate(bucket: &Bucket, dir: &GroupDir, m: &Manifest) -> anyhow::Result<()> {
-    for sub in ["base", "journal"] {
-        fs::create_dir_all(dir.path.join(sub))?;
+/// A store in a bucket.
+#[derive(Debug)]
+pub struct Remote {
+    pub location: Location,
+    blocks: Arc<Blocks>,
+    /// Where small objects are kept (a directory per bucket and prefix), if anywhere.
+    small: Option<PathBuf>,
+}
+
+/// One disk's base image in the bucket: its chunk objects, read through the cache in blocks
+/// checked against the base's checksums.
+#[derive(Debug)]
+pub struct RemoteBase {
+    blocks: Arc<Blocks>,
+    size: u64,
+    chunk_len: u64,
+    /// The object of each chunk (None: zeroes).
+    chunks: Vec<Option<u32>>,
+    /// The read-ahead stream of this image.
+    stream: u64,
+}
+
+impl Remote {
+    fn open(location: Location, args: &CacheArgs) -> anyhow::Result<Remote> {
+        let pool = Pool::start(&location, &args.s3, args.fetchers)?;
+        pool.call(|b| b.check())?;
+        let small = match &args.cache {
+            Some(root) => {
+                let id = bucket::sha256_hex(
+                    format!(
+                        "{}\n{location}",
+                        args.s3.s3_endpoint.as_deref().unwrap_or("")
+                    )
+                    .as_bytes(),
+                );
+                let dir = root.join(&id[..16]);
+                fs::create_dir_all(&dir)
+                    .with_context(|| format!("create cache {}", dir.display()))?;
+                Some(dir)
+            }
+            None => None,
+        };
+        Ok(Remote {
+            location,
+            blocks: Blocks::new(pool, args.cache_size as usize),
+            small,
+        })
     }
-    let mut keep = Vec::new();
-    for s in &m.segments {
-        let seg = dir.segment_path(s.first_seq);
-        cached(bucket, &s.segment, &seg.path)?;
-        cached(bucket, &s.index, &seg.index_path())?;
-        keep.push(seg.path.clone());
-        keep.push(seg.index_path());
+
+    fn pool(&self) -> &Arc<Pool> {
+        self.blocks.pool()
     }
-    for e in fs::read_dir(dir.journal_dir())? {
-        let p = e?.path();
-        if !keep.contains(&p) {
-            fs::remove_file(&p)?;
+
+    /// Groups in the bucket: prefixes with a manifest.
+    pub fn groups(&self) -> anyhow::Result<Vec<String>> {
+        let mut out: Vec<String> = self
+            .pool()
+            .call(|b| b.list(""))?
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_suffix("/manifest.json").map(str::to_owned))
+            .filter(|g| !g.contains('/'))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// The committed manifest of `group`.
+    pub fn manifest(&self, group: &str) -> anyhow::Result<Manifest> {
+        journal::names::check("group", group).map_err(anyhow::Error::msg)?;
+        let key = manifest::manifest_key(group);
+        let k = key.clone();
+        let Some((bytes, _)) = self.pool().call(move |b| b.get(&k))? else {
+            let known = self.groups().unwrap_or_default();
+            bail!(
+                "{} has no group {group:?} (no {key}); groups: {}",
+                self.location,
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            );
+        };
+        Ok(Manifest::decode(&bytes, &key)?)
+    }
+
+    /// A small object, checked: from the cache directory when it holds it, else fetched (and
+    /// kept there).
+    fn small(&self, r: &ObjectRef) -> anyhow::Result<Vec<u8>> {
+        self.small_async(r)
+            .recv()
+            .expect("fetch threads never stop")
+    }
+
+    /// [`Remote::small`] on a fetcher; the result arrives on the channel.
+    fn small_async(&self, r: &ObjectRef) -> std::sync::mpsc::Receiver<anyhow::Result<Vec<u8>>> {
+        let path = self.small.as_ref().map(|d| d.join(&r.key));
+        let r = r.clone();
+        self.pool().spawn(move |b| {
+            if let Some(p) = &path {
+                if let Ok(bytes) = fs::read(p) {
+                    if r.check(&bytes).is_ok() {
+                        return Ok(bytes);
+                    }
+                }
+            }
+            let (bytes, _) = b.get(&r.key)?.with_context(|| {
+                format!(
+                    "{} is missing from the bucket, though the manifest names it (a retention \
+                     fold may have removed it since: try again)",
+                    r.key
+                )
+            })?;
+            r.check(&bytes)?;
+            if let Some(p) = &path {
+                if let Some(parent) = p.parent() {
+                    fs::create_dir_all(parent)?;
+                }
+                journal::store::write_file_atomic(p, &bytes)
+                    .with_context(|| format!("write {}", p.display()))?;
+            }
+            Ok(bytes.to_vec())
+        })
+    }
+
+    /// The history of `group` as its manifest names it (indexes fetched in parallel), and the
+    /// manifest.
+    pub fn history(&self, group: &str) -> anyhow::Result<(History, Manifest)> {
+        let started = std::time::Instant::now();
+        let m = self.manifest(group)?;
+        let pending: Vec<_> = m
+            .segments
+            .iter()
+            .map(|s| self.small_async(&s.index))
+            .collect();
+        let mut sealed = Vec::with_capacity(m.segments.len());
+        for (s, rx) in m.segments.iter().zip(pending) {
+            let index = rx.recv().expect("fetch threads never stop")?;
+            let entries = journal::segment::decode_index(&index, s.segment.len)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", s.index.key))?;
+            let path = PathBuf::from(format!("{}/{}", self.location, s.segment.key));
+            let id = self
+                .blocks
+                .add(s.segment.key.clone(), s.segment.len, Check::Reader);
+            let blob = Arc::new(RemoteObject {
+                blocks: self.blocks.clone(),
+                id,
+                len: s.segment.len,
+            });
+            sealed.push(Sealed {
+                segment: Segment {
+                    file: SegmentFile::from_blob(path.clone(), blob),
+                    path,
+                    first_seq: s.first_seq,
+                    entries,
+                },
+                bookmarks: s.bookmarks.as_ref().map(|b| {
+                    b.iter()
+                        .map(|b| Bookmark {
+                            name: b.name.clone(),
+                            seq: b.seq,
+                            time_ns: b.time_ns,
+                        })
+                        .collect()
+                }),
+            });
         }
-    }
-    for v in &m.base.volumes {
-        journal::names::check("volume", &v.name).map_err(anyhow::Error::msg)?;
-        cached(
-            bucket,
-            &v.sums,
-            &dir.path.join(format!("base/{}.sums", v.name)),
-        )?;
-        base_image(bucket, dir, v)?;
-    }
-    store::write_json_atomic(
-        &dir.path.join("base.json"),
-        &SeqMark {
+        let base = SeqMark {
             seq: m.base.seq,
             time_ns: m.base.time_ns,
-        },
-    )?;
-    store::write_json_atomic(&dir.path.join("group.json"), &m.group)?;
-    info!(
-        "fetched group {} from the bucket: base seq {}, {} segments up to seq {}",
-        m.group.name,
-        m.base.seq,
-        m.segments.len(),
-        m.uploaded_seq()
-    );
-    Ok(())
+        };
+        let h = History::sealed(m.group.clone(), base, sealed)
+            .with_context(|| format!("read the journal of {group} in {}", self.location))?;
+        info!(
+            "group {group} in {}: base seq {}, {} segments up to seq {}, indexes read in {} ms",
+            self.location,
+            m.base.seq,
+            m.segments.len(),
+            h.last_seq,
+            started.elapsed().as_millis()
+        );
+        Ok((h, m))
+    }
+
+    /// The base image of volume `v`, read on demand.
+    pub fn base(&self, v: &manifest::BaseVolume, stream: u64) -> anyhow::Result<RemoteBase> {
+        let table = self.small_async(&v.table);
+        let sums = self.small(&v.sums)?;
+        let sums =
+            Arc::new(Sums::decode(&sums).map_err(|e| anyhow::anyhow!("{}: {e}", v.sums.key))?);
+        let table_bytes = table.recv().expect("fetch threads never stop")?;
+        let table = ChunkTable::decode(&table_bytes, &v.table.key)?;
+        if table.size != v.size || sums.chunks() != journal::sums::chunks(v.size) {
+            bail!(
+                "{}: a table of {} bytes (checksums of {} chunks) for a {} byte disk",
+                v.table.key,
+                table.size,
+                sums.chunks(),
+                v.size
+            );
+        }
+        if table.chunk_len % BLOCK != 0 {
+            bail!(
+                "{}: chunks of {} bytes are not whole checksum chunks",
+                v.table.key,
+                table.chunk_len
+            );
+        }
+        let per = table.chunk_len / BLOCK;
+        let mut ids: std::collections::HashMap<&str, u32> = Default::default();
+        let chunks = table
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.as_ref().map(|c| {
+                    *ids.entry(c.key.as_str()).or_insert_with(|| {
+                        self.blocks.add(
+                            c.key.clone(),
+                            c.len,
+                            Check::Sums {
+                                sums: sums.clone(),
+                                first: i as u64 * per,
+                                size: v.size,
+                            },
+                        )
+                    })
+                })
+            })
+            .collect();
+        Ok(RemoteBase {
+            blocks: self.blocks.clone(),
+            size: v.size,
+            chunk_len: table.chunk_len,
+            chunks,
+            stream: (1 << 40) + stream,
+        })
+    }
 }
 
-/// The base image of one volume, built from its chunks (zero chunks stay holes), unless the
-/// cache holds that chunk table's image already.
-fn base_image(bucket: &Bucket, dir: &GroupDir, v: &manifest::BaseVolume) -> anyhow::Result<()> {
-    let image = dir.image("base", &v.name);
-    let built = dir.path.join(format!("base/{}.table", v.name));
-    if image.is_file() && fs::read(&built).is_ok_and(|b| v.table.check(&b).is_ok()) {
-        return Ok(());
+impl RemoteBase {
+    /// The object and block that hold checksum chunk `c` of the image (None: zeroes).
+    fn block_of(&self, c: u64) -> Option<(u32, u64)> {
+        let per = self.chunk_len / BLOCK;
+        let id = (*self.chunks.get((c / per) as usize)?)?;
+        Some((id, c % per))
     }
-    let table_bytes = fetch(bucket, &v.table)?;
-    let table = ChunkTable::decode(&table_bytes, &v.table.key)?;
-    if table.size != v.size {
-        bail!(
-            "{}: a table of {} bytes for a {} byte disk",
-            v.table.key,
-            table.size,
-            v.size
-        );
-    }
-    let tmp = image.with_extension("img.partial");
-    let f = fs::File::create(&tmp)?;
-    f.set_len(v.size)?;
-    for (i, c) in table.chunks.iter().enumerate() {
-        if let Some(c) = c {
-            let bytes = fetch(bucket, c)?;
-            f.write_all_at(&bytes, i as u64 * table.chunk_len)?;
+
+    /// Reads `out.len()` bytes at `at` (checked blocks, or zeroes where the base has none).
+    pub fn read(&self, at: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let end = at + out.len() as u64;
+        let mut pos = at;
+        let last = journal::sums::chunks(self.size);
+        while pos < end {
+            let c = pos / BLOCK;
+            let n = ((c + 1) * BLOCK).min(end) - pos;
+            let dst = &mut out[(pos - at) as usize..][..n as usize];
+            match self.block_of(c) {
+                None => dst.fill(0),
+                Some((id, b)) => {
+                    let data = self.blocks.get(id, b)?;
+                    let from = (pos - c * BLOCK) as usize;
+                    dst.copy_from_slice(&data[from..from + n as usize]);
+                }
+            }
+            self.blocks.ahead(self.stream, c, |i| {
+                (c + i < last).then(|| self.block_of(c + i)).flatten()
+            });
+            pos += n;
         }
+        Ok(())
     }
-    f.sync_all()?;
-    fs::rename(&tmp, &image)?;
-    store::write_file_atomic(&built, &table_bytes)?;
-    Ok(())
+
+    /// Whether byte `pos` lies in a chunk the bucket holds (else the base is zeroes there),
+    /// and where that run of chunks ends.
+    pub fn data_at(&self, pos: u64) -> (bool, u64) {
+        let i = pos / self.chunk_len;
+        let data = self.chunks.get(i as usize).is_some_and(Option::is_some);
+        let mut j = i + 1;
+        while (j as usize) < self.chunks.len() && self.chunks[j as usize].is_some() == data {
+            j += 1;
+        }
+        (data, (j * self.chunk_len).min(self.size))
+    }
 }

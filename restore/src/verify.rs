@@ -50,7 +50,12 @@ pub struct BootArgs {
     pub console_log: Option<PathBuf>,
 }
 
-pub fn verify(store: &Path, group: &str, at: &str, args: &BootArgs) -> anyhow::Result<bool> {
+pub fn verify(
+    store: &crate::remote::Store,
+    group: &str,
+    at: &str,
+    args: &BootArgs,
+) -> anyhow::Result<bool> {
     let started = Instant::now();
     let tmp = tempfile::Builder::new()
         .prefix("restore-verify-")

@@ -34,7 +34,7 @@ struct Cache {
     bytes: usize,
 }
 
-/// The segments and base images a set of views reads, opened once: open descriptors keep a
+/// The segments a set of views reads, as the history opened them: open descriptors keep a
 /// segment readable even if retention removes it meanwhile.
 #[derive(Debug)]
 pub struct Sources {
@@ -43,20 +43,16 @@ pub struct Sources {
 }
 
 impl Sources {
-    pub fn open(history: &History) -> io::Result<Arc<Sources>> {
-        let segments = history
-            .segments
-            .iter()
-            .map(|s| SegmentFile::open(&s.path))
-            .collect::<Result<_, _>>()?;
-        Ok(Arc::new(Sources {
+    pub fn new(history: &History) -> Arc<Sources> {
+        let segments = history.segments.iter().map(|s| s.file.clone()).collect();
+        Arc::new(Sources {
             segments,
             cache: Mutex::new(Cache {
                 entries: HashMap::new(),
                 order: Default::default(),
                 bytes: 0,
             }),
-        }))
+        })
     }
 
     /// The checked payload of the record at `pos` of segment `segment` (`len` bytes long with
@@ -187,13 +183,49 @@ impl BaseCheck {
     }
 }
 
+/// Where a view reads the base image's bytes.
+#[derive(Debug)]
+pub enum Base {
+    /// The store's image file, each chunk checked at its first read.
+    Local { file: File, check: BaseCheck },
+    /// A bucket's chunk objects, checked block by block as they are fetched.
+    Bucket(crate::remote::RemoteBase),
+}
+
+impl Base {
+    fn read(&self, at: u64, out: &mut [u8]) -> io::Result<()> {
+        match self {
+            Base::Local { file, check } => check.read(file, at, out),
+            Base::Bucket(b) => b.read(at, out),
+        }
+    }
+
+    /// Whether the base holds data at `pos` (else a hole), and where that run ends (at most
+    /// `end`).
+    fn data_at(&self, pos: u64, end: u64) -> (bool, u64) {
+        match self {
+            Base::Local { file, .. } => {
+                let data = seek(file, pos, libc::SEEK_DATA).unwrap_or(end).min(end);
+                if data > pos {
+                    return (false, data);
+                }
+                let hole = seek(file, pos, libc::SEEK_HOLE).unwrap_or(end).min(end);
+                (true, hole.max(pos + 1))
+            }
+            Base::Bucket(b) => {
+                let (data, run_end) = b.data_at(pos);
+                (data, run_end.min(end).max(pos + 1))
+            }
+        }
+    }
+}
+
 /// One disk at one point.
 #[derive(Debug)]
 pub struct PointView {
     size: u64,
     map: DiskMap,
-    base: File,
-    base_check: BaseCheck,
+    base: Base,
     sources: Arc<Sources>,
     overlay: Option<Overlay>,
 }
@@ -209,8 +241,7 @@ impl PointView {
     pub fn new(
         size: u64,
         map: DiskMap,
-        base: File,
-        base_check: BaseCheck,
+        base: Base,
         sources: Arc<Sources>,
         overlay: Option<File>,
     ) -> io::Result<PointView> {
@@ -228,7 +259,6 @@ impl PointView {
             size,
             map,
             base,
-            base_check,
             sources,
             overlay,
         })
@@ -241,7 +271,7 @@ impl PointView {
         for (at, len, source) in pieces {
             let out = &mut buf[(at - offset) as usize..(at - offset + len) as usize];
             match source {
-                Source::Base => self.base_check.read(&self.base, at, out)?,
+                Source::Base => self.base.read(at, out)?,
                 Source::Zero => out.fill(0),
                 Source::Record {
                     segment,
@@ -427,19 +457,9 @@ impl BlockBackend for PointView {
                     let mut pos = at;
                     let end = at + len;
                     while pos < end {
-                        let data = seek(&self.base, pos, libc::SEEK_DATA)
-                            .unwrap_or(end)
-                            .min(end);
-                        if data > pos {
-                            push(data - pos, true);
-                            pos = data;
-                            continue;
-                        }
-                        let hole = seek(&self.base, pos, libc::SEEK_HOLE)
-                            .unwrap_or(end)
-                            .min(end);
-                        push(hole.max(pos + 1) - pos, false);
-                        pos = hole.max(pos + 1);
+                        let (data, run_end) = self.base.data_at(pos, end);
+                        push(run_end - pos, !data);
+                        pos = run_end;
                     }
                 }
             }

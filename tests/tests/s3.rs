@@ -293,32 +293,45 @@ fn restore_from_the_bucket_equals_the_disk() {
     s.rep.assert_no_errors_but(&[]).unwrap();
 }
 
-/// A damaged object in the bucket stops restore with its key; no output is left.
+/// A damaged byte in a segment in the bucket, inside a record the point serves: restore reads
+/// it by a range GET, the record's crc refuses it, and materialize stops naming the object; no
+/// output is left. The same read from the staging store (undamaged) succeeds.
 #[test]
 fn a_corrupted_object_is_reported_never_served() {
     let s = Setup::start();
     s.write("a", &["write -P 0x5a 0 2M"]);
     s.fill_b(3, 3);
     s.wait_uploaded();
+    // A data record of disk a in the first (sealed, uploaded) segment.
+    let g = s.staging();
+    let seg = g.segments().unwrap().remove(0);
+    let (entries, _) = seg.load_index().unwrap();
+    let e = entries
+        .iter()
+        .find(|e| e.disk == 0 && e.kind.carries_data())
+        .expect("a record of disk a in the first segment");
     let client = s.s3.client().unwrap();
     let key = client
         .list("cdp/g/journal/")
         .unwrap()
         .into_iter()
         .map(|(k, _)| k)
-        .find(|k| k.ends_with(".seg"))
+        .filter(|k| k.ends_with(".seg"))
+        .min()
         .expect("an uploaded segment");
-    let (mut bytes, _) = client.get(&key).unwrap().unwrap().clone();
+    let (bytes, _) = client.get(&key).unwrap().unwrap().clone();
     let mut damaged = bytes.to_vec();
-    let at = damaged.len() / 2;
+    let at = (e.pos + journal::record::HEADER_LEN as u64 + u64::from(e.stored_len) / 2) as usize;
     damaged[at] ^= 0x40;
-    bytes = damaged.into();
-    client.put(&key, bytes).unwrap();
+    client.put(&key, damaged).unwrap();
 
     let (ok, text, out) = s.materialize("a", "latest", "restored-a.img");
     assert!(!ok, "a damaged object must fail the restore: {text}");
     let name = key.rsplit('/').next().unwrap();
-    assert!(text.contains("is damaged") && text.contains(name), "{text}");
+    assert!(
+        text.contains("corrupt record") && text.contains(name),
+        "{text}"
+    );
     assert!(!out.exists(), "nothing was written");
 }
 
