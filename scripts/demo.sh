@@ -252,10 +252,10 @@ step "the bucket catches up to the bookmark (seq $bm_seq): its segment sealed an
 # guest writes 1 MiB more (once), and after 120 s this gives up.
 t0=$(ms)
 nudged=no
-for i in $(seq 600); do
+while [ "$(($(ms) - t0))" -lt 120000 ]; do
   up_seq=$(rep_json "u['uploaded_seq']")
   [ -n "$up_seq" ] && [ "$up_seq" -ge "$bm_seq" ] && break
-  if [ "$i" = 100 ] && [ "$nudged" = no ]; then
+  if [ "$(($(ms) - t0))" -ge 20000 ] && [ "$nudged" = no ]; then
     echo "the bucket holds seq ${up_seq:-none} after 20 s: the guest writes 1 MiB more to seal a segment"
     send_cmd "$work/serial.sock" "random-writes 256"
     nudged=yes
