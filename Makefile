@@ -10,7 +10,7 @@ FUZZ_SECONDS ?= 60
 all: build
 
 help:
-	@echo "make demo      boot a VM through nbd-proxy and show it survive a proxy restart"
+	@echo "make demo      a VM on nbd-proxy replicated to an S3 bucket (local SeaweedFS), crashed under, restored from the bucket"
 	@echo "make test      run every test (unit, property, end-to-end with real clients, VM, faults, fuzzing)"
 	@echo "make bench     nbd-proxy vs nbdkit vs qemu-nbd; replication vs QEMU blklogwrites/active mirror; restore (see BENCHMARKS.md)"
 	@echo "make setup     install the Debian packages and build in release mode"
