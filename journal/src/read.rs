@@ -63,6 +63,8 @@ impl From<Corrupt> for io::Error {
 pub trait Blob: Send + Sync + std::fmt::Debug {
     /// Reads up to `buf.len()` bytes at `pos`; fewer only at the end.
     fn read_up_to(&self, buf: &mut [u8], pos: u64) -> io::Result<usize>;
+    /// Bytes `pos..pos + len` will be read soon (a remote blob starts fetching them).
+    fn prefetch(&self, _pos: u64, _len: u64) {}
 }
 
 impl Blob for File {
@@ -98,6 +100,11 @@ impl SegmentFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The record of `len` bytes at `pos` will be read soon.
+    pub fn prefetch(&self, pos: u64, len: u64) {
+        self.file.prefetch(pos, len);
     }
 
     /// The record an index entry names: one read, then its checks (crc, seq, length).

@@ -132,6 +132,11 @@ pub struct JournalWriter {
     last_time_ns: u64,
     checkpoint: CheckpointFile,
     segment_limit: u64,
+    /// Seal the current segment once its first record is this old (a bucket gets only sealed
+    /// segments: this bounds how far it lags when writes trickle or stop).
+    seal_after: Option<std::time::Duration>,
+    /// When the current segment got its first record (or was reopened holding some).
+    first_at: Option<std::time::Instant>,
     /// Why the writer may not be used any more (a failed fsync or an unrepaired write).
     failed: Option<String>,
 }
@@ -182,6 +187,8 @@ impl JournalWriter {
                 last_time_ns: ckpt.map_or(0, |c| c.last_time_ns),
                 checkpoint: CheckpointFile::open_or_create(dir, ckpt)?,
                 segment_limit,
+                seal_after: None,
+                first_at: None,
                 failed: None,
             };
             w.put_checkpoint()?;
@@ -280,8 +287,13 @@ impl JournalWriter {
             last_time_ns,
             checkpoint: CheckpointFile::open_or_create(dir, ckpt)?,
             segment_limit,
+            seal_after: None,
+            first_at: None,
             failed: None,
         };
+        if !w.entries.is_empty() {
+            w.first_at = Some(std::time::Instant::now());
+        }
         // What the file holds now is synced (cut or not): it is the durable position.
         w.out.sync_data()?;
         w.put_checkpoint()?;
@@ -354,7 +366,34 @@ impl JournalWriter {
             self.last_time_ns = r.header.time_ns;
         }
         self.len = pos;
+        self.first_at.get_or_insert_with(std::time::Instant::now);
         Ok(())
+    }
+
+    /// Seals segments whose first record is older than `age` (at a sync, or
+    /// [`JournalWriter::seal_if_due`]); None: only when full.
+    pub fn set_seal_after(&mut self, age: Option<std::time::Duration>) {
+        self.seal_after = age;
+    }
+
+    fn seal_due(&self) -> bool {
+        self.len >= self.segment_limit
+            || self
+                .seal_after
+                .zip(self.first_at)
+                .is_some_and(|(age, t)| t.elapsed() >= age)
+    }
+
+    /// Seals the current segment if it is due (full, or older than the seal age) and holds
+    /// durable records only; for an idle journal, whose syncs do not come.
+    pub fn seal_if_due(&mut self) -> io::Result<bool> {
+        let durable = self.checkpoint.last.segment == self.current.first_seq
+            && self.checkpoint.last.len == self.len;
+        if self.failed.is_some() || self.entries.is_empty() || !durable || !self.seal_due() {
+            return Ok(false);
+        }
+        self.rotate()?;
+        Ok(true)
     }
 
     /// Makes every appended record durable and moves the checkpoint to them; then seals the
@@ -369,7 +408,7 @@ impl JournalWriter {
             self.failed = Some(format!("sync the durable checkpoint: {e}"));
             return Err(e);
         }
-        if self.len >= self.segment_limit {
+        if self.seal_due() {
             // The records are durable either way: a segment that cannot be sealed now grows on
             // and is sealed at a later sync.
             if let Err(e) = self.rotate() {
@@ -429,6 +468,7 @@ impl JournalWriter {
         self.current = current;
         self.len = SEGMENT_HEADER_LEN as u64;
         self.entries.clear();
+        self.first_at = None;
         self.put_checkpoint().inspect_err(|e| {
             self.failed = Some(format!("sync the durable checkpoint: {e}"));
         })

@@ -276,6 +276,21 @@ impl Group {
 
     /// Makes what was ingested durable (fsync), then applies it to the head images. Returns the
     /// durable seq to acknowledge.
+    /// Seals segments once their first record is `age` old (None: only when full).
+    pub fn set_seal_after(&mut self, age: Option<std::time::Duration>) {
+        self.journal.set_seal_after(age);
+    }
+
+    /// While no records come: seals the open segment if it is old enough (a warning if that
+    /// fails: its records are durable, and it is sealed later).
+    pub fn seal_if_due(&mut self) {
+        match self.journal.seal_if_due() {
+            Ok(true) => tracing::debug!(group = %self.meta.name, "sealed an idle segment"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(group = %self.meta.name, "sealing an idle segment failed: {e}; it is sealed later"),
+        }
+    }
+
     pub fn commit(&mut self) -> anyhow::Result<u64> {
         if self.journal.last_seq() == self.durable_seq {
             return Ok(self.durable_seq);

@@ -53,6 +53,12 @@ enum Command {
         /// Seal journal segments at this size.
         #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB")]
         segment_size: u64,
+        /// Also seal a segment once its first record is this old, e.g. 30s, 5m. A bucket
+        /// receives only sealed segments, so this bounds how far it lags (the RPO to the
+        /// bucket) when writes trickle or stop. [default: 60s with an s3:// --store, else only
+        /// at --segment-size]
+        #[arg(long, value_name = "AGE", value_parser = parse_duration)]
+        seal_after: Option<Duration>,
         /// How often retention runs.
         #[arg(long, value_name = "AGE", value_parser = parse_duration, default_value = "10s")]
         retention_interval: Duration,
@@ -268,6 +274,7 @@ fn main() -> anyhow::Result<()> {
             retention,
             max_store_size,
             segment_size,
+            seal_after,
             retention_interval,
             link_timeout,
             handshake_timeout,
@@ -283,6 +290,9 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("create store {}", store.display()))?;
             // Before listening: a proxy is only served once its group's base is whole.
             retention::finish_interrupted_folds(&store);
+            let seal_after = seal_after
+                .or(bucket.is_some().then_some(Duration::from_secs(60)))
+                .map(|a| a.max(Duration::from_secs(1)));
             if let Some(bucket) = bucket {
                 upload::start(upload::Options {
                     store: store.clone(),
@@ -308,6 +318,7 @@ fn main() -> anyhow::Result<()> {
                 serve::Options {
                     store,
                     segment_size: segment_size.max(1 << 20),
+                    seal_after,
                     retention: retention::Retention {
                         max_age: retention,
                         max_size: max_store_size,

@@ -31,6 +31,8 @@ use crate::retention::{self, Retention};
 pub struct Options {
     pub store: PathBuf,
     pub segment_size: u64,
+    /// Seal a segment once its first record is this old.
+    pub seal_after: Option<Duration>,
     pub retention: Retention,
     /// A proxy silent this long (no batch, no keepalive) is gone.
     pub link_timeout: Duration,
@@ -381,7 +383,8 @@ fn run_session(
             opts.segment_size,
             slot.head_applied.clone(),
         ) {
-            Ok((g, known)) => {
+            Ok((mut g, known)) => {
+                g.set_seal_after(opts.seal_after);
                 slot.stats.damaged.store(false, Ordering::Relaxed);
                 info!(
                     group = %hello.group,
@@ -557,7 +560,8 @@ fn ingest_loop(
     let mut last_sent = Instant::now();
     let mut acked = group.durable_seq;
     loop {
-        let body = match rx.recv_timeout(keepalive) {
+        // Wakes at least every second while idle: status, keepalives, sealing by age.
+        let body = match rx.recv_timeout(keepalive.min(Duration::from_secs(1))) {
             Ok(body) => body,
             Err(RecvTimeoutError::Timeout) => {
                 if last_sent.elapsed() >= keepalive {
@@ -565,6 +569,7 @@ fn ingest_loop(
                     last_sent = Instant::now();
                 }
                 if last_status.elapsed() >= Duration::from_secs(1) {
+                    group.seal_if_due();
                     write_status(group, Some(peer), stats);
                     last_status = Instant::now();
                 }

@@ -65,7 +65,7 @@ pub fn open_point(
                     bases.push((v.name.clone(), remote.base(v, i as u64)?));
                 }
             }
-            return views(history, seq, disk, overlay, group, |v| {
+            let opened = views(history, seq, disk, overlay, group, |v| {
                 let i = bases
                     .iter()
                     .position(|(n, _)| *n == v.name)
@@ -76,7 +76,9 @@ pub fn open_point(
                         )
                     })?;
                 Ok(Base::Bucket(bases.swap_remove(i).1))
-            });
+            })?;
+            remote.start_hydrate(format!("group {group} from {}", remote.location));
+            return Ok(opened);
         }
     };
     let dir = group_dir(store, group)?;

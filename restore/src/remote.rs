@@ -25,18 +25,24 @@ use cache::{Blocks, Check, Pool, RemoteObject, BLOCK};
 /// Where restore reads a bucket's objects from and keeps them.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CacheArgs {
-    /// With an s3:// --store: keep the small objects a point needs to open (segment indexes,
-    /// chunk tables, checksums) in DIR, so opening a point again fetches none of them. Each is
-    /// checked again at every use. [default: fetched at every start]
+    /// With an s3:// --store: the directory for what is fetched from the bucket: the small
+    /// objects a point needs to open (segment indexes, chunk tables, checksums; kept, and
+    /// checked again at every use) and the block cache file (removed at exit)
+    /// [default: $XDG_CACHE_HOME/cdp-restore, else ~/.cache/cdp-restore].
     #[arg(long, value_name = "DIR", help_heading = "S3")]
     pub cache: Option<PathBuf>,
-    /// With an s3:// --store: memory for the blocks of segments and base images read from the
-    /// bucket (least recently used go first), e.g. 256M, 2G.
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = journal::units::parse_size, help_heading = "S3")]
+    /// With an s3:// --store: disk space the block cache may fill with segment and base blocks
+    /// read from the bucket (least recently used go first), e.g. 2G, 64G.
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = journal::units::parse_size, help_heading = "S3")]
     pub cache_size: u64,
     /// With an s3:// --store: range GETs in flight at once.
     #[arg(long, value_name = "N", default_value_t = 8, help_heading = "S3")]
     pub fetchers: usize,
+    /// With an s3:// --store: fetch only what is read (and read ahead), not everything the
+    /// point may read in the background. Saves requests and transfer when only a few files
+    /// are wanted; a VM running from the export stays as slow as the bucket.
+    #[arg(long, help_heading = "S3")]
+    pub no_hydrate: bool,
     #[command(flatten)]
     pub s3: bucket::Settings,
 }
@@ -73,8 +79,10 @@ impl std::fmt::Display for Store {
 pub struct Remote {
     pub location: Location,
     blocks: Arc<Blocks>,
-    /// Where small objects are kept (a directory per bucket and prefix), if anywhere.
+    /// Where small objects are kept (a directory per bucket and prefix).
     small: Option<PathBuf>,
+    hydrate: bool,
+    fetchers: usize,
 }
 
 /// One disk's base image in the bucket: its chunk objects, read through the cache in blocks
@@ -94,27 +102,37 @@ impl Remote {
     fn open(location: Location, args: &CacheArgs) -> anyhow::Result<Remote> {
         let pool = Pool::start(&location, &args.s3, args.fetchers)?;
         pool.call(|b| b.check())?;
-        let small = match &args.cache {
-            Some(root) => {
-                let id = bucket::sha256_hex(
-                    format!(
-                        "{}\n{location}",
-                        args.s3.s3_endpoint.as_deref().unwrap_or("")
-                    )
-                    .as_bytes(),
-                );
-                let dir = root.join(&id[..16]);
-                fs::create_dir_all(&dir)
-                    .with_context(|| format!("create cache {}", dir.display()))?;
-                Some(dir)
-            }
-            None => None,
+        let root = match &args.cache {
+            Some(c) => c.clone(),
+            None => default_cache()?,
         };
+        let id = bucket::sha256_hex(
+            format!(
+                "{}\n{location}",
+                args.s3.s3_endpoint.as_deref().unwrap_or("")
+            )
+            .as_bytes(),
+        );
+        let dir = root.join(&id[..16]);
+        fs::create_dir_all(&dir).with_context(|| format!("create cache {}", dir.display()))?;
         Ok(Remote {
             location,
-            blocks: Blocks::new(pool, args.cache_size as usize),
-            small,
+            blocks: Blocks::new(pool, &dir, args.cache_size)?,
+            small: Some(dir),
+            hydrate: !args.no_hydrate,
+            fetchers: args.fetchers,
         })
+    }
+
+    /// Starts fetching every block of what is open in the background (unless --no-hydrate).
+    pub fn start_hydrate(&self, what: String) {
+        if self.hydrate {
+            self.blocks.hydrate(
+                self.blocks.all(),
+                self.fetchers.saturating_sub(2).max(1),
+                what,
+            );
+        }
     }
 
     fn pool(&self) -> &Arc<Pool> {
@@ -308,6 +326,16 @@ impl Remote {
     }
 }
 
+fn default_cache() -> anyhow::Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("cdp-restore"));
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => Ok(PathBuf::from(h).join(".cache/cdp-restore")),
+        None => bail!("no HOME: give --cache DIR for what is fetched from the bucket"),
+    }
+}
+
 impl RemoteBase {
     /// The object and block that hold checksum chunk `c` of the image (None: zeroes).
     fn block_of(&self, c: u64) -> Option<(u32, u64)> {
@@ -327,11 +355,7 @@ impl RemoteBase {
             let dst = &mut out[(pos - at) as usize..][..n as usize];
             match self.block_of(c) {
                 None => dst.fill(0),
-                Some((id, b)) => {
-                    let data = self.blocks.get(id, b)?;
-                    let from = (pos - c * BLOCK) as usize;
-                    dst.copy_from_slice(&data[from..from + n as usize]);
-                }
+                Some(k) => self.blocks.read(k, pos - c * BLOCK, dst)?,
             }
             self.blocks.ahead(self.stream, c, |i| {
                 (c + i < last).then(|| self.block_of(c + i)).flatten()
@@ -339,6 +363,13 @@ impl RemoteBase {
             pos += n;
         }
         Ok(())
+    }
+
+    /// Bytes `at..at + len` will be read soon: start fetching their blocks.
+    pub fn prefetch(&self, at: u64, len: u64) {
+        let end = (at + len).min(self.size);
+        self.blocks
+            .want((at / BLOCK..end.div_ceil(BLOCK)).filter_map(|c| self.block_of(c)));
     }
 
     /// Whether byte `pos` lies in a chunk the bucket holds (else the base is zeroes there),

@@ -36,7 +36,7 @@ pub struct BootArgs {
         long,
         value_name = "ARGS",
         requires = "kernel",
-        default_value = "console=ttyS0 panic=-1"
+        default_value = "console=ttyS0 panic=-1 no_timer_check"
     )]
     pub append: String,
     /// kvm, tcg, or auto (KVM when it boots, else TCG).

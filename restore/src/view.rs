@@ -55,6 +55,17 @@ impl Sources {
         })
     }
 
+    /// The record at `pos` of segment `segment` will be read soon (unless cached already).
+    fn prefetch(&self, segment: u32, pos: u64, len: u32) {
+        let cached = {
+            let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            c.entries.contains_key(&(segment, pos))
+        };
+        if let (false, Some(f)) = (cached, self.segments.get(segment as usize)) {
+            f.prefetch(pos, u64::from(len));
+        }
+    }
+
     /// The checked payload of the record at `pos` of segment `segment` (`len` bytes long with
     /// its header, as the index says): one read, then the record and payload checksums.
     fn payload(&self, segment: u32, pos: u64, len: u32) -> io::Result<Arc<Vec<u8>>> {
@@ -193,6 +204,12 @@ pub enum Base {
 }
 
 impl Base {
+    fn prefetch(&self, at: u64, len: u64) {
+        if let Base::Bucket(b) = self {
+            b.prefetch(at, len);
+        }
+    }
+
     fn read(&self, at: u64, out: &mut [u8]) -> io::Result<()> {
         match self {
             Base::Local { file, check } => check.read(file, at, out),
@@ -268,6 +285,18 @@ impl PointView {
     pub fn read_point(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let mut pieces = Vec::new();
         self.map.lookup(offset, buf.len() as u64, &mut pieces);
+        if pieces.len() > 1 {
+            // A store in a bucket fetches what the read needs at once, not piece by piece.
+            for &(at, len, source) in &pieces {
+                match source {
+                    Source::Base => self.base.prefetch(at, len),
+                    Source::Record {
+                        segment, len, pos, ..
+                    } => self.sources.prefetch(segment, pos, len),
+                    Source::Zero => {}
+                }
+            }
+        }
         for (at, len, source) in pieces {
             let out = &mut buf[(at - offset) as usize..(at - offset + len) as usize];
             match source {

@@ -94,13 +94,20 @@ struct Setup {
 
 impl Setup {
     fn start() -> Setup {
+        Setup::start_with(&[])
+    }
+
+    /// With more flags for `replicator serve`.
+    fn start_with(more: &[&str]) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let s3 = Seaweed::start("cdp").expect("start SeaweedFS");
         let images = [dir.path().join("a.img"), dir.path().join("b.img")];
         make_image(&images[0], 4 * MIB, &[]).unwrap();
         make_image(&images[1], 8 * MIB, &[]).unwrap();
         let metrics = format!("127.0.0.1:{}", free_port());
-        let rep = start_replicator(&dir, &s3, &["--metrics", &metrics]);
+        let mut flags = vec!["--metrics", metrics.as_str()];
+        flags.extend(more);
+        let rep = start_replicator(&dir, &s3, &flags);
         let proxy = start_proxy(
             dir.path(),
             &rep.addr,
@@ -268,6 +275,25 @@ fn restore_from_the_bucket_equals_the_disk() {
     )
     .unwrap();
     assert!(export.read_disk("a", s.dir.path()).unwrap() == expected);
+    drop(export);
+
+    // Both disks at the bucket's last point, through a cache far smaller than what is read
+    // (blocks are evicted and fetched again) and without the background fetch, equal the
+    // staging store's export of the same point.
+    let at = format!("seq:{uploaded}");
+    let mut small = extra.clone();
+    small.extend(["--cache-size", "1M", "--no-hydrate", "--fetchers", "2"]);
+    let bucket = Export::start(Path::new(&url), &at, &s.dir.path().join("s.sock"), &small).unwrap();
+    let staging = s.dir.path().join("staging");
+    let local = Export::start(&staging, &at, &s.dir.path().join("l.sock"), &[]).unwrap();
+    for d in ["a", "b"] {
+        let from_bucket = bucket.read_disk(d, s.dir.path()).unwrap();
+        assert!(
+            from_bucket == local.read_disk(d, s.dir.path()).unwrap(),
+            "disk {d} at seq {uploaded}: the bucket's export equals the staging store's"
+        );
+    }
+    drop((bucket, local));
 
     // What status shows of the upload.
     let (ok, text) = cli(
@@ -291,6 +317,24 @@ fn restore_from_the_bucket_equals_the_disk() {
     assert_eq!(scrape.value("replicator_upload_failing", &g), Some(0.0));
     assert!(scrape.value("replicator_local_only_bytes", &g).is_some());
     s.rep.assert_no_errors_but(&[]).unwrap();
+}
+
+/// With --seal-after, a segment is sealed once its first record is that old, so the bucket
+/// gets a write soon even when no more come (else the open segment stays local for good).
+#[test]
+fn an_idle_segment_is_sealed_by_age_and_uploaded() {
+    let s = Setup::start_with(&["--seal-after", "1s"]);
+    s.write("a", &["write -P 0x42 0 64k"]);
+    let status = wait_caught_up(&s.dir.path().join("ctl"), CAUGHT_UP).unwrap();
+    let seq = status["captured_seq"].as_u64().unwrap();
+    let g = s.staging();
+    wait_for("the idle segment sealed and uploaded", CAUGHT_UP, || {
+        upload_status(&g)?["uploaded_seq"].as_u64().filter(|&u| u >= seq)
+    })
+    .unwrap_or_else(|e| panic!("{e}: upload.json {:?}", upload_status(&g)));
+    let (ok, text, out) = s.materialize("a", "latest", "a-idle.img");
+    assert!(ok, "{text}");
+    assert!(read_file(&out) == read_file(&s.images[0]));
 }
 
 /// A damaged byte in a segment in the bucket, inside a record the point serves: restore reads

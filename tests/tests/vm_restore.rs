@@ -147,7 +147,7 @@ fn past_points_boot_with_exactly_their_generations() {
         .arg(images.join("initramfs.gz"))
         .args([
             "--append",
-            "console=ttyS0 quiet panic=-1",
+            "console=ttyS0 quiet panic=-1 no_timer_check",
             "--accel",
             accel.trim(),
         ])

@@ -1,12 +1,15 @@
 //! Range GETs for restore: a pool of fetch threads (each with its own client) and a bounded
-//! cache of checked blocks of the bucket's objects, with read-ahead on sequential access.
+//! cache of checked blocks of the bucket's objects, with read-ahead on sequential access and
+//! (for exports) a background fetch of everything the point may read, so that reads that
+//! would each need a GET (a sequential scan over random records) become local ones.
 //!
 //! A block is [`BLOCK`] bytes of one object. Blocks of base chunks are checked against the
 //! base's checksums (one xxh3-128 per 256 KiB, from a sums object whose sha256 the manifest
 //! names) before they enter the cache; blocks of segments are checked by their reader, record
 //! by record (record crc, seq and length against the index, whose sha256 the manifest names).
-//! So no byte reaches a client unchecked. The cache holds at most its budget of ready blocks
-//! (least recently used go first); blocks being fetched are waited for, never fetched twice.
+//! So no byte reaches a client unchecked. The cache is a sparse file holding at most its budget
+//! of blocks (least recently used go first, never one being read); blocks being fetched are
+//! waited for, never fetched twice.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
@@ -15,7 +18,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
 use bucket::{Bucket, Location, Settings};
 use bytes::Bytes;
 use journal::sums::Sums;
-use tracing::error;
+use tracing::{error, info};
 
 /// The unit of range GETs and of the cache: the base checksums' chunk.
 pub const BLOCK: u64 = journal::wire::HASH_CHUNK;
@@ -131,14 +134,21 @@ struct Object {
     key: String,
     len: u64,
     check: Check,
+    /// Where its blocks go in the cache file.
+    at: u64,
 }
 
-type BlockId = (u32, u64);
+pub type BlockId = (u32, u64);
 
 #[derive(Debug)]
 enum Slot {
     Pending,
-    Ready { data: Bytes, tick: u64 },
+    /// In the cache file; `pins` readers are reading it (it is not evicted meanwhile).
+    Ready {
+        tick: u64,
+        len: u64,
+        pins: u32,
+    },
     Failed(String),
 }
 
@@ -148,30 +158,42 @@ struct State {
     /// Ready blocks by last use.
     lru: BTreeMap<u64, BlockId>,
     tick: u64,
-    bytes: usize,
+    /// Bytes of ready blocks in the cache file.
+    bytes: u64,
     /// Per reader stream (an object, or a base image): the last block read and the window.
     streams: HashMap<u64, (u64, u64)>,
+    /// Fetches submitted by the hydrator and not finished.
+    hydrating: usize,
 }
 
-/// The cache of checked blocks.
+/// The cache of checked blocks: a sparse file (unlinked: gone at exit) at most `budget` bytes
+/// of which hold data; the kernel's page cache keeps the hot ones in memory.
 #[derive(Debug)]
 pub struct Blocks {
     pool: Arc<Pool>,
     objects: RwLock<Vec<Object>>,
+    file: std::fs::File,
     state: Mutex<State>,
     done: Condvar,
-    budget: usize,
+    budget: u64,
 }
 
 impl Blocks {
-    pub fn new(pool: Arc<Pool>, budget: usize) -> Arc<Blocks> {
-        Arc::new(Blocks {
+    /// A cache whose file is made in `dir`.
+    pub fn new(pool: Arc<Pool>, dir: &std::path::Path, budget: u64) -> io::Result<Arc<Blocks>> {
+        let file = tempfile::Builder::new()
+            .prefix("restore-blocks-")
+            .tempfile_in(dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?
+            .into_file();
+        Ok(Arc::new(Blocks {
             pool,
             objects: RwLock::new(Vec::new()),
+            file,
             state: Mutex::new(State::default()),
             done: Condvar::new(),
-            budget: budget.max(4 * BLOCK as usize),
-        })
+            budget: budget.max(4 * BLOCK),
+        }))
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -181,26 +203,67 @@ impl Blocks {
     /// Makes an object readable through the cache; returns its id.
     pub fn add(&self, key: String, len: u64, check: Check) -> u32 {
         let mut o = self.objects.write().unwrap_or_else(|p| p.into_inner());
-        o.push(Object { key, len, check });
+        let at = o.last().map_or(0, |l| l.at + l.len.div_ceil(BLOCK) * BLOCK);
+        o.push(Object {
+            key,
+            len,
+            check,
+            at,
+        });
         (o.len() - 1) as u32
     }
 
-    /// Block `block` of object `id`, fetched (and checked) unless cached.
-    pub fn get(self: &Arc<Self>, id: u32, block: u64) -> io::Result<Bytes> {
+    /// Every block of every object, in the order they were added.
+    pub fn all(&self) -> Vec<BlockId> {
+        let o = self.objects.read().unwrap_or_else(|p| p.into_inner());
+        o.iter()
+            .enumerate()
+            .flat_map(|(i, ob)| (0..ob.len.div_ceil(BLOCK)).map(move |b| (i as u32, b)))
+            .collect()
+    }
+
+    fn place(&self, (id, block): BlockId) -> u64 {
+        self.objects.read().unwrap_or_else(|p| p.into_inner())[id as usize].at + block * BLOCK
+    }
+
+    /// Copies `dst.len()` bytes from byte `from` of block `block` of object `id`, fetching
+    /// (and checking) the block unless the cache holds it.
+    pub fn read(
+        self: &Arc<Self>,
+        (id, block): BlockId,
+        from: u64,
+        dst: &mut [u8],
+    ) -> io::Result<()> {
         let k = (id, block);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            match st.slots.get(&k) {
-                Some(Slot::Ready { data, tick }) => {
-                    let (data, old) = (data.clone(), *tick);
+            match st.slots.get_mut(&k) {
+                Some(Slot::Ready { tick, len, pins }) => {
+                    if from + dst.len() as u64 > *len {
+                        return Err(io::Error::other(format!(
+                            "a read past the end of block {block} of an object"
+                        )));
+                    }
+                    *pins += 1;
+                    let old = *tick;
                     st.tick += 1;
                     let t = st.tick;
-                    st.lru.remove(&old);
-                    st.lru.insert(t, k);
                     if let Some(Slot::Ready { tick, .. }) = st.slots.get_mut(&k) {
                         *tick = t;
                     }
-                    return Ok(data);
+                    st.lru.remove(&old);
+                    st.lru.insert(t, k);
+                    drop(st);
+                    let r = std::os::unix::fs::FileExt::read_exact_at(
+                        &self.file,
+                        dst,
+                        self.place(k) + from,
+                    );
+                    let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(Slot::Ready { pins, .. }) = st.slots.get_mut(&k) {
+                        *pins -= 1;
+                    }
+                    return r;
                 }
                 Some(Slot::Pending) => {
                     st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -213,8 +276,19 @@ impl Blocks {
                 }
                 None => {
                     st.slots.insert(k, Slot::Pending);
-                    self.fetch(k, false);
+                    self.fetch(k, false, false);
                 }
+            }
+        }
+    }
+
+    /// Starts fetching blocks a reader is about to need (those not cached or coming).
+    pub fn want(self: &Arc<Self>, blocks: impl IntoIterator<Item = BlockId>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for k in blocks {
+            if !st.slots.contains_key(&k) {
+                st.slots.insert(k, Slot::Pending);
+                self.fetch(k, false, false);
             }
         }
     }
@@ -234,32 +308,89 @@ impl Blocks {
             let Some(k) = next(i) else { continue };
             if !st.slots.contains_key(&k) {
                 st.slots.insert(k, Slot::Pending);
-                self.fetch(k, true);
+                self.fetch(k, true, false);
             }
         }
     }
 
-    fn fetch(self: &Arc<Self>, k: BlockId, ahead: bool) {
+    /// Fetches `order` in the background, `parallel` at a time and behind what readers wait
+    /// for, until every block is cached or the cache is full. Logs what it did.
+    pub fn hydrate(self: &Arc<Self>, order: Vec<BlockId>, parallel: usize, what: String) {
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("hydrate".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let mut fetched = 0u64;
+                let mut full = false;
+                for k in order {
+                    let mut st = me.state.lock().unwrap_or_else(|p| p.into_inner());
+                    while st.hydrating >= parallel.max(1) {
+                        st = me.done.wait(st).unwrap_or_else(|p| p.into_inner());
+                    }
+                    if st.slots.contains_key(&k) {
+                        continue;
+                    }
+                    if st.bytes + BLOCK > me.budget {
+                        full = true;
+                        break;
+                    }
+                    st.slots.insert(k, Slot::Pending);
+                    st.hydrating += 1;
+                    fetched += 1;
+                    me.fetch(k, true, true);
+                }
+                let mut st = me.state.lock().unwrap_or_else(|p| p.into_inner());
+                while st.hydrating > 0 {
+                    st = me.done.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                let held = st.bytes;
+                drop(st);
+                info!(
+                    "{what}: fetched {} MiB more in {:.1} s; the cache holds {} MiB{}",
+                    fetched * BLOCK >> 20,
+                    started.elapsed().as_secs_f64(),
+                    held >> 20,
+                    if full {
+                        " and is full (--cache-size): the rest is fetched when read"
+                    } else {
+                        ", all of it"
+                    }
+                );
+            });
+        if let Err(e) = spawned {
+            error!("cannot start fetching in the background: {e}");
+        }
+    }
+
+    fn fetch(self: &Arc<Self>, k: BlockId, ahead: bool, hydrating: bool) {
         let me = self.clone();
         self.pool.submit(
             Box::new(move |bucket| {
-                let r = me.load(bucket, k);
+                let r = me.load(bucket, k).and_then(|data| {
+                    std::os::unix::fs::FileExt::write_all_at(&me.file, &data, me.place(k))
+                        .map_err(|e| format!("write the restore cache: {e}"))?;
+                    Ok(data.len() as u64)
+                });
                 let mut st = me.state.lock().unwrap_or_else(|p| p.into_inner());
+                if hydrating {
+                    st.hydrating -= 1;
+                }
                 match r {
-                    Ok(data) => {
+                    Ok(len) => {
                         st.tick += 1;
                         let t = st.tick;
-                        st.bytes += data.len();
+                        st.bytes += len;
                         st.lru.insert(t, k);
-                        st.slots.insert(k, Slot::Ready { data, tick: t });
-                        while st.bytes > me.budget {
-                            let Some((_, old)) = st.lru.pop_first() else {
-                                break;
-                            };
-                            if let Some(Slot::Ready { data, .. }) = st.slots.remove(&old) {
-                                st.bytes -= data.len();
-                            }
-                        }
+                        st.slots.insert(
+                            k,
+                            Slot::Ready {
+                                tick: t,
+                                len,
+                                pins: 0,
+                            },
+                        );
+                        me.evict(&mut st);
                     }
                     Err(why) => {
                         error!("{why}; reads of it fail with EIO, nothing of it is served");
@@ -271,6 +402,28 @@ impl Blocks {
             }),
             ahead,
         );
+    }
+
+    /// Drops the least recently used blocks no reader holds until the cache fits its budget.
+    fn evict(&self, st: &mut State) {
+        let mut skipped = Vec::new();
+        while st.bytes > self.budget {
+            let Some((t, old)) = st.lru.pop_first() else {
+                break;
+            };
+            match st.slots.get(&old) {
+                Some(Slot::Ready { pins: 0, len, .. }) => {
+                    let len = *len;
+                    st.slots.remove(&old);
+                    st.bytes -= len;
+                    if let Err(e) = journal::read::punch(&self.file, self.place(old), len) {
+                        error!("free restore cache space: {e}");
+                    }
+                }
+                _ => skipped.push((t, old)),
+            }
+        }
+        st.lru.extend(skipped);
     }
 
     /// One range GET, checked.
@@ -318,22 +471,39 @@ pub struct RemoteObject {
     pub len: u64,
 }
 
+impl RemoteObject {
+    fn blocks_of(&self, pos: u64, len: u64) -> impl Iterator<Item = BlockId> + '_ {
+        let end = (pos + len).min(self.len);
+        (pos / BLOCK..end.div_ceil(BLOCK)).map(|b| (self.id, b))
+    }
+}
+
 impl journal::read::Blob for RemoteObject {
     fn read_up_to(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
         let end = (pos + buf.len() as u64).min(self.len);
+        // Every block of the range at once: they arrive in parallel.
+        self.blocks
+            .want(self.blocks_of(pos, buf.len() as u64).skip(1));
+        let last = self.len.div_ceil(BLOCK);
         let mut at = pos;
         while at < end {
             let b = at / BLOCK;
-            let data = self.blocks.get(self.id, b)?;
-            let last = self.len.div_ceil(BLOCK);
+            let from = at - b * BLOCK;
+            let n = (end - at).min(BLOCK - from);
+            self.blocks.read(
+                (self.id, b),
+                from,
+                &mut buf[(at - pos) as usize..][..n as usize],
+            )?;
             self.blocks.ahead(u64::from(self.id), b, |i| {
                 (b + i < last).then_some((self.id, b + i))
             });
-            let from = (at - b * BLOCK) as usize;
-            let n = ((end - at) as usize).min(data.len() - from);
-            buf[(at - pos) as usize..][..n].copy_from_slice(&data[from..from + n]);
-            at += n as u64;
+            at += n;
         }
         Ok(end.saturating_sub(pos) as usize)
+    }
+
+    fn prefetch(&self, pos: u64, len: u64) {
+        self.blocks.want(self.blocks_of(pos, len));
     }
 }
