@@ -284,6 +284,9 @@ fn main() -> anyhow::Result<()> {
             // Before listening: a proxy is only served once its group's base is whole.
             retention::finish_interrupted_folds(&store);
             if let Some(bucket) = bucket {
+                // Before listening: a group the bucket holds and this staging store lacks is
+                // rebuilt from the bucket before a proxy of it is served.
+                upload::prepare(&store, &bucket)?;
                 upload::start(upload::Options {
                     store: store.clone(),
                     bucket,
