@@ -4,6 +4,8 @@
 //! owns a current-thread runtime, so it is used from threads that are not in a runtime). Its
 //! errors say what to fix (credentials, bucket, endpoint). [`manifest`] is the format: the
 //! per-group manifest, the commit point, and the keys of the immutable objects it names.
+//! [`fetch`] copies what a manifest names into a local directory with a store's layout, each
+//! object checked first (restore's cache; a replicator taking a group over onto a new machine).
 //!
 //! ```text
 //! s3://BUCKET/PREFIX/<group>/manifest.json                       the commit point (conditional PUT)
@@ -13,6 +15,7 @@
 //!                   <group>/base/<volume>/<sha256>.sums          the base image's chunk checksums
 //! ```
 
+pub mod fetch;
 pub mod manifest;
 
 use std::ops::Range;

@@ -489,6 +489,41 @@ impl JournalWriter {
     }
 }
 
+/// Starts the journal's writing end after sealed segments that came from elsewhere (a group
+/// rebuilt from a bucket): an empty segment at `last_seq + 1` and a checkpoint naming every
+/// record up to `last_seq` durable, as a rotation leaves them. The journal must have no
+/// checkpoint and no segment at `last_seq + 1` yet.
+pub fn begin_after(dir: &GroupDir, last_seq: u64, last_time_ns: u64) -> io::Result<()> {
+    if dir.checkpoint_path().exists() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{}: the journal has a checkpoint already",
+                dir.checkpoint_path().display()
+            ),
+        ));
+    }
+    if dir.segment_path(last_seq + 1).path.exists() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("a segment at seq {} is there already", last_seq + 1),
+        ));
+    }
+    let (file, current) = new_segment(dir, last_seq + 1)?;
+    drop(file);
+    CheckpointFile::create(
+        dir,
+        Checkpoint {
+            counter: 0,
+            segment: current.first_seq,
+            len: SEGMENT_HEADER_LEN as u64,
+            last_seq,
+            last_time_ns,
+        },
+    )?;
+    Ok(())
+}
+
 /// Creates the segment that starts at `first_seq`, its header synced: written under a
 /// temporary name and renamed, so a failure leaves no segment behind (a stray empty segment
 /// would make the one being written look sealed to retention).

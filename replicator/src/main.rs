@@ -294,6 +294,9 @@ fn main() -> anyhow::Result<()> {
                 .or(bucket.is_some().then_some(Duration::from_secs(60)))
                 .map(|a| a.max(Duration::from_secs(1)));
             if let Some(bucket) = bucket {
+                // Before listening: a group the bucket holds and this staging store lacks is
+                // rebuilt from the bucket before a proxy of it is served.
+                upload::prepare(&store, &bucket)?;
                 upload::start(upload::Options {
                     store: store.clone(),
                     bucket,

@@ -8,10 +8,15 @@
 //! each sealed segment after the bucket's last seq: segment, index, manifest. A pin at the
 //! uploaded seq keeps retention from folding what is not in the bucket yet. Objects are
 //! written if absent, so a retry after a crash or a lost reply never doubles one; the manifest
-//! names each segment once.
+//! names each segment once. Before `serve` listens, [`prepare`] rebuilds from the bucket each
+//! group the staging store lacks (a takeover onto a new machine) and refuses a staging store
+//! that is behind the bucket.
 
 mod base;
 mod gc;
+mod takeover;
+
+pub use takeover::prepare;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -74,10 +74,21 @@ impl Replicator {
 
     /// Starts it with `--store URL --staging STAGING` (a store on S3).
     pub fn start_s3(staging: &Path, url: &str, extra: &[&str]) -> anyhow::Result<Replicator> {
+        Replicator::start_s3_on(&format!("127.0.0.1:{}", free_port()), staging, url, extra)
+    }
+
+    /// [`Replicator::start_s3`] listening on `addr` (where a replicator that is gone listened:
+    /// its proxy reconnects there).
+    pub fn start_s3_on(
+        addr: &str,
+        staging: &Path,
+        url: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Replicator> {
         let mut r = Replicator {
             child: None,
             store: staging.to_owned(),
-            addr: format!("127.0.0.1:{}", free_port()),
+            addr: addr.to_owned(),
             log: staging.with_extension("replicator.log"),
             extra: ["--staging", &staging.display().to_string()]
                 .into_iter()

@@ -219,3 +219,33 @@ impl Drop for Seaweed {
         self.kill();
     }
 }
+
+/// `GROUP/upload.json` of a staging store, as JSON.
+pub fn upload_status(g: &journal::store::GroupDir) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(g.path.join("upload.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The last seq of the newest sealed segment of a staging store (0: none).
+pub fn sealed_last_seq(g: &journal::store::GroupDir) -> Option<u64> {
+    let mut segments = g.segments().ok()?;
+    segments.pop(); // the open one
+    let last = segments.last().map(|s| s.load_index());
+    match last {
+        None => Some(0),
+        Some(Ok((entries, _))) => entries.last().map(|e| e.seq),
+        Some(Err(_)) => None,
+    }
+}
+
+/// The manifest of group g under prefix `cdp` (checked), and its ETag.
+pub fn manifest_of_g(s3: &Seaweed) -> (bucket::manifest::Manifest, String) {
+    let (bytes, etag) = s3
+        .client()
+        .expect("a client")
+        .get("cdp/g/manifest.json")
+        .expect("get the manifest")
+        .expect("a manifest");
+    let m = bucket::manifest::Manifest::decode(&bytes, "manifest").expect("a good manifest");
+    (m, etag)
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bucket::{Bucket, Error, Location};
 use journal::store::GroupDir;
 use tests::cdp::*;
-use tests::s3::{Seaweed, ACCESS_KEY};
+use tests::s3::{sealed_last_seq, upload_status, Seaweed, ACCESS_KEY};
 use tests::{make_image, read_file, wait_for};
 
 fn client(s: &Seaweed, bucket: &str, secret: &str) -> Bucket {
@@ -196,23 +196,6 @@ fn start_replicator(dir: &tempfile::TempDir, s3: &Seaweed, more: &[&str]) -> Rep
     let flags = s3.flags();
     extra.extend(flags.iter().map(String::as_str));
     Replicator::start_s3(&dir.path().join("staging"), &s3.url("cdp"), &extra).unwrap()
-}
-
-fn upload_status(g: &GroupDir) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(g.path.join("upload.json")).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-/// The last seq of the newest sealed segment (0: none).
-fn sealed_last_seq(g: &GroupDir) -> Option<u64> {
-    let mut segments = g.segments().ok()?;
-    segments.pop(); // the open one
-    let last = segments.last().map(|s| s.load_index());
-    match last {
-        None => Some(0),
-        Some(Ok((entries, _))) => entries.last().map(|e| e.seq),
-        Some(Err(_)) => None,
-    }
 }
 
 /// Replicate, upload, restore from the bucket: materialize and an export read by qemu-img
@@ -486,13 +469,7 @@ fn wrong_credentials_and_a_missing_bucket_are_refused_clearly() {
 
 /// The bucket's manifest of group g, checked.
 fn bucket_manifest(s3: &Seaweed) -> bucket::manifest::Manifest {
-    let (bytes, _) = s3
-        .client()
-        .unwrap()
-        .get("cdp/g/manifest.json")
-        .unwrap()
-        .unwrap();
-    bucket::manifest::Manifest::decode(&bytes, "manifest").unwrap()
+    tests::s3::manifest_of_g(s3).0
 }
 
 /// A second replicator that takes the group over in the bucket (from a copy of the staging

@@ -240,3 +240,49 @@ fn appends_must_continue_the_sequence() {
         (0, SEGMENT_HEADER_LEN as u64)
     );
 }
+
+/// Sealed segments copied in from elsewhere (a group rebuilt from a bucket), then
+/// `begin_after`: the writer opens after the last of them and the next record is the one after.
+#[test]
+fn begin_after_copied_segments() {
+    let from = tempfile::tempdir().unwrap();
+    let src = group(&from);
+    let (mut w, _) = open(&src, 1024).unwrap();
+    commit(&mut w, 1..=20);
+    drop(w);
+    let mut sealed: Vec<_> = src.segments().unwrap();
+    sealed.pop(); // the open one
+    let last = sealed
+        .last()
+        .unwrap()
+        .load_index()
+        .unwrap()
+        .0
+        .last()
+        .unwrap()
+        .seq;
+
+    let to = tempfile::tempdir().unwrap();
+    let g = group(&to);
+    for s in &sealed {
+        let dst = g.segment_path(s.first_seq);
+        fs::copy(&s.path, &dst.path).unwrap();
+        fs::copy(s.index_path(), dst.index_path()).unwrap();
+    }
+    begin_after(&g, last, last).unwrap();
+    assert!(begin_after(&g, last, last).is_err(), "only once");
+    let (mut w, report) = open(&g, 1024).unwrap();
+    assert_eq!((report.last_seq, report.durable_seq), (last, last));
+    assert_eq!(report.last_time_ns, last);
+    assert!(report.cut.is_none());
+    for s in &sealed {
+        assert!(
+            s.index_path().is_file(),
+            "sealed segments keep their indexes"
+        );
+    }
+    commit(&mut w, last + 1..=last + 3);
+    drop(w);
+    let (_, report) = open(&g, 1024).unwrap();
+    assert_eq!(report.last_seq, last + 3);
+}
