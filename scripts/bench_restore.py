@@ -38,14 +38,14 @@ def fio(uri, rw, bs, qd, runtime, out, extra=()):
     return job
 
 
-def first_byte_ms(store, sock, log):
-    """Starts `restore export --at latest` and returns (ms to the first byte read, process)."""
+def first_byte_ms(store, sock, log, at="latest"):
+    """Starts `restore export --at AT` and returns (ms to the first byte read, process)."""
     import nbd  # python3-libnbd
     if os.path.exists(sock):
         os.remove(sock)
     t0 = time.perf_counter()
     proc = subprocess.Popen([f"{BIN}/restore", "export", "--store", store, "--group", "bench",
-                             "--at", "latest", "--socket", sock], stdout=log, stderr=log)
+                             "--at", at, "--socket", sock], stdout=log, stderr=log)
     while True:
         if proc.poll() is not None:
             sys.exit("restore export exited; see its log")

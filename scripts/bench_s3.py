@@ -10,7 +10,9 @@ bucket holds (the same seq from both stores):
   * upload: how long after the last acknowledged write the bucket holds every sealed segment;
   * time from starting `restore export` to the first byte a client (libnbd) reads, from the
     bucket (nothing cached: indexes fetched each time) and from the staging store;
-  * fio 1M sequential read QD8 and 4k randread QD32 from both exports, in one run, as ratios;
+  * fio 1M sequential read QD8 from both exports right after they open (the bucket's export
+    is still fetching the point in the background), then, once that is done, 1M sequential
+    read QD8 and 4k randread QD32 again, in one run, as ratios;
   * peak RSS of the bucket's export.
 
 Usage: scripts/bench_s3.py [--size 10G] [--records 1000000] [--runtime 10] [--out FILE] [--quick]
@@ -27,7 +29,7 @@ import tempfile
 import time
 
 from benchlib import BIN, ROOT, caught_up, peak_rss_mib, proxy_status, wait
-from bench_restore import fio
+from bench_restore import fio, first_byte_ms
 
 WEED = os.environ.get("CDP_WEED", os.path.join(ROOT, "target/seaweedfs/venv/bin/weed"))
 KEY, SECRET = "cdpbenchkey", "cdpbenchsecret0123456789"
@@ -92,28 +94,6 @@ def upload_status(store):
         if "bench" in (g.get("name"), g.get("group")):
             return g.get("upload")
     return None
-
-
-def first_byte_ms(store, at, sock, log, extra=()):
-    """Starts `restore export`; (ms until a libnbd client has read its first byte, process)."""
-    import nbd  # python3-libnbd
-    if os.path.exists(sock):
-        os.remove(sock)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([f"{BIN}/restore", "export", "--store", store, "--group", "bench",
-                             "--at", at, "--socket", sock, *extra], stdout=log, stderr=log)
-    while True:
-        if proc.poll() is not None:
-            sys.exit("restore export exited; see its log")
-        try:
-            h = nbd.NBD()
-            h.connect_uri(f"nbd+unix:///d?socket={sock}")
-            h.pread(4096, 0)
-            ms = (time.perf_counter() - t0) * 1000
-            h.shutdown()
-            return ms, proc
-        except nbd.Error:
-            time.sleep(0.002)
 
 
 def main():
@@ -183,9 +163,11 @@ def main():
         at = f"seq:{seq}"
         firsts = {"bucket": [], "staging": []}
         exports = {}
+        bucket_log = f"{work}/export-bucket.log"
         for i in range(3):
             for name, store in [("bucket", url), ("staging", staging)]:
-                ms, exp = first_byte_ms(store, at, f"{work}/{name}.sock", log)
+                out = open(bucket_log, "w") if (i, name) == (2, "bucket") else log
+                ms, exp = first_byte_ms(store, f"{work}/{name}.sock", out, at)
                 firsts[name].append(ms)
                 if i < 2:
                     exp.send_signal(signal.SIGTERM)
@@ -193,17 +175,53 @@ def main():
                 else:
                     exports[name] = exp
                     procs.append(exp)
+        opened = time.time()
         rss_first = peak_rss_mib(exports["bucket"].pid)
-        rows = []
-        for label, rw, bs, qd, unit in [("1M read QD8", "read", "1M", 8, "MiB/s"),
-                                        ("4k randread QD32", "randread", "4k", 32, "IOPS")]:
+
+        def row(label, rw, bs, qd, unit):
             vals = {}
             for name in ["bucket", "staging"]:
                 job = fio(f"nbd+unix:///d?socket={work}/{name}.sock", rw, bs, qd, a.runtime,
                           f"{work}/{name}.json")
                 vals[name] = job["read"]["iops"] if unit == "IOPS" else job["read"]["bw"] / 1024
-            rows.append((label, unit, vals["bucket"], vals["staging"]))
+            return (label, unit, vals["bucket"], vals["staging"])
+
+        # Cold: right after the export opened, while it fetches the point in the background.
+        rows = [row("1M read QD8, cold (while the point is fetched)", "read", "1M", 8, "MiB/s")]
+
+        def hydrated():
+            with open(bucket_log) as f:
+                for line in f:
+                    if "the cache holds" in line:
+                        return line.strip()
+            return None
+        done_line = wait(hydrated, "the background fetch", 1800)
+        hydrate_s = time.time() - opened
+        rows.append(row("1M read QD8, after the background fetch", "read", "1M", 8, "MiB/s"))
+        rows.append(row("4k randread QD32, after the background fetch", "randread", "4k", 32, "IOPS"))
         rss_after = peak_rss_mib(exports["bucket"].pid)
+        for e in exports.values():
+            e.send_signal(signal.SIGTERM)
+            e.wait()
+
+        # Upload alone: the same staging store uploaded again to an empty prefix (every sealed
+        # segment, nothing else running).
+        rep = subprocess.Popen([f"{BIN}/replicator", "serve", "--listen", f"127.0.0.1:{port}",
+                                "--store", "s3://bench/again", "--staging", staging,
+                                "--insecure", "--upload-interval", "100ms"],
+                               stdout=log, stderr=log)
+        procs.append(rep)
+        t0 = time.time()
+        wait(lambda: (lambda u: u and u.get("bucket", "").endswith("again")
+                      and u["uploaded_seq"] >= seq)(upload_status(staging)), "the upload again", 1800)
+        upload_alone_s = time.time() - t0
+        rep.send_signal(signal.SIGTERM)
+        rep.wait()
+        sealed = sum(os.path.getsize(os.path.join(dp, f))
+                     for dp, _, fs in os.walk(f"{staging}/bench/journal") for f in fs
+                     if f.endswith(".seg")) - os.path.getsize(sorted(
+                         os.path.join(f"{staging}/bench/journal", f)
+                         for f in os.listdir(f"{staging}/bench/journal") if f.endswith(".seg"))[-1])
 
         med = {k: sorted(v)[1] for k, v in firsts.items()}
         lines = [
@@ -222,8 +240,14 @@ def main():
         ]
         for label, unit, b, s in rows:
             lines.append(f"| {label} ({unit}) | {b:,.0f} | {s:,.0f} | {b / s:.2f}x |")
+        lines.append(f"| upload alone: every sealed segment ({sealed / 2**30:.2f} GiB) to an empty "
+                     f"prefix, from the replicator's start | {upload_alone_s:.1f} s "
+                     f"({sealed / 2**20 / upload_alone_s:,.0f} MiB/s) | | |")
+        lines.append(f"| background fetch of the point done (poll granularity ~1 row) | "
+                     f"{hydrate_s:.0f} s after the first byte | | |")
         lines.append(f"| bucket export peak RSS (VmHWM) | {rss_first:.1f} MiB after the first byte, "
                      f"{rss_after:.1f} MiB after the reads | | |")
+        lines += ["", f"Export log: `{done_line.split('restore::remote::cache: ')[-1]}`"]
         text = "\n".join(lines)
         print(text)
         if a.out:

@@ -62,15 +62,16 @@ pub fn fetch(bucket: &Bucket, r: &ObjectRef) -> Result<Vec<u8>, FetchError> {
     Ok(bytes.to_vec())
 }
 
-/// Makes `path` hold object `r`: fetched unless it holds it already (and checks).
-fn cached(bucket: &Bucket, r: &ObjectRef, path: &Path) -> Result<(), FetchError> {
+/// Makes `path` hold object `r`: fetched unless it holds it already (and checks); its bytes.
+pub fn cached(bucket: &Bucket, r: &ObjectRef, path: &Path) -> Result<Vec<u8>, FetchError> {
     if let Ok(bytes) = fs::read(path) {
         if r.check(&bytes).is_ok() {
-            return Ok(());
+            return Ok(bytes);
         }
     }
     let bytes = fetch(bucket, r)?;
-    store::write_file_atomic(path, &bytes).map_err(at(path))
+    store::write_file_atomic(path, &bytes).map_err(at(path))?;
+    Ok(bytes)
 }
 
 /// Makes `dir` hold what `m` names: group.json, base.json, base images and checksums, sealed

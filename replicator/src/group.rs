@@ -287,7 +287,9 @@ impl Group {
         match self.journal.seal_if_due() {
             Ok(true) => tracing::debug!(group = %self.meta.name, "sealed an idle segment"),
             Ok(false) => {}
-            Err(e) => tracing::warn!(group = %self.meta.name, "sealing an idle segment failed: {e}; it is sealed later"),
+            Err(e) => {
+                tracing::warn!(group = %self.meta.name, "sealing an idle segment failed: {e}; it is sealed later")
+            }
         }
     }
 

@@ -141,15 +141,7 @@ impl Remote {
 
     /// Groups in the bucket: prefixes with a manifest.
     pub fn groups(&self) -> anyhow::Result<Vec<String>> {
-        let mut out: Vec<String> = self
-            .pool()
-            .call(|b| b.list(""))?
-            .into_iter()
-            .filter_map(|(k, _)| k.strip_suffix("/manifest.json").map(str::to_owned))
-            .filter(|g| !g.contains('/'))
-            .collect();
-        out.sort();
-        Ok(out)
+        Ok(self.pool().call(bucket::fetch::groups)?)
     }
 
     /// The committed manifest of `group`.
@@ -185,29 +177,15 @@ impl Remote {
         let path = self.small.as_ref().map(|d| d.join(&r.key));
         let r = r.clone();
         self.pool().spawn(move |b| {
-            if let Some(p) = &path {
-                if let Ok(bytes) = fs::read(p) {
-                    if r.check(&bytes).is_ok() {
-                        return Ok(bytes);
+            Ok(match &path {
+                Some(p) => {
+                    if let Some(parent) = p.parent() {
+                        fs::create_dir_all(parent)?;
                     }
+                    bucket::fetch::cached(b, &r, p)?
                 }
-            }
-            let (bytes, _) = b.get(&r.key)?.with_context(|| {
-                format!(
-                    "{} is missing from the bucket, though the manifest names it (a retention \
-                     fold may have removed it since: try again)",
-                    r.key
-                )
-            })?;
-            r.check(&bytes)?;
-            if let Some(p) = &path {
-                if let Some(parent) = p.parent() {
-                    fs::create_dir_all(parent)?;
-                }
-                journal::store::write_file_atomic(p, &bytes)
-                    .with_context(|| format!("write {}", p.display()))?;
-            }
-            Ok(bytes.to_vec())
+                None => bucket::fetch::fetch(b, &r)?,
+            })
         })
     }
 

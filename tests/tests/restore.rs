@@ -433,7 +433,10 @@ fn verify_boots_a_point() {
         .map(|s| s.to_string())
         .collect()
     };
-    let a = args("CDP-GUEST: READY", "console=ttyS0 quiet panic=-1 no_timer_check");
+    let a = args(
+        "CDP-GUEST: READY",
+        "console=ttyS0 quiet panic=-1 no_timer_check",
+    );
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let (ok, out) = cli("restore", &a);
     assert!(ok, "{out}");

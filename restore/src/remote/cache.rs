@@ -24,6 +24,8 @@ use tracing::{error, info};
 pub const BLOCK: u64 = journal::wire::HASH_CHUNK;
 /// Read-ahead grows to this many blocks (4 MiB) while a reader goes on sequentially.
 const AHEAD_MAX: u64 = 16;
+/// Consecutive blocks of an object fetched by one GET, at most (4 MiB).
+const RUN_MAX: u64 = 16;
 
 type Job = Box<dyn FnOnce(&Bucket) + Send>;
 
@@ -276,7 +278,7 @@ impl Blocks {
                 }
                 None => {
                     st.slots.insert(k, Slot::Pending);
-                    self.fetch(k, false, false);
+                    self.fetch(k, 1, false, false);
                 }
             }
         }
@@ -285,12 +287,42 @@ impl Blocks {
     /// Starts fetching blocks a reader is about to need (those not cached or coming).
     pub fn want(self: &Arc<Self>, blocks: impl IntoIterator<Item = BlockId>) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.submit_runs(&mut st, blocks, false, false);
+    }
+
+    /// Marks the blocks of `blocks` that are neither cached nor coming as coming, and fetches
+    /// them, consecutive ones of an object (up to [`RUN_MAX`]) by one GET. The number of GETs.
+    fn submit_runs(
+        self: &Arc<Self>,
+        st: &mut State,
+        blocks: impl IntoIterator<Item = BlockId>,
+        ahead: bool,
+        hydrating: bool,
+    ) -> usize {
+        let mut run: Option<(BlockId, u64)> = None;
+        let mut gets = 0;
         for k in blocks {
-            if !st.slots.contains_key(&k) {
-                st.slots.insert(k, Slot::Pending);
-                self.fetch(k, false, false);
+            if st.slots.contains_key(&k) {
+                continue;
             }
+            st.slots.insert(k, Slot::Pending);
+            run = match run {
+                Some(((id, first), n)) if id == k.0 && first + n == k.1 && n < RUN_MAX => {
+                    Some(((id, first), n + 1))
+                }
+                Some((first, n)) => {
+                    self.fetch(first, n, ahead, hydrating);
+                    gets += 1;
+                    Some((k, 1))
+                }
+                None => Some((k, 1)),
+            };
         }
+        if let Some((first, n)) = run {
+            self.fetch(first, n, ahead, hydrating);
+            gets += 1;
+        }
+        gets
     }
 
     /// After a read of `block` in `stream`: when it follows the stream's last block, fetch the
@@ -304,13 +336,8 @@ impl Blocks {
             _ => 0,
         };
         st.streams.insert(stream, (block, window));
-        for i in 1..=window {
-            let Some(k) = next(i) else { continue };
-            if !st.slots.contains_key(&k) {
-                st.slots.insert(k, Slot::Pending);
-                self.fetch(k, true, false);
-            }
-        }
+        let blocks: Vec<BlockId> = (1..=window).filter_map(next).collect();
+        self.submit_runs(&mut st, blocks, true, false);
     }
 
     /// Fetches `order` in the background, `parallel` at a time and behind what readers wait
@@ -323,22 +350,34 @@ impl Blocks {
                 let started = std::time::Instant::now();
                 let mut fetched = 0u64;
                 let mut full = false;
-                for k in order {
+                let mut i = 0;
+                while i < order.len() {
                     let mut st = me.state.lock().unwrap_or_else(|p| p.into_inner());
                     while st.hydrating >= parallel.max(1) {
                         st = me.done.wait(st).unwrap_or_else(|p| p.into_inner());
                     }
-                    if st.slots.contains_key(&k) {
+                    // The next run of blocks not cached: consecutive in one object.
+                    let mut j = i;
+                    while j < order.len()
+                        && j - i < RUN_MAX as usize
+                        && (j == i
+                            || (order[j].0 == order[j - 1].0 && order[j].1 == order[j - 1].1 + 1))
+                        && !st.slots.contains_key(&order[j])
+                    {
+                        j += 1;
+                    }
+                    if j == i {
+                        i += 1; // cached or coming already
                         continue;
                     }
-                    if st.bytes + BLOCK > me.budget {
+                    if st.bytes + (j - i) as u64 * BLOCK > me.budget {
                         full = true;
                         break;
                     }
-                    st.slots.insert(k, Slot::Pending);
-                    st.hydrating += 1;
-                    fetched += 1;
-                    me.fetch(k, true, true);
+                    let gets = me.submit_runs(&mut st, order[i..j].iter().copied(), true, true);
+                    st.hydrating += gets;
+                    fetched += (j - i) as u64;
+                    i = j;
                 }
                 let mut st = me.state.lock().unwrap_or_else(|p| p.into_inner());
                 while st.hydrating > 0 {
@@ -348,7 +387,7 @@ impl Blocks {
                 drop(st);
                 info!(
                     "{what}: fetched {} MiB more in {:.1} s; the cache holds {} MiB{}",
-                    fetched * BLOCK >> 20,
+                    (fetched * BLOCK) >> 20,
                     started.elapsed().as_secs_f64(),
                     held >> 20,
                     if full {
@@ -363,40 +402,54 @@ impl Blocks {
         }
     }
 
-    fn fetch(self: &Arc<Self>, k: BlockId, ahead: bool, hydrating: bool) {
+    /// Fetches `count` blocks of an object from `first` on by one range GET; each is checked
+    /// and written to the cache file, then ready (or failed) for its readers.
+    fn fetch(self: &Arc<Self>, first: BlockId, count: u64, ahead: bool, hydrating: bool) {
         let me = self.clone();
         self.pool.submit(
             Box::new(move |bucket| {
-                let r = me.load(bucket, k).and_then(|data| {
-                    std::os::unix::fs::FileExt::write_all_at(&me.file, &data, me.place(k))
-                        .map_err(|e| format!("write the restore cache: {e}"))?;
-                    Ok(data.len() as u64)
-                });
+                let (id, b0) = first;
+                let run = me.load(bucket, id, b0, count);
+                let mut done = Vec::with_capacity(count as usize);
+                for j in 0..count {
+                    let k = (id, b0 + j);
+                    let r = run.as_ref().map_err(Clone::clone).and_then(|data| {
+                        let from = (j * BLOCK) as usize;
+                        let block = &data[from..data.len().min(from + BLOCK as usize)];
+                        me.check(id, k.1, block)?;
+                        std::os::unix::fs::FileExt::write_all_at(&me.file, block, me.place(k))
+                            .map_err(|e| format!("write the restore cache: {e}"))?;
+                        Ok(block.len() as u64)
+                    });
+                    done.push((k, r));
+                }
                 let mut st = me.state.lock().unwrap_or_else(|p| p.into_inner());
                 if hydrating {
                     st.hydrating -= 1;
                 }
-                match r {
-                    Ok(len) => {
-                        st.tick += 1;
-                        let t = st.tick;
-                        st.bytes += len;
-                        st.lru.insert(t, k);
-                        st.slots.insert(
-                            k,
-                            Slot::Ready {
-                                tick: t,
-                                len,
-                                pins: 0,
-                            },
-                        );
-                        me.evict(&mut st);
-                    }
-                    Err(why) => {
-                        error!("{why}; reads of it fail with EIO, nothing of it is served");
-                        st.slots.insert(k, Slot::Failed(why));
+                for (k, r) in done {
+                    match r {
+                        Ok(len) => {
+                            st.tick += 1;
+                            let t = st.tick;
+                            st.bytes += len;
+                            st.lru.insert(t, k);
+                            st.slots.insert(
+                                k,
+                                Slot::Ready {
+                                    tick: t,
+                                    len,
+                                    pins: 0,
+                                },
+                            );
+                        }
+                        Err(why) => {
+                            error!("{why}; reads of it fail with EIO, nothing of it is served");
+                            st.slots.insert(k, Slot::Failed(why));
+                        }
                     }
                 }
+                me.evict(&mut st);
                 drop(st);
                 me.done.notify_all();
             }),
@@ -426,40 +479,53 @@ impl Blocks {
         st.lru.extend(skipped);
     }
 
-    /// One range GET, checked.
-    fn load(&self, bucket: &Bucket, (id, block): BlockId) -> Result<Bytes, String> {
-        let o = self.objects.read().unwrap_or_else(|p| p.into_inner())[id as usize].clone();
-        let start = block * BLOCK;
-        let end = (start + BLOCK).min(o.len);
-        if start >= end {
-            return Err(format!("{}: no block {block} in {} bytes", o.key, o.len));
+    /// One range GET: `count` blocks of object `id` from block `first` on.
+    fn load(&self, bucket: &Bucket, id: u32, first: u64, count: u64) -> Result<Bytes, String> {
+        let (key, len) = {
+            let o = &self.objects.read().unwrap_or_else(|p| p.into_inner())[id as usize];
+            (o.key.clone(), o.len)
+        };
+        let start = first * BLOCK;
+        let end = ((first + count) * BLOCK).min(len);
+        if start >= end || end - start <= (count - 1) * BLOCK {
+            return Err(format!(
+                "{key}: no blocks {first}..{} in {len} bytes",
+                first + count
+            ));
         }
         let data = bucket
-            .get_range(&o.key, start..end)
+            .get_range(&key, start..end)
             .map_err(|e| e.to_string())?;
         if data.len() as u64 != end - start {
             return Err(format!(
-                "{}: a range GET of bytes {start}..{end} returned {} bytes",
-                o.key,
+                "{key}: a range GET of bytes {start}..{end} returned {} bytes",
                 data.len()
             ));
         }
-        if let Check::Sums { sums, first, size } = &o.check {
-            let c = first + block;
-            let want = journal::sums::chunk_range(c, *size);
-            let h = journal::wire::chunk_hash(&data);
-            if want.end - want.start != data.len() as u64 || h != sums.get(c) {
-                return Err(bucket::manifest::Damaged {
-                    key: o.key.clone(),
-                    why: format!(
-                        "bytes {start}..{end} (disk bytes {}..{}) do not match the base's checksum",
-                        want.start, want.end
-                    ),
-                }
-                .to_string());
-            }
-        }
         Ok(data)
+    }
+
+    /// Checks block `block` of object `id` where it can be checked here (base blocks).
+    fn check(&self, id: u32, block: u64, data: &[u8]) -> Result<(), String> {
+        let o = &self.objects.read().unwrap_or_else(|p| p.into_inner())[id as usize];
+        let Check::Sums { sums, first, size } = &o.check else {
+            return Ok(());
+        };
+        let c = first + block;
+        let want = journal::sums::chunk_range(c, *size);
+        if want.end - want.start != data.len() as u64
+            || journal::wire::chunk_hash(data) != sums.get(c)
+        {
+            return Err(bucket::manifest::Damaged {
+                key: o.key.clone(),
+                why: format!(
+                    "block {block} (disk bytes {}..{}) does not match the base's checksum",
+                    want.start, want.end
+                ),
+            }
+            .to_string());
+        }
+        Ok(())
     }
 }
 
