@@ -12,7 +12,7 @@ all: build
 help:
 	@echo "make demo      a VM on nbd-proxy replicated to an S3 bucket (local SeaweedFS), crashed under, restored from the bucket"
 	@echo "make test      run every test (unit, property, end-to-end with real clients, VM, faults, fuzzing)"
-	@echo "make bench     nbd-proxy vs nbdkit vs qemu-nbd; replication vs QEMU blklogwrites/active mirror; restore (see BENCHMARKS.md)"
+	@echo "make bench     nbd-proxy vs nbdkit vs qemu-nbd; replication vs QEMU blklogwrites/active mirror; restore; S3 (see BENCHMARKS.md)"
 	@echo "make setup     install the Debian packages and build in release mode"
 	@echo "make vm-image  build the small test guest (kernel, initramfs, disk image)"
 	@echo "make vm-selftest  boot the guest on qemu-nbd and check its commands"
@@ -58,13 +58,14 @@ demo: setup vm-image
 # `setup` builds every binary the scripts run (`cargo build --release --bins` includes the tests
 # crate's ingest-bench). For a check in a few minutes:
 #   make bench BENCH_ARGS=--quick BENCH_REPLICATION_ARGS=--quick BENCH_RESTORE_ARGS=--quick \
-#     BENCH_TLS_ARGS=--quick
+#     BENCH_TLS_ARGS=--quick BENCH_S3_ARGS=--quick
 bench: setup
 	@mkdir -p target/bench
 	python3 scripts/bench.py --out target/bench/nbd-proxy.md $(BENCH_ARGS)
 	/usr/bin/python3 scripts/bench_replication.py --out target/bench/replication.md $(BENCH_REPLICATION_ARGS)
 	/usr/bin/python3 scripts/bench_restore.py --out target/bench/restore.md $(BENCH_RESTORE_ARGS)
 	/usr/bin/python3 scripts/bench_tls.py --out target/bench/tls.md $(BENCH_TLS_ARGS)
+	/usr/bin/python3 scripts/bench_s3.py --out target/bench/s3.md $(BENCH_S3_ARGS)
 
 clean:
 	$(CARGO) clean

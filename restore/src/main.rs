@@ -96,8 +96,8 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct PointArgs {
-    /// The replicator's store directory, or s3://BUCKET/PREFIX (its store on S3: what the
-    /// group's manifest names is fetched into --cache, every object checked).
+    /// The replicator's store directory, or s3://BUCKET/PREFIX (its store on S3: read on
+    /// demand by range GETs, every block checked before it is served).
     #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX")]
     store: PathBuf,
     #[command(flatten)]
@@ -128,6 +128,7 @@ Examples:
   restore export --store /srv/cdp --group web --at 2026-11-22T10:15:03Z --listen 127.0.0.1:10810
   restore materialize --store /srv/cdp --group web --disk root --at -5m --output root.qcow2 --format qcow2
   restore verify --store /srv/cdp --group web --at latest --boot --expect 'login:'
+  AWS_ENDPOINT_URL=http://127.0.0.1:8333 restore export --store s3://cdp/site1 --group web --at -1h --socket /run/web.sock --writable
 
 Points inside a seed or resync window are refused: the disks there are not a state the VM was
 ever in. `restore list` shows them.";
