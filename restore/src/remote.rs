@@ -80,7 +80,7 @@ pub struct Remote {
     pub location: Location,
     blocks: Arc<Blocks>,
     /// Where small objects are kept (a directory per bucket and prefix).
-    small: Option<PathBuf>,
+    small: PathBuf,
     hydrate: bool,
     fetchers: usize,
 }
@@ -118,7 +118,7 @@ impl Remote {
         Ok(Remote {
             location,
             blocks: Blocks::new(pool, &dir, args.cache_size)?,
-            small: Some(dir),
+            small: dir,
             hydrate: !args.no_hydrate,
             fetchers: args.fetchers,
         })
@@ -174,19 +174,40 @@ impl Remote {
 
     /// [`Remote::small`] on a fetcher; the result arrives on the channel.
     fn small_async(&self, r: &ObjectRef) -> std::sync::mpsc::Receiver<anyhow::Result<Vec<u8>>> {
-        let path = self.small.as_ref().map(|d| d.join(&r.key));
+        let path = self.small.join(&r.key);
         let r = r.clone();
         self.pool().spawn(move |b| {
-            Ok(match &path {
-                Some(p) => {
-                    if let Some(parent) = p.parent() {
-                        fs::create_dir_all(parent)?;
-                    }
-                    bucket::fetch::cached(b, &r, p)?
-                }
-                None => bucket::fetch::fetch(b, &r)?,
-            })
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            Ok(bucket::fetch::cached(b, &r, &path)?)
         })
+    }
+
+    /// Removes the small objects of `group` kept in the cache that `m` does not name (those
+    /// of folded segments and older bases), so the cache does not grow with past history.
+    fn prune(&self, group: &str, m: &Manifest) {
+        let keep: std::collections::HashSet<PathBuf> = m
+            .segments
+            .iter()
+            .map(|s| &s.index)
+            .chain(m.base.volumes.iter().flat_map(|v| [&v.table, &v.sums]))
+            .map(|r| self.small.join(&r.key))
+            .collect();
+        let mut dirs = vec![self.small.join(group)];
+        while let Some(d) = dirs.pop() {
+            let Ok(entries) = fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if !keep.contains(&p) && is_object(&p) {
+                    let _ = fs::remove_file(&p);
+                }
+            }
+        }
     }
 
     /// The history of `group` as its manifest names it (indexes fetched in parallel), and the
@@ -237,6 +258,7 @@ impl Remote {
         };
         let h = History::sealed(m.group.clone(), base, sealed)
             .with_context(|| format!("read the journal of {group} in {}", self.location))?;
+        self.prune(group, &m);
         info!(
             "group {group} in {}: base seq {}, {} segments up to seq {}, indexes read in {} ms",
             self.location,
@@ -302,6 +324,12 @@ impl Remote {
             stream: (1 << 40) + stream,
         })
     }
+}
+
+/// A kept object (not another restore's file being written).
+fn is_object(p: &Path) -> bool {
+    p.extension()
+        .is_some_and(|e| e == "idx" || e == "table" || e == "sums")
 }
 
 fn default_cache() -> anyhow::Result<PathBuf> {

@@ -475,6 +475,24 @@ fn wrong_credentials_and_a_missing_bucket_are_refused_clearly() {
 }
 
 /// The bucket's manifest of group g, checked.
+/// File names of the segment indexes restore keeps under `cache`.
+fn cached_indexes(cache: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dirs = vec![cache.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "idx") {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 fn bucket_manifest(s3: &Seaweed) -> bucket::manifest::Manifest {
     tests::s3::manifest_of_g(s3).0
 }
@@ -551,12 +569,34 @@ fn retention_folds_move_the_bucket_base_and_delete_folded_segments() {
     let proxy = start_proxy(dir.path(), &rep.addr, &[("a", &image)], &[]);
     let ctl = dir.path().join("ctl");
     wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+    let cache = dir.path().join("cache");
+    let mut early = Vec::new();
     for i in 0..4u64 {
         let src = dir.path().join(format!("fill-{i}"));
         std::fs::write(&src, tests::pattern(100 + i, 2 * MIB as usize)).unwrap();
         let cmd = format!("write -s {} {}M 2M", src.display(), 2 * i);
         qemu_io(&proxy.uri("a"), &[&cmd]);
         wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+        if i == 0 {
+            // A listing now keeps the indexes of the bucket's first segments in the cache.
+            let client = s3.client().unwrap();
+            wait_for("a segment in the bucket", CAUGHT_UP, || {
+                let (bytes, _) = client.get("cdp/g/manifest.json").ok()??;
+                let m = bucket::manifest::Manifest::decode(&bytes, "manifest").ok()?;
+                (!m.segments.is_empty()).then_some(())
+            })
+            .unwrap();
+            let mut args = vec!["list", "--store"];
+            let url = s3.url("cdp");
+            args.push(&url);
+            args.extend(["--cache", cache.to_str().unwrap()]);
+            let flags = s3.flags();
+            args.extend(flags.iter().map(String::as_str));
+            let (ok, text) = cli("restore", &args);
+            assert!(ok, "{text}");
+            early = cached_indexes(&cache);
+            assert!(!early.is_empty(), "the listing kept indexes in the cache");
+        }
     }
     let m = wait_for("a fold to reach the bucket", CAUGHT_UP, || {
         let m = bucket_manifest(&s3);
@@ -596,7 +636,6 @@ fn retention_folds_move_the_bucket_base_and_delete_folded_segments() {
 
     // The bucket's newest point (the open segment's records are not in the bucket).
     let out = dir.path().join("restored.img");
-    let cache = dir.path().join("cache");
     let mut args = vec![
         "materialize".to_owned(),
         "--store".into(),
@@ -625,6 +664,23 @@ fn retention_folds_move_the_bucket_base_and_delete_folded_segments() {
     );
     rep.assert_no_errors_but(&[]).unwrap();
     drop(rep); // no more folds: the manifest stays as it is
+
+    // The cache keeps only the indexes the manifest names: those of folded segments are gone.
+    let m = bucket_manifest(&s3);
+    let named: Vec<String> = m
+        .segments
+        .iter()
+        .map(|s| s.index.key.rsplit('/').next().unwrap().to_owned())
+        .collect();
+    let now = cached_indexes(&cache);
+    assert!(
+        now.iter().all(|i| named.contains(i)),
+        "{now:?} vs {named:?}"
+    );
+    assert!(
+        early.iter().any(|i| !named.contains(i)),
+        "a fold dropped a segment whose index was cached early: {early:?} vs {named:?}"
+    );
 
     // A damaged byte in a base chunk object: reads of its block are refused (its checksum),
     // naming the object; no output is left.
