@@ -74,7 +74,8 @@ pub fn prepare(store: &Path, bucket: &Bucket) -> anyhow::Result<()> {
                 // A damaged group is the journal's to report when it is opened (its sessions
                 // are refused then); the others are served.
                 Err(e) => warn!(
-                    "group {g}: cannot compare the staging store with the bucket ({e:#}); not                      checked"
+                    "group {g}: cannot compare the staging store with the bucket ({e:#}); not \
+                     checked"
                 ),
             }
         } else if dir.path.exists() {
