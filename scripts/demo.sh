@@ -345,8 +345,15 @@ kill -TERM "$proxy_pid"; wait "$proxy_pid" || true
 echo
 "$rep_bin" status --store "$work/store"
 check=$("$rep_bin" check --store "$work/store" >"$work/check.txt" 2>&1 && echo "all checksums good" || echo "FAILED (see $work/check.txt)")
-same_root=$(cmp -s "$work/root.img" "$work/store/vm/head/root.img" && echo identical || echo DIFFERENT)
-same_data=$(cmp -s "$work/data.img" "$work/store/vm/head/data.img" && echo identical || echo DIFFERENT)
+# The replica's latest point (base + journal, as restore reads it) against the VM's disks.
+same() {
+  "$restore_bin" materialize --store "$work/store" --group vm --disk "$1" --at latest \
+    --output "$work/latest-$1.img" >/dev/null 2>&1 &&
+    cmp -s "$work/$1.img" "$work/latest-$1.img" && echo identical || echo DIFFERENT
+  rm -f "$work/latest-$1.img"
+}
+same_root=$(same root)
+same_data=$(same data)
 journal=$(du -sh "$work/store/vm/journal" | cut -f1)
 read -r up_seq up_segs local_recs local_bytes rpo_s <<<"$(rep_json "u['uploaded_seq'], \
   u['uploaded_segments'], u['local_only_seq'], u['local_only_bytes'], \

@@ -1,9 +1,9 @@
 //! Reading records back from segment files: the one place that reads, checks and replays them.
 //!
-//! Every reader of the journal goes through here: the replicator's head applier, its start-up
-//! catch-up and retention folds, `replicator status` and `check`, restore's views and history.
-//! A record is trusted only after its record crc, its seq and its length (as the index or the
-//! stream expects them) are checked; a data record's payload also after decompression against
+//! Every reader of the journal goes through here: the replicator's retention folds and the
+//! hashing of changed chunks, `replicator status` and `check`, restore's views and history.
+//! A record is trusted only after its record crc, its seq and its length (as the index
+//! expects them) are checked; a data record's payload also after decompression against
 //! its own crc. A failure names its place: file, byte and seq ([`Corrupt`]).
 
 use std::borrow::Cow;
@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::record::{self, Kind, RecordRef, HEADER_LEN};
-use crate::segment::{IndexEntry, SEGMENT_HEADER_LEN};
+use crate::segment::IndexEntry;
 use crate::store::SegmentPath;
 
 /// A record that is not what its place promises, and where it is.
@@ -175,7 +175,8 @@ impl SegmentFile {
     }
 }
 
-/// Where replayed records go: disks as files (head and base images) or in memory (tests).
+/// Where replayed records go: disks as files (base images, by retention folds) or in memory
+/// (tests).
 pub trait Apply {
     fn write(&mut self, disk: u16, offset: u64, data: &[u8]) -> io::Result<()>;
     fn zero(&mut self, disk: u16, offset: u64, length: u64) -> io::Result<()>;
@@ -183,10 +184,10 @@ pub trait Apply {
 
 /// Image files, one per disk; zeroing punches holes. Large aligned writes (a 1 MiB guest
 /// write, a resync chunk) go around the page cache through an `O_DIRECT` twin of each file:
-/// replaying a stream into head and base images wrote every byte into fresh page-cache pages,
+/// replaying a stream into images wrote every byte into fresh page-cache pages,
 /// which cost the replicator more CPU than anything else under 1 MiB writes
 /// (`copy_folio_from_iter_atomic`). Small writes stay buffered (a direct write waits for the
-/// device, and 4 KiB ones would make the applier fall behind). The kernel keeps both kinds
+/// device, and 4 KiB ones would make a fold slow). The kernel keeps both kinds
 /// coherent (a direct write flushes and drops cached pages of its range first).
 #[derive(Debug)]
 pub struct Images {
@@ -381,151 +382,6 @@ pub fn replay(
     Ok(())
 }
 
-/// Reads a segment from a byte position onwards, record by record, in windows (the head
-/// applier follows the journal's end this way). Records are checked as they are read.
-#[derive(Debug)]
-pub struct Stream {
-    file: SegmentFile,
-    /// Position of the next record.
-    pos: u64,
-    window: Vec<u8>,
-    /// Where `window` starts in the file, and how much of it is filled.
-    window_pos: u64,
-    window_len: usize,
-    /// The last `locate` read from the file (else it used bytes read before).
-    refilled: bool,
-}
-
-const STREAM_WINDOW: usize = 8 << 20;
-
-impl Stream {
-    /// A stream at the first record of a segment.
-    pub fn open(path: &Path) -> Result<Stream, ReadError> {
-        Stream::open_at(path, SEGMENT_HEADER_LEN as u64)
-    }
-
-    pub fn open_at(path: &Path, pos: u64) -> Result<Stream, ReadError> {
-        Ok(Stream {
-            file: SegmentFile::open(path)?,
-            pos,
-            window: Vec::new(),
-            window_pos: pos,
-            window_len: 0,
-            refilled: false,
-        })
-    }
-
-    pub fn file(&self) -> &SegmentFile {
-        &self.file
-    }
-
-    pub fn pos(&self) -> u64 {
-        self.pos
-    }
-
-    /// The next record, which must have seq `seq`, with its file and position; None when the
-    /// file ends before it (it is not written yet). The record is valid until the next call.
-    pub fn next(
-        &mut self,
-        seq: u64,
-    ) -> Result<Option<(&SegmentFile, u64, RecordRef<'_>)>, ReadError> {
-        let pos = self.pos;
-        let found = match self.locate(seq) {
-            // Bytes read earlier may be stale: the zero padding of a block that a direct write
-            // has since filled (`crate::append`). Read them again before calling them bad or
-            // the end.
-            Err(_) | Ok(None) if !self.refilled => {
-                self.pos = pos;
-                self.window_len = 0;
-                self.locate(seq)?
-            }
-            found => found?,
-        };
-        let Some((header, len)) = found else {
-            return Ok(None);
-        };
-        let at = (pos - self.window_pos) as usize;
-        let bytes = &self.window[at..at + len];
-        Ok(Some((
-            &self.file,
-            pos,
-            RecordRef {
-                header,
-                stored: &bytes[HEADER_LEN..],
-                bytes,
-            },
-        )))
-    }
-
-    /// Checks the record at `pos` (seq `seq`) in the window and moves past it.
-    fn locate(&mut self, seq: u64) -> Result<Option<(record::Header, usize)>, ReadError> {
-        self.refilled = false;
-        let pos = self.pos;
-        // The header, then the whole record, within the window (refilled as needed).
-        let len = match self.fill(HEADER_LEN)? {
-            None => return Ok(None),
-            // Zeros: the padding after the last record (no record starts with them).
-            Some(head) if head.iter().all(|&b| b == 0) => return Ok(None),
-            Some(head) => {
-                let mut h = [0u8; HEADER_LEN];
-                h.copy_from_slice(head);
-                record::Header::decode(&h)
-                    .map(|h| h.record_len())
-                    .map_err(|e| e.to_string())
-            }
-        };
-        let len = len.map_err(|why| self.corrupt(pos, seq, why))?;
-        if self.fill(len)?.is_none() {
-            return Ok(None);
-        }
-        let at = (pos - self.window_pos) as usize;
-        // Past the record whatever it holds: after an error the stream is not read on.
-        self.pos = pos + len as u64;
-        match record::parse(&self.window[at..at + len]) {
-            Ok(Some(r)) if r.header.seq == seq => Ok(Some((r.header, len))),
-            Ok(Some(r)) => Err(self.corrupt(pos, seq, format!("found seq {} there", r.header.seq))),
-            Ok(None) => Err(self.corrupt(pos, seq, "record is cut short".into())),
-            Err(e) => Err(self.corrupt(pos, seq, e.to_string())),
-        }
-    }
-
-    fn corrupt(&self, pos: u64, seq: u64, why: String) -> ReadError {
-        ReadError::Corrupt(Corrupt {
-            path: self.file.path.clone(),
-            pos,
-            seq,
-            why,
-        })
-    }
-
-    /// Makes `need` bytes from `self.pos` available in the window; None if the file is shorter.
-    fn fill(&mut self, need: usize) -> Result<Option<&[u8]>, ReadError> {
-        let have = (self.window_pos + self.window_len as u64).saturating_sub(self.pos) as usize;
-        if self.pos < self.window_pos || have < need {
-            let size = need.max(STREAM_WINDOW);
-            if self.window.len() < size {
-                self.window.resize(size, 0);
-            }
-            let n = self
-                .file
-                .file
-                .read_up_to(&mut self.window[..size], self.pos)
-                .map_err(|source| ReadError::Io {
-                    path: self.file.path.clone(),
-                    source,
-                })?;
-            self.window_pos = self.pos;
-            self.window_len = n;
-            self.refilled = true;
-            if n < need {
-                return Ok(None);
-            }
-        }
-        let at = (self.pos - self.window_pos) as usize;
-        Ok(Some(&self.window[at..at + need]))
-    }
-}
-
 /// The hash of chunk `c` of an image of `size` bytes, read from `file` into `buf`.
 pub fn hash_chunk(file: &File, c: u64, size: u64, buf: &mut Vec<u8>) -> io::Result<u128> {
     let r = crate::sums::chunk_range(c, size);
@@ -579,34 +435,6 @@ pub fn seek_data(file: &File, off: u64) -> io::Result<Option<u64>> {
         };
     }
     Ok(Some(r as u64))
-}
-
-/// Copies `size` bytes, leaving holes where the source has them.
-pub fn copy_sparse(from: &File, to: &File, size: u64) -> io::Result<()> {
-    to.set_len(0)?;
-    to.set_len(size)?;
-    let seek = |off: u64, whence| {
-        // SAFETY: lseek on a descriptor owned by `from`; no memory is passed.
-        let r = unsafe { libc::lseek(from.as_raw_fd(), off as libc::off_t, whence) };
-        (r >= 0).then_some(r as u64)
-    };
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < size {
-        let Some(data) = seek(off, libc::SEEK_DATA) else {
-            break;
-        };
-        let end = seek(data, libc::SEEK_HOLE).unwrap_or(size).min(size);
-        let mut at = data;
-        while at < end {
-            let n = (end - at).min(buf.len() as u64) as usize;
-            from.read_exact_at(&mut buf[..n], at)?;
-            to.write_all_at(&buf[..n], at)?;
-            at += n as u64;
-        }
-        off = end.max(data + 1);
-    }
-    to.sync_all()
 }
 
 /// Reads as much of `buf` as the file holds at `pos`.

@@ -3,9 +3,9 @@
 //! ```text
 //! STORE/<group>/group.json          name, volumes (name, size), format version
 //!              base.json, base/<volume>.img   images with every record <= base_seq applied
-//!              head.json, head/<volume>.img   images with every record <= head_seq applied
-//!                                             (a cache of the latest state; rebuilt from the
-//!                                             journal at start-up when behind)
+//!              head.json, head/<volume>.sums  chunk hashes of the latest state as of head_seq
+//!                                             (a cache for delta sync: chunks changed since are
+//!                                             listed as stale or found in the journal)
 //!              journal/<first seq, 20 digits>.seg   records, append-only
 //!              journal/<first seq>.idx              index of a sealed segment
 //!              status.json                          live state of `replicator serve`
@@ -183,18 +183,19 @@ impl GroupDir {
         self.path.join("group.json").is_file()
     }
 
-    /// Creates the group's directories, empty (sparse) base and head images, and metadata.
-    /// The names must be valid ([`crate::names`]); no file outside the group is touched.
+    /// Creates the group's directories, empty (sparse) base images, the hashes of their
+    /// (zero) chunks, and metadata. The names must be valid ([`crate::names`]); no file outside
+    /// the group is touched.
     pub fn create(&self, meta: &GroupMeta) -> io::Result<()> {
         check_meta(meta).map_err(|e| invalid(format!("{}: {e}", self.path.display())))?;
         for dir in ["base", "head", "journal"] {
             fs::create_dir_all(self.path.join(dir))?;
         }
         for v in &meta.volumes {
+            let f = self.open_image("base", &v.name, Access::Create)?;
+            f.set_len(v.size)?;
+            f.sync_all()?;
             for dir in ["base", "head"] {
-                let f = self.open_image(dir, &v.name, Access::Create)?;
-                f.set_len(v.size)?;
-                f.sync_all()?;
                 self.set_sums(dir, &v.name, &Sums::zeroes(v.size, 0))?;
             }
         }
@@ -233,7 +234,8 @@ impl GroupDir {
         self.path.join(which).join(format!("{volume}.sums"))
     }
 
-    /// The checksums of a volume's base or head image ([`crate::sums`]).
+    /// The checksums of a volume's base image, or the kept chunk hashes of its latest state
+    /// (`which` = "head") ([`crate::sums`]).
     pub fn sums(&self, which: &str, volume: &str) -> io::Result<Sums> {
         crate::names::check("volume", volume).map_err(invalid)?;
         let path = self.sums_path(which, volume);
@@ -248,7 +250,7 @@ impl GroupDir {
         write_file_atomic(&self.sums_path(which, volume), &sums.encode())
     }
 
-    /// Opens a volume's base or head image, resolved beneath the group's directory: a name
+    /// Opens a volume's image (`which` = "base"), resolved beneath the group's directory: a name
     /// that would leave it (`..`, a symlink out) fails instead of reaching another file.
     pub fn open_image(&self, which: &str, volume: &str, access: Access) -> io::Result<File> {
         crate::names::check("volume", volume).map_err(invalid)?;

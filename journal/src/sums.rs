@@ -1,15 +1,15 @@
 //! Checksums of an image, one per [`HASH_CHUNK`] (xxh3-128, the hash delta sync compares), as
-//! bytes. Base and head images each have a sums file next to them (`base/<volume>.sums`),
-//! written with the image and naming the seq the image holds, so that a flipped bit in an
-//! image is found before any byte of it is served or trusted.
+//! bytes. Base images have a sums file next to them (`base/<volume>.sums`), written with the
+//! image and naming the seq the image holds, so that a flipped bit in an image is found before
+//! any byte of it is served or trusted. The replicator keeps the hashes of each volume's latest
+//! state in the same format (`head/<volume>.sums`), with no image behind them.
 //!
 //! Only chunks that do not hash like zeroes are listed, so a sparse image has a small file and
 //! memory follows the data written, not the volume's size.
 //!
-//! A head image's sums may also name *stale* chunks: chunks written since their hash was made,
-//! hashed again only when a proxy asks for hashes (delta sync), so that a checkpoint does not
-//! read back every chunk a random stream touched. A stale chunk's listed hash means nothing;
-//! base images never have stale chunks.
+//! Kept hashes may also name *stale* chunks: chunks written since their hash was made, hashed
+//! again (from the base and the journal) only when a proxy asks for hashes (delta sync). A
+//! stale chunk's listed hash means nothing; base images never have stale chunks.
 //!
 //! ```text
 //!  0 magic "CDPSUMS1"  8 version u32  12 reserved u32 = 0  16 seq u64  24 size u64

@@ -3,8 +3,9 @@
 //!
 //! Per group: `group.json`, `base.json`, `head.json` (their own checksums), the durable
 //! checkpoint against the journal, every record and payload of every segment (checksums, seq
-//! continuity) and each sealed segment's index, and the base and head images against their
-//! chunk checksums (head images only while no replicator runs: it rewrites them).
+//! continuity) and each sealed segment's index, the base images against their chunk
+//! checksums, and the kept chunk hashes of the latest state against the point they are of
+//! (only while no replicator runs: it rewrites them).
 
 use std::fmt::Display;
 use std::path::Path;
@@ -139,27 +140,13 @@ fn check_group(dir: &GroupDir) -> usize {
             };
             check_image(dir, "base", &v.name, v.size, expect, &skip, &mut r);
         }
-        match head {
-            Some(_) if replicator_running => {
-                r.note(format!(
-                    "group {name}: head image of {} is in use by the running replicator; not compared",
-                    v.name
-                ));
-            }
-            Some(h) => {
-                // A head image may hold records past its checkpoint (applied before a crash);
-                // those chunks are rehashed at start-up, as are the chunks the checkpoint
-                // listed as stale. The rest must match.
-                let mut skip = changed_after(dir, h.seq, None, d as u16, v.size);
-                if let Ok(sums) = dir.sums("head", &v.name) {
-                    for c in sums.stale().take() {
-                        skip.insert(c);
-                    }
-                }
-                check_image(dir, "head", &v.name, v.size, Some(h.seq), &skip, &mut r)
-            }
-            None => {}
-        }
+    }
+    match (head, base) {
+        (Some(_), _) if replicator_running => r.note(format!(
+            "group {name}: its kept chunk hashes are in use by the running replicator; not compared"
+        )),
+        (Some(h), Some(b)) => check_hashes(dir, &meta, h, b, &mut r),
+        _ => {}
     }
     println!(
         "{}  group {name}: {records} records, {} of journal checked",
@@ -311,6 +298,113 @@ fn changed_after(
     set
 }
 
+/// The kept chunk hashes (`head/<volume>.sums`, of the seq `head.json` names) against the
+/// point they are of: a chunk no record after the base changed must hash as the base's
+/// checksums say, the others as the point's bytes do. Stale chunks (changed since their hash
+/// was made; the replicator hashes them again) are not compared. Hashes older than the base
+/// are only noted: the replicator does not use them.
+fn check_hashes(
+    dir: &GroupDir,
+    meta: &journal::store::GroupMeta,
+    head: journal::store::SeqMark,
+    base: journal::store::SeqMark,
+    r: &mut Report,
+) {
+    let mut kept = Vec::new();
+    for v in &meta.volumes {
+        match dir.sums("head", &v.name) {
+            // Hashes are written just before head.json: a crash between leaves them newer.
+            Ok(s) if s.seq < head.seq => r.bad(format!(
+                "{}: hashes of seq {} but head.json names seq {}",
+                dir.path
+                    .join("head")
+                    .join(format!("{}.sums", v.name))
+                    .display(),
+                s.seq,
+                head.seq
+            )),
+            Ok(s) if s.size != v.size => r.bad(format!(
+                "{}: hashes of {} bytes, but the volume has {}",
+                dir.path
+                    .join("head")
+                    .join(format!("{}.sums", v.name))
+                    .display(),
+                s.size,
+                v.size
+            )),
+            Ok(s) => kept.push(s),
+            Err(e) => r.bad(e),
+        }
+    }
+    if kept.len() != meta.volumes.len() {
+        return;
+    }
+    if head.seq < base.seq {
+        return r.note(format!(
+            "{}: the kept chunk hashes (seq {}) are older than the base (seq {}); the replicator \
+             hashes from the base's checksums instead",
+            dir.path.join("head.json").display(),
+            head.seq,
+            base.seq
+        ));
+    }
+    let mut point = None;
+    let mut buf = Vec::new();
+    for (d, (v, sums)) in meta.volumes.iter().zip(&kept).enumerate() {
+        let base_sums = dir.sums("base", &v.name).ok();
+        let changed = changed_after(dir, base.seq, Some(sums.seq), d as u16, v.size);
+        let stale = sums.stale();
+        let mut bad = Vec::new();
+        for c in 0..journal::sums::chunks(v.size) {
+            if stale.contains(c) {
+                continue;
+            }
+            let expected = if changed.contains(c) {
+                if point.is_none() {
+                    match crate::hashes::Point::open(dir, meta, sums.seq, None) {
+                        Ok(p) => point = Some(p),
+                        Err(e) => {
+                            return r.bad(format!(
+                                "group {}: the point of seq {} that the kept hashes are of does \
+                                 not read: {e}",
+                                meta.name, sums.seq
+                            ))
+                        }
+                    }
+                }
+                match point.as_mut().map(|p| p.hash(d, c, v.size, &mut buf)) {
+                    Some(Ok(h)) => h,
+                    // The record itself is reported with the journal.
+                    _ => continue,
+                }
+            } else {
+                match &base_sums {
+                    Some(b) => b.get(c),
+                    None => continue,
+                }
+            };
+            if expected != sums.get(c) {
+                bad.push(c);
+            }
+        }
+        if let Some(&first) = bad.first() {
+            let range = journal::sums::chunk_range(first, v.size);
+            r.bad(format!(
+                "{}: {} kept chunk hashes differ from the point of seq {} (the first at bytes \
+                 {}..{}); remove head.json and the replicator hashes from the base again",
+                dir.path
+                    .join("head")
+                    .join(format!("{}.sums", v.name))
+                    .display(),
+                bad.len(),
+                sums.seq,
+                range.start,
+                range.end
+            ));
+        }
+    }
+}
+
 /// An image's size, its checksum file, and each chunk (but those in `skip`) against it.
 fn check_image(
     dir: &GroupDir,
@@ -351,7 +445,7 @@ fn check_image(
     }
     if which == "base" && sums.has_stale() {
         r.bad(format!(
-            "{}: base checksums list stale chunks (only head images may have them)",
+            "{}: base checksums list stale chunks (only the kept hashes of the latest state may)",
             path.display()
         ));
     }

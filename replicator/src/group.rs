@@ -1,34 +1,25 @@
-//! One group's store, open for writing: the journal's append end, the head images kept at the
-//! durable seq, and the checks every incoming record passes before it is stored.
+//! One group's store, open for writing: the journal's append end, the chunk hashes delta sync
+//! compares ([`crate::hashes`]), and the checks every incoming record passes before it is
+//! stored.
 
-use std::fs::File;
 use std::io;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use journal::record::RecordRef;
-use journal::store::{self, Access, GroupDir, GroupMeta, SeqMark};
+use journal::store::{self, GroupDir, GroupMeta, SeqMark};
 use journal::wire::{self, Volume};
 use journal::writer::{JournalWriter, OpenError};
 use tracing::{error, info, warn};
 
-use crate::head::{self, HeadApplier, Touched};
-use journal::sums::{ChunkSet, Sums};
+use crate::hashes::Hashes;
 
 #[derive(Debug)]
 pub struct Group {
     pub dir: GroupDir,
     pub meta: GroupMeta,
     journal: JournalWriter,
-    heads: Vec<File>,
-    applier: HeadApplier,
-    /// The head images follow the journal (else delta sync must resend every chunk).
-    heads_valid: bool,
-    /// Per volume, the head image's chunk hashes, current except for the `touched` chunks
-    /// (shared with the head applier, which checkpoints them).
-    head_sums: head::Sums,
-    touched: Touched,
+    /// The chunk hashes of the latest state, made when a proxy asks for them.
+    hashes: Hashes,
     /// Stored bytes appended since the last commit.
     uncommitted: usize,
     /// Highest seq made durable (fsynced) in the journal.
@@ -67,7 +58,6 @@ impl Group {
         name: &str,
         volumes: &[Volume],
         segment_limit: u64,
-        head_applied: Arc<AtomicU64>,
     ) -> anyhow::Result<(Group, bool)> {
         let known = dir.exists();
         if !known {
@@ -111,87 +101,13 @@ impl Group {
                 cut.why
             );
         }
-        let mut heads = Vec::new();
-        for v in &meta.volumes {
-            heads.push(
-                dir.open_image("head", &v.name, Access::ReadWrite)
-                    .context("open a head image")?,
-            );
-        }
-        let head_mark = dir.mark("head")?;
-        // The head's sums as of its mark; chunks changed since are rehashed when needed.
-        let mut head_sums = Vec::new();
-        let mut touched = Vec::new();
-        for v in &meta.volumes {
-            match dir.sums("head", &v.name) {
-                Ok(s) if s.seq == head_mark.seq && s.size == v.size => {
-                    // Chunks the checkpoint left stale are hashed when a proxy asks.
-                    touched.push(s.stale());
-                    head_sums.push(s);
-                }
-                other => {
-                    let why = other
-                        .err()
-                        .map_or_else(|| "they are of another seq".to_owned(), |e| e.to_string());
-                    warn!(group = name, "head checksums of {} are not usable ({why}): rehashing the whole image when hashes are asked for", v.name);
-                    head_sums.push(Sums::zeroes(v.size, head_mark.seq));
-                    touched.push(ChunkSet::all(v.size));
-                }
-            }
-        }
-        let touched: Touched = Arc::new(Mutex::new(touched));
-        let head_sums: head::Sums = Arc::new(Mutex::new(head_sums));
-        let mut heads_valid = true;
-        if head_mark.seq < report.last_seq {
-            info!(
-                group = name,
-                "bringing head images from seq {} to {}", head_mark.seq, report.last_seq
-            );
-            let caught_up = head::catch_up(&dir, &heads, &touched, head_mark.seq, report.last_seq)
-                .or_else(|e| {
-                    // The records after the head's mark are gone or unreadable: start the
-                    // images again from the base and replay what follows it.
-                    warn!(
-                        group = name,
-                        "head images cannot be caught up ({e}); rebuilding them from the base"
-                    );
-                    head::rebuild(&dir, &meta, &heads, &touched, report.last_seq)
-                });
-            if let Err(e) = caught_up {
-                error!(
-                    group = name,
-                    "head images cannot be brought to seq {}: {e}; delta sync will resend every chunk",
-                    report.last_seq
-                );
-                heads_valid = false;
-            }
-        }
-        let applier = HeadApplier::start(
-            head::Heads {
-                dir: dir.clone(),
-                names: meta.volumes.iter().map(|v| v.name.clone()).collect(),
-                files: &heads,
-                touched: touched.clone(),
-                sums: head_sums.clone(),
-                trusted: heads_valid,
-            },
-            journal.current_segment().clone(),
-            journal.current_len(),
-            SeqMark {
-                seq: report.last_seq,
-                time_ns: report.last_time_ns,
-            },
-            head_applied,
-        )?;
+        let hashes = Hashes::open(&dir, &meta, base, &journal);
+        remove_head_images(&dir, &meta);
         let group = Group {
             dir,
             meta,
             journal,
-            heads,
-            applier,
-            heads_valid,
-            head_sums,
-            touched,
+            hashes,
             uncommitted: 0,
             durable_seq: report.last_seq,
             durable_time_ns: report.last_time_ns,
@@ -261,6 +177,7 @@ impl Group {
         // Counted once the whole batch is in.
         for r in &accepted {
             let h = &r.header;
+            self.hashes.note(h.disk, h.kind, h.offset, h.length);
             self.uncommitted += h.record_len();
             self.bytes_in += if h.kind.carries_data() { h.length } else { 0 };
             self.stored_in += h.record_len() as u64;
@@ -274,8 +191,6 @@ impl Group {
         self.uncommitted >= PENDING_LIMIT
     }
 
-    /// Makes what was ingested durable (fsync), then applies it to the head images. Returns the
-    /// durable seq to acknowledge.
     /// Seals segments once their first record is `age` old (None: only when full).
     pub fn set_seal_after(&mut self, age: Option<std::time::Duration>) {
         self.journal.set_seal_after(age);
@@ -293,72 +208,43 @@ impl Group {
         }
     }
 
+    /// Makes what was ingested durable (fsync, then the durable checkpoint). Returns the
+    /// durable seq to acknowledge.
     pub fn commit(&mut self) -> anyhow::Result<u64> {
         if self.journal.last_seq() == self.durable_seq {
             return Ok(self.durable_seq);
         }
-        let before = self.journal.current_segment().first_seq;
         self.journal.sync().context("make the journal durable")?;
         self.durable_seq = self.journal.last_seq();
         self.durable_time_ns = self.journal.last_time_ns();
-        self.applier.durable(self.durable_seq);
         self.uncommitted = 0;
-        if self.journal.current_segment().first_seq != before {
-            // A segment was sealed: a good moment to checkpoint the head images (a cache: a
-            // failure costs a longer catch-up at the next start, not an acknowledgement). The
-            // applier does it, at most every few seconds, off the acknowledgement's path.
-            self.applier.checkpoint_soon();
-        }
         Ok(self.durable_seq)
     }
 
-    /// Brings the head images to the durable seq and checkpoints them (their checksums and
-    /// the seq they hold), waiting until that is done.
-    pub fn sync_heads(&mut self) -> anyhow::Result<()> {
-        self.applier.checkpoint_now(self.durable_seq)
+    fn durable_mark(&self) -> SeqMark {
+        SeqMark {
+            seq: self.durable_seq,
+            time_ns: self.durable_time_ns,
+        }
     }
 
-    /// Hashes of the head image of `disk`, one per [`wire::HASH_CHUNK`], handed to `send` in
-    /// pieces of at most [`wire::HASHES_PER_FRAME`] (first chunk, hashes), so memory stays
-    /// bounded whatever the disk's size. Only chunks changed since the last checkpoint are
-    /// read; the rest come from the checksum file. Sends nothing when the head images cannot
-    /// be trusted: then the proxy sends every chunk.
-    pub fn head_hashes(
+    /// Keeps the chunk hashes made so far (with the chunks changed since listed as stale), so
+    /// that a restart hashes again only what changes after now (at a session's end).
+    pub fn keep_hashes(&self) -> io::Result<()> {
+        self.hashes.keep(&self.dir, &self.meta, self.durable_mark())
+    }
+
+    /// The hashes of every volume at the durable seq, handed to `send` as (disk, first chunk,
+    /// hashes) in pieces of at most [`wire::HASHES_PER_FRAME`], so memory stays bounded
+    /// whatever the disks' size. Chunks changed since their hash was made are hashed from the
+    /// point (base and journal) as they come.
+    pub fn send_hashes(
         &mut self,
-        disk: usize,
-        mut send: impl FnMut(u64, &[u128]) -> io::Result<()>,
+        send: impl FnMut(u16, u64, &[u128]) -> io::Result<()>,
     ) -> io::Result<()> {
-        let drained = self.applier.drain(self.durable_seq);
-        if !self.heads_valid || !self.applier.is_valid() || drained.is_err() {
-            return Ok(());
-        }
-        // The applier does not checkpoint meanwhile (it takes this lock to do so).
-        let mut head_sums = self.head_sums.lock().unwrap_or_else(|p| p.into_inner());
-        // Changed chunks are rehashed as their frame comes, and a frame goes out at least
-        // twice a second, so a large image keeps the link alive while it is read.
-        let size = self.meta.volumes[disk].size;
-        let chunks = head_sums[disk].chunks();
-        let mut part = Vec::with_capacity(wire::HASHES_PER_FRAME);
-        let mut first = 0;
-        let mut last_sent = std::time::Instant::now();
-        let mut buf = Vec::new();
-        for c in 0..chunks {
-            let changed = self.touched.lock().unwrap_or_else(|p| p.into_inner())[disk].contains(c);
-            if changed {
-                let h = journal::read::hash_chunk(&self.heads[disk], c, size, &mut buf)?;
-                head_sums[disk].set(c, h);
-                self.touched.lock().unwrap_or_else(|p| p.into_inner())[disk].remove(c);
-            }
-            part.push(head_sums[disk].get(c));
-            let full = part.len() == wire::HASHES_PER_FRAME || c + 1 == chunks;
-            if full || last_sent.elapsed() >= std::time::Duration::from_millis(500) {
-                send(first, &part)?;
-                first = c + 1;
-                part.clear();
-                last_sent = std::time::Instant::now();
-            }
-        }
-        Ok(())
+        let mark = self.durable_mark();
+        self.hashes
+            .send(&self.dir, &self.meta, &self.journal, mark, send)
     }
 
     /// Why the journal refuses further writes (the group must be reopened), if it does.
@@ -388,4 +274,21 @@ fn describe(volumes: &[Volume]) -> String {
         .map(|v| format!("{} ({} bytes)", v.name, v.size))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Head images were kept by earlier versions (a copy of every volume's latest state, for delta
+/// sync); this one hashes from the base and the journal instead, so they are only wasted space.
+fn remove_head_images(dir: &GroupDir, meta: &GroupMeta) {
+    for v in &meta.volumes {
+        let path = dir.image("head", &v.name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => info!(
+                group = %meta.name,
+                "removed {}: this version keeps the hashes of the latest state, not an image of it",
+                path.display()
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => warn!("could not remove {}: {e}", path.display()),
+        }
+    }
 }

@@ -3,7 +3,7 @@
 
 mod check;
 mod group;
-mod head;
+mod hashes;
 mod inspect;
 mod metrics;
 mod repair;
@@ -115,8 +115,9 @@ enum Command {
         json: bool,
     },
     /// Verify every file of every group: metadata, the durable checkpoint, every record and
-    /// payload, indexes, and the base and head images against their chunk checksums. Names
-    /// each bad or missing file and place; exit status 1 when anything is wrong.
+    /// payload, indexes, the base images against their chunk checksums, and the kept chunk
+    /// hashes of the latest state against the journal. Names each bad or missing file and
+    /// place; exit status 1 when anything is wrong.
     Check {
         #[arg(long, value_name = "DIR")]
         store: PathBuf,

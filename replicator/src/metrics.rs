@@ -219,7 +219,7 @@ pub fn render(groups: &[(String, GroupDir, &GroupStats)], server: Server) -> Str
         if let Ok(size) = dir.disk_usage() {
             e.gauge(
                 "replicator_store_size_bytes",
-                "Disk space the group's store uses (base, journal, head images).",
+                "Disk space the group's store uses (base images, journal, kept hashes).",
                 g,
                 size,
             );

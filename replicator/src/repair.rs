@@ -1,6 +1,6 @@
 //! `replicator repair`: the operator's answer to a damaged journal. It cuts the journal at its
 //! first record that does not read back, keeps every byte it cuts in `quarantine/`, and resets
-//! the durable checkpoint and the head images to what is left. Nothing else ever cuts records
+//! the durable checkpoint and the kept chunk hashes to what is left. Nothing else ever cuts records
 //! that were acknowledged.
 //!
 //! After a repair the proxy finds the replicator behind what it acknowledged and compares every
@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use journal::checkpoint::{self, Checkpoint};
 use journal::segment;
-use journal::store::{self, Access, GroupDir, SeqMark};
+use journal::store::{self, GroupDir, SeqMark};
 
 /// Where the journal stops being readable.
 #[derive(Debug)]
@@ -183,13 +183,8 @@ pub fn repair(store_dir: &Path, group: &str, dry_run: bool) -> anyhow::Result<bo
     let at = ckpt.slot_offset() as usize;
     bytes[at..at + checkpoint::SLOT_LEN].copy_from_slice(&ckpt.encode());
     store::write_file_atomic(&dir.checkpoint_path(), &bytes)?;
-    // Head images may hold records past the cut: start them again from the base.
-    for v in &meta.volumes {
-        let from = dir.open_image("base", &v.name, Access::Read)?;
-        let to = dir.open_image("head", &v.name, Access::ReadWrite)?;
-        journal::read::copy_sparse(&from, &to, v.size)?;
-    }
-    dir.set_mark("head", base)?;
+    // The kept hashes may be of records past the cut: start them again from the base's.
+    crate::hashes::reset(&dir, &meta, base)?;
     println!(
         "  done: kept in {}; the proxy compares every chunk by hash when it reconnects",
         quarantine.display()

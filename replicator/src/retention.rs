@@ -43,25 +43,14 @@ pub struct RetentionState {
     pub folded_segments: u64,
 }
 
-pub fn run(
-    dir: GroupDir,
-    meta: GroupMeta,
-    policy: Retention,
-    head: std::sync::Arc<std::sync::atomic::AtomicU64>,
-) {
+pub fn run(dir: GroupDir, meta: GroupMeta, policy: Retention) {
     let mut state: RetentionState =
         store::read_json(&dir.path.join("retention.json")).unwrap_or_default();
     state.retention_secs = policy.max_age.map(|d| d.as_secs());
     state.max_store_size = policy.max_size;
     loop {
         std::thread::sleep(policy.interval);
-        // Nothing past what the head images hold durably: a restart catches them up from the
-        // journal, which must still have those records.
-        let persisted = dir.mark("head").map_or(0, |m| m.seq);
-        let head_seq = head
-            .load(std::sync::atomic::Ordering::Acquire)
-            .min(persisted);
-        if let Err(e) = pass(&dir, &meta, &policy, &mut state, head_seq) {
+        if let Err(e) = pass(&dir, &meta, &policy, &mut state) {
             warn!(group = %meta.name, "retention pass failed: {e:#}");
         }
     }
@@ -74,7 +63,6 @@ pub fn pass(
     meta: &GroupMeta,
     policy: &Retention,
     state: &mut RetentionState,
-    head_seq: u64,
 ) -> anyhow::Result<()> {
     let cutoff = policy
         .max_age
@@ -102,8 +90,8 @@ pub fn pass(
             fs::remove_file(&seg.path)?;
             continue;
         };
-        // Nor beyond a pin, nor beyond what the head images have read (they read the journal).
-        if pinned.is_some_and(|p| last.seq > p) || last.seq > head_seq {
+        // Nor beyond a pin.
+        if pinned.is_some_and(|p| last.seq > p) {
             break;
         }
         let old_enough = cutoff.is_some_and(|c| last.time_ns < c);

@@ -58,9 +58,6 @@ struct Slot {
     group: Mutex<Option<Group>>,
     session: Mutex<Option<Session>>,
     retention_started: Mutex<bool>,
-    /// The seq the group's head images have reached, for retention; shared by every opening of
-    /// the group, so that retention follows a reopened group too.
-    head_applied: Arc<AtomicU64>,
     /// Counters for status rates and `--metrics` (read without the group's lock).
     stats: GroupStats,
 }
@@ -376,13 +373,7 @@ fn run_session(
         return Ok(()); // replaced by a newer session while waiting
     }
     if guard.is_none() {
-        match Group::open(
-            dir.clone(),
-            &hello.group,
-            &hello.volumes,
-            opts.segment_size,
-            slot.head_applied.clone(),
-        ) {
+        match Group::open(dir.clone(), &hello.group, &hello.volumes, opts.segment_size) {
             Ok((mut g, known)) => {
                 g.set_seal_after(opts.seal_after);
                 slot.stats.damaged.store(false, Ordering::Relaxed);
@@ -483,8 +474,8 @@ fn run_session(
     let read_end = reader_thread.join();
     // Whatever happened, what was appended becomes durable before the group is released.
     let committed = commit(group, &slot.stats);
-    if let Err(e) = group.sync_heads() {
-        debug!("sync head images: {e:#}");
+    if let Err(e) = group.keep_hashes() {
+        warn!(group = %hello.group, "keeping the chunk hashes failed: {e}; they are made again when asked");
     }
     let store_error = match (&result, &committed) {
         (Err(e), _) if e.downcast_ref::<StoreFailed>().is_some() => Some(format!("{e:#}")),
@@ -534,16 +525,14 @@ fn poison<T>(_: T) -> anyhow::Error {
 }
 
 fn send_hashes(stream: &mut Link, group: &mut Group) -> anyhow::Result<()> {
-    for disk in 0..group.meta.volumes.len() {
-        group.head_hashes(disk, |first_chunk, part| {
-            let frame = wire::Hashes {
-                disk: disk as u16,
-                first_chunk,
-                hashes: part.to_vec(),
-            };
-            stream.write_all(&frame.encode())
-        })?;
-    }
+    group.send_hashes(|disk, first_chunk, part| {
+        let frame = wire::Hashes {
+            disk,
+            first_chunk,
+            hashes: part.to_vec(),
+        };
+        stream.write_all(&frame.encode())
+    })?;
     stream.write_all(&wire::frame(FrameType::HashesDone, &[]))?;
     Ok(())
 }
@@ -705,8 +694,7 @@ fn start_retention(slot: &Arc<Slot>, group: &Group, opts: &Options) {
     let dir = group.dir.clone();
     let meta = group.meta.clone();
     let policy = opts.retention.clone();
-    let head = slot.head_applied.clone();
-    std::thread::spawn(move || retention::run(dir, meta, policy, head));
+    std::thread::spawn(move || retention::run(dir, meta, policy));
 }
 
 /// The live part of `replicator status`, written to the group's status.json.

@@ -25,7 +25,7 @@ pub fn upload(
     let mut volumes = Vec::new();
     for v in &meta.volumes {
         let sums = dir.sums("base", &v.name)?;
-        // Base checksums never list stale chunks (only head images have them); if one did, its
+        // Base checksums never list stale chunks (only kept hashes of the latest state have them); if one did, its
         // hashes could not vouch for the bytes uploaded.
         if sums.seq != mark.seq || sums.size != v.size || sums.has_stale() {
             return Ok(None);

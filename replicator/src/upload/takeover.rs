@@ -7,9 +7,9 @@
 //! never half there): the objects the manifest names, each checked against its sha256 before
 //! a byte is written ([`bucket::fetch::hydrate`]); the journal's end after the last uploaded
 //! seq (an empty segment and a checkpoint, as a rotation leaves them), so the uploader finds
-//! every segment in the bucket already and new records continue at the next seq; the head
-//! images as the base with those segments replayed ([`crate::head::catch_up`]) and their
-//! checksums, so a proxy's delta sync compares against them and sends only what differs.
+//! every segment in the bucket already and new records continue at the next seq; the base's
+//! checksums as the kept chunk hashes ([`crate::hashes::reset`]): a proxy's delta sync hashes
+//! the chunks the segments changed from the point itself, and sends only what differs.
 //! No `stream.json`: which proxy stream the journal ends with is not known, so the proxy
 //! compares by hash rather than resuming. The uploader then takes the group over (epoch + 1)
 //! as on any start, fencing the old writer.
@@ -20,20 +20,14 @@
 //! its history: the start is refused, naming both seqs and the fix.
 
 use std::fs;
-use std::io;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use bucket::manifest::{self, Manifest};
 use bucket::{Bucket, Error as BucketError};
-use journal::read;
-use journal::store::{self, Access, GroupDir, GroupMeta, SeqMark};
-use journal::sums::ChunkSet;
+use journal::store::{self, GroupDir, SeqMark};
 use tracing::{info, warn};
-
-use crate::head;
 
 /// Where groups are rebuilt before they are renamed into the store (not a group directory:
 /// `list_groups` does not look inside it).
@@ -181,60 +175,18 @@ fn rebuild(store: &Path, bucket: &Bucket, m: &Manifest) -> anyhow::Result<()> {
     let _ = fs::remove_file(tmp.checkpoint_path());
     journal::writer::begin_after(&tmp, last.seq, last.time_ns)
         .context("start the journal after the bucket's last seq")?;
-    heads(&tmp, &meta, last)?;
+    // Kept hashes: the base's; a proxy's first Hello hashes what the segments changed.
+    let base = tmp.mark("base")?;
+    crate::hashes::reset(&tmp, &meta, base).context("keep the base's hashes")?;
     let to = GroupDir::new(store, g);
     fs::rename(&tmp.path, &to.path)
         .with_context(|| format!("move {} to {}", tmp.path.display(), to.path.display()))?;
     store::sync_dir(store)?;
     info!(
-        "rebuilt group {g} from the bucket in {:.1} s: durable to seq {}, head images at it; \
+        "rebuilt group {g} from the bucket in {:.1} s: durable to seq {}; \
          its proxy compares its disks by hash",
         started.elapsed().as_secs_f64(),
         last.seq
     );
-    Ok(())
-}
-
-/// Head images at `mark`: the base images, the journal replayed onto them, their checksums
-/// (the base's, with each chunk the replay changed hashed again), then head.json.
-fn heads(dir: &GroupDir, meta: &GroupMeta, mark: SeqMark) -> anyhow::Result<()> {
-    let head = dir.path.join("head");
-    match fs::remove_dir_all(&head) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
-        _ => {}
-    }
-    fs::create_dir_all(&head)?;
-    let base = dir.mark("base")?;
-    let mut files = Vec::new();
-    for v in &meta.volumes {
-        let from = dir.open_image("base", &v.name, Access::Read)?;
-        let to = dir.open_image("head", &v.name, Access::Create)?;
-        read::copy_sparse(&from, &to, v.size)
-            .with_context(|| format!("copy the base image of {}", v.name))?;
-        files.push(to);
-    }
-    let touched: head::Touched = Arc::new(Mutex::new(
-        meta.volumes.iter().map(|v| ChunkSet::new(v.size)).collect(),
-    ));
-    head::catch_up(dir, &files, &touched, base.seq, mark.seq).with_context(|| {
-        format!(
-            "replay seqs {}..={} onto the head images",
-            base.seq + 1,
-            mark.seq
-        )
-    })?;
-    let mut touched = touched.lock().unwrap_or_else(|p| p.into_inner());
-    let mut buf = Vec::new();
-    for ((v, f), set) in meta.volumes.iter().zip(&files).zip(touched.iter_mut()) {
-        f.sync_all()?;
-        let mut sums = dir.sums("base", &v.name)?;
-        for c in set.take() {
-            sums.set(c, read::hash_chunk(f, c, v.size, &mut buf)?);
-        }
-        sums.seq = mark.seq;
-        dir.set_sums("head", &v.name, &sums)?;
-    }
-    store::sync_dir(&head)?;
-    dir.set_mark("head", mark)?;
     Ok(())
 }
