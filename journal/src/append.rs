@@ -57,6 +57,27 @@ impl Appender {
         Ok(a)
     }
 
+    /// Appends to another file from now on (the next segment), keeping the aligned buffer: a
+    /// fresh one per segment cost page faults and zeroing of megabytes at every rotation
+    /// (a tenth of the replicator's CPU under 4 KiB records).
+    pub fn switch_to(&mut self, file: File, path: &Path, len: u64) -> io::Result<()> {
+        let direct = self.direct.is_some();
+        self.file = file;
+        self.direct = None;
+        self.tail = 0;
+        if direct {
+            self.direct = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .ok();
+        }
+        if self.direct.is_some() {
+            self.load_tail(len)?;
+        }
+        Ok(())
+    }
+
     /// Whether writes bypass the page cache.
     pub fn is_direct(&self) -> bool {
         self.direct.is_some()

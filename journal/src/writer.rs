@@ -464,7 +464,8 @@ impl JournalWriter {
         let idx = segment::encode_index(self.current.first_seq, self.len, &self.entries);
         write_file_atomic(&self.current.index_path(), &idx)?;
         let (file, current) = new_segment(&self.dir, self.last_seq + 1)?;
-        self.out = Appender::new(file, &current.path, SEGMENT_HEADER_LEN as u64)?;
+        self.out
+            .switch_to(file, &current.path, SEGMENT_HEADER_LEN as u64)?;
         self.current = current;
         self.len = SEGMENT_HEADER_LEN as u64;
         self.entries.clear();

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, TryRecvError};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use journal::store::{self, GroupDir};
 use journal::wire::{self, FrameType, Hello, Welcome};
 use serde::Serialize;
@@ -440,11 +440,15 @@ fn run_session(
         hello.link_timeout_ms,
     ));
     stream.socket().set_read_timeout(Some(opts.link_timeout))?;
-    let (tx, rx) = bounded::<Vec<u8>>(QUEUED_BATCHES);
+    let (tx, rx) = bounded::<Body>(QUEUED_BATCHES);
+    // Bodies go back to the reader once ingested: a few buffers serve every batch.
+    let (free_tx, free_rx) = bounded::<Vec<u8>>(QUEUED_BATCHES + 2);
     let mut reader = stream.try_clone()?;
     let reader_thread = std::thread::spawn(move || -> anyhow::Result<()> {
         loop {
-            let (kind, body) = wire::read_frame(&mut reader, wire::MAX_BODY).map_err(|e| {
+            let mut buf = free_rx.try_recv().unwrap_or_default();
+            let read = wire::read_frame_into(&mut reader, wire::MAX_BODY, &mut buf);
+            let (kind, len) = read.map_err(|e| {
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
@@ -456,19 +460,19 @@ fn run_session(
             })?;
             match kind {
                 FrameType::Batch => {
-                    if tx.send(body).is_err() {
+                    if tx.send(Body { buf, len }).is_err() {
                         return Ok(());
                     }
                 }
                 FrameType::Keepalive => {}
                 FrameType::Error => {
-                    bail!("proxy reported: {}", String::from_utf8_lossy(&body))
+                    bail!("proxy reported: {}", String::from_utf8_lossy(&buf[..len]))
                 }
                 other => bail!("unexpected {other:?} frame from the proxy"),
             }
         }
     });
-    let result = ingest_loop(stream, group, &rx, peer, keepalive, &slot.stats);
+    let result = ingest_loop(stream, group, (&rx, &free_tx), peer, keepalive, &slot.stats);
     let _ = stream.socket().shutdown(Shutdown::Both);
     drop(rx);
     let read_end = reader_thread.join();
@@ -537,10 +541,18 @@ fn send_hashes(stream: &mut Link, group: &mut Group) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A batch frame's body as the reader thread read it: `buf[..len]`.
+struct Body {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+/// Ingests batches from `rx` (handing each body's buffer back through `free`), commits when
+/// no more input waits, acks.
 fn ingest_loop(
     stream: &mut Link,
     group: &mut Group,
-    rx: &Receiver<Vec<u8>>,
+    (rx, free): (&Receiver<Body>, &Sender<Vec<u8>>),
     peer: &str,
     keepalive: Duration,
     stats: &GroupStats,
@@ -566,14 +578,18 @@ fn ingest_loop(
             }
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         };
-        ingest(stream, group, &body, stats)?;
+        ingest(stream, group, &body.buf[..body.len], stats)?;
+        let _ = free.try_send(body.buf);
         // Group commit: take whatever else has arrived, then one fsync for all of it.
         loop {
             if group.should_commit() {
                 break;
             }
             match rx.try_recv() {
-                Ok(body) => ingest(stream, group, &body, stats)?,
+                Ok(body) => {
+                    ingest(stream, group, &body.buf[..body.len], stats)?;
+                    let _ = free.try_send(body.buf);
+                }
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
             }
         }
