@@ -93,7 +93,7 @@ impl Hashes {
         let mut hashes = Hashes { sums, changed };
         let oldest = since.iter().copied().min().unwrap_or(last);
         if let Err(e) = each_entry_after(dir, journal, oldest, |e| {
-            if e.seq > since[usize::from(e.disk)] {
+            if since.get(usize::from(e.disk)).is_some_and(|&s| e.seq > s) {
                 hashes.note(e.disk, e.kind, e.offset, e.length);
             }
         }) {
