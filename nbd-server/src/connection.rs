@@ -473,7 +473,7 @@ async fn execute<B: BlockBackend>(
             length,
             fua,
         } => match payload {
-            Payload::Whole(data) => done(backend.write(offset, &data, fua).await, "write"),
+            Payload::Whole(data) => done(backend.write_owned(offset, data, fua).await, "write"),
             Payload::Pieces(pieces) => {
                 match write_pieces(&**backend, offset, length, fua, pieces).await {
                     Some(result) => done(result, "write"),
@@ -586,10 +586,11 @@ async fn write_pieces<B: BlockBackend>(
     let mut at = offset;
     let mut result = Ok(());
     while let Some((data, _budget)) = pieces.recv().await {
+        let len = data.len() as u64;
         if result.is_ok() {
-            result = backend.write(at, &data, fua).await;
+            result = backend.write_owned(at, data, fua).await;
         }
-        at += data.len() as u64;
+        at += len;
     }
     (at == offset + u64::from(length)).then_some(result)
 }
