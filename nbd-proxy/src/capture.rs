@@ -352,34 +352,64 @@ impl Capture {
     /// With `--on-full block` (or `wait`), waits for room.
     pub(crate) async fn push(
         &self,
+        rec: Record,
+        disk: u16,
+        range: Option<(u64, u64)>,
+        wait: bool,
+    ) -> Captured {
+        match self.push_now(rec, disk, range, wait) {
+            Ok(captured) => captured,
+            Err(rec) => self.push_when_room(rec, disk, range, wait).await,
+        }
+    }
+
+    /// [`Capture::push`] without waiting: gives the record back when the log is full and the
+    /// change has to wait for room ([`Capture::push_when_room`]). A guest write calls this
+    /// and boxes the rare wait, so the future of every write stays small.
+    #[allow(clippy::result_large_err)] // the Err is the record itself, handed back to wait
+    pub(crate) fn push_now(
+        &self,
+        rec: Record,
+        disk: u16,
+        range: Option<(u64, u64)>,
+        wait: bool,
+    ) -> Result<Captured, Record> {
+        // Sync mode never trades a guest write for a dirty mark while records are kept: a
+        // full log makes the write wait, as --on-full block does.
+        let wait = wait || self.on_full == OnFull::Block || self.sync_waits();
+        let (pushed, back) = if wait {
+            self.try_push_waiting(rec, disk, range)
+        } else {
+            self.try_push(rec, disk, range, false)
+        };
+        match pushed {
+            Pushed::Queued(seq, epoch) => Ok(Captured::Seq { seq, epoch }),
+            Pushed::Dirty(generation) => Ok(Captured::Dirty(generation)),
+            Pushed::Full => match back {
+                Some(rec) => Err(rec),
+                None => Ok(Captured::None),
+            },
+        }
+    }
+
+    /// Waits for room in the log, then hands the change to it.
+    pub(crate) async fn push_when_room(
+        &self,
         mut rec: Record,
         disk: u16,
         range: Option<(u64, u64)>,
         wait: bool,
     ) -> Captured {
-        // Sync mode never trades a guest write for a dirty mark while records are kept: a
-        // full log makes the write wait, as --on-full block does.
-        let wait = wait || self.on_full == OnFull::Block || self.sync_waits();
         loop {
+            // Registered before the second look, so a release in between is not missed.
             let room = self.space.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            let (pushed, back) = if wait {
-                self.try_push_waiting(rec, disk, range)
-            } else {
-                self.try_push(rec, disk, range, false)
+            rec = match self.push_now(rec, disk, range, wait) {
+                Ok(captured) => return captured,
+                Err(rec) => rec,
             };
-            match pushed {
-                Pushed::Queued(seq, epoch) => return Captured::Seq { seq, epoch },
-                Pushed::Dirty(generation) => return Captured::Dirty(generation),
-                Pushed::Full => {
-                    let Some(r) = back else {
-                        return Captured::None;
-                    };
-                    rec = r;
-                    room.await;
-                }
-            }
+            room.await;
         }
     }
 

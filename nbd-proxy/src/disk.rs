@@ -55,19 +55,28 @@ impl CaptureBackend {
             let _range = self.locks.lock(offset, length).await;
             self.begin(offset, length)?;
             let (applied, kept) = apply.await;
+            let range = Some((offset, length));
             let captured = match applied {
-                Ok(()) => {
-                    self.capture
-                        .push(record(kept), self.disk, Some((offset, length)), false)
-                        .await
-                }
+                Ok(()) => match self.capture.push_now(record(kept), self.disk, range, false) {
+                    Ok(captured) => captured,
+                    // A full log (--on-full block, sync mode): boxed, so the future of every
+                    // write carries only a pointer to the state of this rare wait.
+                    Err(rec) => {
+                        let push = self.capture.push_when_room(rec, self.disk, range, false);
+                        Box::pin(push).await
+                    }
+                },
                 Err(_) => Captured::None,
             };
             self.changed(offset, length, captured.seq());
             applied?;
             captured
         };
-        self.after_change(seq).await;
+        if self.capture.sync_waits() {
+            // Boxed: the future of every write carries only a pointer to the state of this
+            // wait (it was half the size of a write's future, copied with it at each spawn).
+            Box::pin(self.after_change(seq)).await;
+        }
         Ok(())
     }
 
