@@ -354,43 +354,49 @@ impl Shipper {
             self.start_sync(plan);
         }
         let mut last_sync = Instant::now();
+        // Async mode, records arriving: the shipper looks for them every COALESCE instead of
+        // waiting on the channel, so the guest's writes never have to wake it (a futex call and
+        // a context switch on their reply path, twice per batch with the sleep after it).
+        let mut polling = false;
         loop {
-            select! {
-                recv(rx) -> r => {
-                    let Ok(r) = r else { bail!("capture ended") };
-                    let mut bytes = r.wire_len();
-                    log.push_back(r);
-                    if !self.capture.sync_waits() {
-                        // Async: no guest write waits for this batch, so let it fill for a
-                        // moment; a shipper woken for every record costs each write a wake-up
-                        // (a futex call on the guest's reply path) and the link a frame.
-                        std::thread::sleep(COALESCE);
-                    }
-                    while bytes < BATCH_BYTES {
-                        match rx.try_recv() {
-                            Ok(r) => { bytes += r.wire_len(); log.push_back(r); }
-                            Err(_) => break,
+            if polling && !self.capture.sync_waits() {
+                std::thread::sleep(COALESCE);
+                loop {
+                    match from.try_recv() {
+                        Ok(a) => self.on_reply(Ok(a), log, &mut sent)?,
+                        Err(crossbeam_channel::TryRecvError::Empty) => break,
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                            bail!("replicator link closed")
                         }
                     }
-                    if sent == 0 {
-                        self.note_oldest(log);
-                    }
-                    while sent < log.len() {
-                        sent += batch.send(stream, log, sent, &self.capture).context("send records")?;
-                    }
+                }
+                let before = log.len();
+                log.extend(rx.try_iter());
+                polling = log.len() > before;
+                if polling {
+                    self.send_unsent(stream, log, &mut sent, &mut batch)?;
                     last_sent = Instant::now();
                 }
-                recv(from) -> a => {
-                    match a {
-                        Ok(Ok(FromReplicator::Ack(seq))) => {
-                            sent -= self.acked(log, seq).min(sent);
+            } else {
+                polling = false;
+                select! {
+                    recv(rx) -> r => {
+                        let Ok(r) = r else { bail!("capture ended") };
+                        log.push_back(r);
+                        if !self.capture.sync_waits() {
+                            // Async: no guest write waits for this batch, so let it fill for a
+                            // moment (a shipper woken for every record costs each write a
+                            // wake-up, and the link a frame), then poll while records come.
+                            std::thread::sleep(COALESCE);
+                            polling = true;
                         }
-                        Ok(Ok(FromReplicator::Refused(r))) => return Err(r.into()),
-                        Ok(Err(e)) => return Err(e.context("replicator link")),
-                        Err(_) => bail!("replicator link closed"),
+                        log.extend(rx.try_iter());
+                        self.send_unsent(stream, log, &mut sent, &mut batch)?;
+                        last_sent = Instant::now();
                     }
+                    recv(from) -> a => self.on_reply(a, log, &mut sent)?,
+                    default(keepalive.min(Duration::from_millis(100))) => {}
                 }
-                default(keepalive.min(Duration::from_millis(100))) => {}
             }
             if last_sent.elapsed() >= keepalive {
                 stream
@@ -399,6 +405,43 @@ impl Shipper {
                 last_sent = Instant::now();
             }
             self.maybe_resync(&mut last_sync);
+        }
+    }
+
+    /// Sends every record of the log not sent yet (`log[sent..]`), in batches.
+    fn send_unsent(
+        &self,
+        stream: &mut Link,
+        log: &mut VecDeque<Record>,
+        sent: &mut usize,
+        batch: &mut Batch,
+    ) -> anyhow::Result<()> {
+        if *sent == 0 {
+            self.note_oldest(log);
+        }
+        while *sent < log.len() {
+            *sent += batch
+                .send(stream, log, *sent, &self.capture)
+                .context("send records")?;
+        }
+        Ok(())
+    }
+
+    /// An ack frees the log up to its seq; a refusal or a broken link ends the session.
+    fn on_reply(
+        &self,
+        got: Result<anyhow::Result<FromReplicator>, crossbeam_channel::RecvError>,
+        log: &mut VecDeque<Record>,
+        sent: &mut usize,
+    ) -> anyhow::Result<()> {
+        match got {
+            Ok(Ok(FromReplicator::Ack(seq))) => {
+                *sent -= self.acked(log, seq).min(*sent);
+                Ok(())
+            }
+            Ok(Ok(FromReplicator::Refused(r))) => Err(r.into()),
+            Ok(Err(e)) => Err(e.context("replicator link")),
+            Err(_) => bail!("replicator link closed"),
         }
     }
 
