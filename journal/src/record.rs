@@ -277,11 +277,108 @@ pub fn verify(head: &[u8; HEADER_LEN], stored: &[u8]) -> Result<(), FormatError>
     Ok(())
 }
 
+/// A data payload as a record stores it: lz4-compressed when that is smaller, and summed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Length of the compressed payload, which [`store`] left at the start of its scratch
+    /// buffer; `None`: the payload is stored as it came.
+    pub compressed: Option<usize>,
+    /// crc32c of the data (before compression).
+    pub data_crc: u32,
+    /// crc32c of the stored payload (the data's when it is stored raw: one pass, not two).
+    pub stored_crc: u32,
+}
+
+/// Sums a data payload and, with `compress`, tries lz4, keeping the result (in `scratch`,
+/// grown to lz4's worst case and reused between calls) only when it is smaller.
+pub fn store(data: &[u8], compress: bool, scratch: &mut Vec<u8>) -> Stored {
+    let data_crc = crc32c::crc32c(data);
+    let mut compressed = None;
+    if compress {
+        let bound = lz4_flex::block::get_maximum_output_size(data.len());
+        if scratch.len() < bound {
+            scratch.resize(bound, 0);
+        }
+        if let Ok(n) = lz4_flex::block::compress_into(data, &mut scratch[..bound]) {
+            compressed = (n < data.len()).then_some(n);
+        }
+    }
+    let stored_crc = match compressed {
+        Some(n) => crc32c::crc32c(&scratch[..n]),
+        None => data_crc,
+    };
+    Stored {
+        compressed,
+        data_crc,
+        stored_crc,
+    }
+}
+
+impl Header {
+    /// The header of a data record whose payload is `stored` (not yet numbered: seq and time
+    /// 0, crc unset).
+    pub fn data(kind: Kind, disk: u16, offset: u64, length: u64, stored: &Stored) -> Header {
+        Header {
+            kind,
+            compressed: stored.compressed.is_some(),
+            disk,
+            seq: 0,
+            time_ns: 0,
+            offset,
+            length,
+            stored_len: stored.compressed.unwrap_or(length as usize) as u32,
+            data_crc: stored.data_crc,
+            crc: 0,
+        }
+    }
+
+    /// The header of a record without data (not yet numbered) whose payload is `text`, and
+    /// the crc32c of `text`.
+    pub fn control(kind: Kind, disk: u16, offset: u64, length: u64, text: &[u8]) -> (Header, u32) {
+        let crc = crc32c::crc32c(text);
+        let header = Header {
+            kind,
+            compressed: false,
+            disk,
+            seq: 0,
+            time_ns: 0,
+            offset,
+            length,
+            stored_len: text.len() as u32,
+            data_crc: crc,
+            crc: 0,
+        };
+        (header, crc)
+    }
+
+    /// The header's bytes, sealed: the record crc is computed over `stored_crc` (the crc32c of
+    /// the stored payload) and bytes 0..52, so a record can be sent as this header followed by
+    /// a payload kept elsewhere (the bytes [`Encoded::seal`] makes). `self.crc` is not read.
+    pub fn seal(&self, stored_crc: u32) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4] = self.kind as u8;
+        b[5] = if self.compressed { FLAG_LZ4 } else { 0 };
+        b[6..8].copy_from_slice(&self.disk.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.time_ns.to_le_bytes());
+        b[24..32].copy_from_slice(&self.offset.to_le_bytes());
+        b[32..40].copy_from_slice(&self.length.to_le_bytes());
+        b[40..44].copy_from_slice(&self.stored_len.to_le_bytes());
+        b[44..48].copy_from_slice(&self.data_crc.to_le_bytes());
+        let crc = crc32c::crc32c_append(stored_crc, &b[..52]);
+        b[52..56].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+}
+
 /// A record being built: payload compressed and summed before it has a seq, so that the
 /// expensive part runs outside the sequencing lock. [`Encoded::seal`] finishes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
+    /// Room for the header, then the stored payload.
     bytes: Vec<u8>,
+    header: Header,
     payload_crc: u32,
 }
 
@@ -294,48 +391,22 @@ impl Encoded {
             /// at its exact size, so the change log's byte budget is what it really holds.
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let data_crc = crc32c::crc32c(data);
-        let compressed = if compress {
-            SCRATCH.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                let bound = lz4_flex::block::get_maximum_output_size(data.len());
-                if scratch.len() < bound {
-                    scratch.resize(bound, 0);
-                }
-                match lz4_flex::block::compress_into(data, &mut scratch[..bound]) {
-                    Ok(n) if n < data.len() => {
-                        let mut bytes = Vec::with_capacity(HEADER_LEN + n);
-                        bytes.resize(HEADER_LEN, 0);
-                        bytes.extend_from_slice(&scratch[..n]);
-                        Some(bytes)
-                    }
-                    _ => None,
-                }
-            })
-        } else {
-            None
-        };
-        let (bytes, is_compressed) = match compressed {
-            Some(bytes) => (bytes, true),
-            None => {
-                let mut bytes = Vec::with_capacity(HEADER_LEN + data.len());
-                bytes.resize(HEADER_LEN, 0);
-                bytes.extend_from_slice(data);
-                (bytes, false)
+        SCRATCH.with(|scratch| {
+            let scratch = &mut scratch.borrow_mut();
+            let stored = store(data, compress, scratch);
+            let payload = match stored.compressed {
+                Some(n) => &scratch[..n],
+                None => data,
+            };
+            let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+            bytes.resize(HEADER_LEN, 0);
+            bytes.extend_from_slice(payload);
+            Encoded {
+                bytes,
+                header: Header::data(kind, disk, offset, data.len() as u64, &stored),
+                payload_crc: stored.stored_crc,
             }
-        };
-        // Stored as it came: the payload's checksum is the data's (one pass, not two).
-        let stored_crc = (!is_compressed).then_some(data_crc);
-        Encoded::finish_fields(
-            bytes,
-            kind,
-            is_compressed,
-            disk,
-            offset,
-            data.len() as u64,
-            data_crc,
-            stored_crc,
-        )
+        })
     }
 
     /// A record without data: zero, trim (with a range) or flush, bookmark, sync markers (with a
@@ -344,46 +415,27 @@ impl Encoded {
         debug_assert!(!kind.carries_data());
         let mut bytes = vec![0u8; HEADER_LEN];
         bytes.extend_from_slice(text.as_bytes());
-        let crc = crc32c::crc32c(text.as_bytes());
-        Encoded::finish_fields(bytes, kind, false, disk, offset, length, crc, Some(crc))
-    }
-
-    /// `stored_crc`: the crc32c of the stored payload when the caller already has it.
-    #[allow(clippy::too_many_arguments)]
-    fn finish_fields(
-        mut bytes: Vec<u8>,
-        kind: Kind,
-        compressed: bool,
-        disk: u16,
-        offset: u64,
-        length: u64,
-        data_crc: u32,
-        stored_crc: Option<u32>,
-    ) -> Encoded {
-        let stored_len = (bytes.len() - HEADER_LEN) as u32;
-        bytes[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        bytes[4] = kind as u8;
-        bytes[5] = if compressed { FLAG_LZ4 } else { 0 };
-        bytes[6..8].copy_from_slice(&disk.to_le_bytes());
-        bytes[24..32].copy_from_slice(&offset.to_le_bytes());
-        bytes[32..40].copy_from_slice(&length.to_le_bytes());
-        bytes[40..44].copy_from_slice(&stored_len.to_le_bytes());
-        bytes[44..48].copy_from_slice(&data_crc.to_le_bytes());
-        let payload_crc = stored_crc.unwrap_or_else(|| crc32c::crc32c(&bytes[HEADER_LEN..]));
-        Encoded { bytes, payload_crc }
+        let (header, payload_crc) = Header::control(kind, disk, offset, length, text.as_bytes());
+        Encoded {
+            bytes,
+            header,
+            payload_crc,
+        }
     }
 
     /// Whether the payload is stored lz4-compressed.
     pub fn is_compressed(&self) -> bool {
-        self.bytes[5] & FLAG_LZ4 != 0
+        self.header.compressed
     }
 
     /// Gives the record its place in the stream and finishes the checksum.
     pub fn seal(mut self, seq: u64, time_ns: u64) -> Vec<u8> {
-        self.bytes[8..16].copy_from_slice(&seq.to_le_bytes());
-        self.bytes[16..24].copy_from_slice(&time_ns.to_le_bytes());
-        let crc = crc32c::crc32c_append(self.payload_crc, &self.bytes[..52]);
-        self.bytes[52..56].copy_from_slice(&crc.to_le_bytes());
+        let header = Header {
+            seq,
+            time_ns,
+            ..self.header
+        };
+        self.bytes[..HEADER_LEN].copy_from_slice(&header.seal(self.payload_crc));
         self.bytes
     }
 
@@ -399,10 +451,10 @@ impl Encoded {
 
 /// Decides when a data record is worth an lz4 attempt. A guest that writes incompressible
 /// data (encrypted, already compressed) would otherwise pay a failed compression on every
-/// write's reply path; after each attempt that saves less than an eighth, the next attempts
-/// are skipped for twice as many records as before (up to [`CompressGate::MAX_SKIP`]), and
-/// one attempt that saves resets the skipping. Shared by every writer of a group: relaxed
-/// atomics, since a lost update only moves one attempt.
+/// write; after each attempt that saves less than an eighth, the next attempts are skipped for
+/// twice as many records as before (up to [`CompressGate::MAX_SKIP`]), and one attempt that
+/// saves resets the skipping. Shared by every writer of a group: relaxed atomics, since a lost
+/// update only moves one attempt.
 #[derive(Debug, Default)]
 pub struct CompressGate {
     /// Records still to be stored without an attempt.
@@ -416,24 +468,35 @@ impl CompressGate {
 
     /// A data record, compressed if the gate says an attempt is worth it.
     pub fn encode(&self, kind: Kind, disk: u16, offset: u64, data: &[u8]) -> Encoded {
-        use std::sync::atomic::Ordering::Relaxed;
-        let skipping = self
-            .skip
-            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
-            .is_ok();
-        if skipping {
+        if !self.attempt() {
             return Encoded::data(kind, disk, offset, data, false);
         }
         let enc = Encoded::data(kind, disk, offset, data, true);
-        let stored = enc.len() - HEADER_LEN;
-        if enc.is_compressed() && stored <= data.len() - data.len() / 8 {
+        let compressed = enc.is_compressed().then(|| enc.len() - HEADER_LEN);
+        self.attempted(data.len(), compressed);
+        enc
+    }
+
+    /// Whether the next data record is worth an lz4 attempt (each call counts as a record).
+    /// After an attempt, [`CompressGate::attempted`] says how it went.
+    pub fn attempt(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.skip
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_err()
+    }
+
+    /// An attempt on `raw_len` bytes of data compressed them to `compressed` bytes (`None`:
+    /// lz4 made them no smaller).
+    pub fn attempted(&self, raw_len: usize, compressed: Option<usize>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if compressed.is_some_and(|n| n <= raw_len - raw_len / 8) {
             self.backoff.store(0, Relaxed);
         } else {
             let next = (self.backoff.load(Relaxed).max(1) * 2).min(Self::MAX_SKIP);
             self.backoff.store(next, Relaxed);
             self.skip.store(next, Relaxed);
         }
-        enc
     }
 }
 

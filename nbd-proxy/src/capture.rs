@@ -3,10 +3,10 @@
 //! replicator acknowledges it durable.
 //!
 //! A write takes a range lock, is applied to the image, and is given its seq while the lock is
-//! still held; so of two overlapping writes, the one applied last has the higher seq. Records
-//! are compressed and summed before the lock (the expensive part runs in parallel); the
-//! sequencer's mutex only numbers them and hands them to the shipper through a crossbeam
-//! channel, in seq order.
+//! still held; so of two overlapping writes, the one applied last has the higher seq. The
+//! sequencer's mutex only numbers records and hands them to the shipper through a crossbeam
+//! channel, in seq order; a record holds the guest's data in the buffer the connection read
+//! it into, and the shipper sums and compresses it ([`crate::record`]), off the reply path.
 //!
 //! When the log is full (or before the first contact with the replicator) the proxy stops
 //! queueing records and marks dirty chunks instead (`--on-full bitmap`), or makes the guest
@@ -16,13 +16,14 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use journal::record::{Encoded, Kind};
+use journal::record::Kind;
 use journal::wire::HASH_CHUNK;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tracing::warn;
+
+use crate::record::Record;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -41,14 +42,6 @@ pub enum OnFull {
     Bitmap,
     /// Make guest writes wait until the replicator frees room in the log.
     Block,
-}
-
-/// A sealed record on its way to the replicator.
-#[derive(Debug)]
-pub struct Sealed {
-    pub seq: u64,
-    pub bytes: Vec<u8>,
-    pub at: Instant,
 }
 
 /// Chunks of one disk that changed without a record in the log.
@@ -164,7 +157,8 @@ struct Dropped {
 #[derive(Debug)]
 pub struct Capture {
     state: Mutex<SeqState>,
-    tx: crossbeam_channel::Sender<Sealed>,
+    tx: crossbeam_channel::Sender<Record>,
+    /// Memory the change log's records hold ([`Record::mem_bytes`]), bounded by `capacity`.
     pub log_bytes: AtomicU64,
     pub capacity: u64,
     space: Notify,
@@ -174,7 +168,8 @@ pub struct Capture {
     pub sizes: Vec<u64>,
     pub syncing: AtomicBool,
     pub stats: Stats,
-    /// When the group's data records are worth compressing (skips lz4 on data that is not).
+    /// When the group's data records are worth compressing (skips lz4 on data that is not);
+    /// the shipper consults it as it seals records.
     pub compress: journal::record::CompressGate,
     pub activity: Option<crate::activity::ActivityLog>,
     /// Sync mode: how long a write waits for the replicator before sync mode degrades to
@@ -238,7 +233,7 @@ impl Capture {
             crate::activity::ActivityLog,
             Option<crate::activity::Recovered>,
         )>,
-    ) -> (Arc<Capture>, crossbeam_channel::Receiver<Sealed>) {
+    ) -> (Arc<Capture>, crossbeam_channel::Receiver<Record>) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut dirty: Vec<Dirty> = sizes.iter().map(|&s| Dirty::new(s)).collect();
         let (activity, recovered) = match activity {
@@ -294,11 +289,11 @@ impl Capture {
 
     fn try_push(
         &self,
-        enc: Encoded,
+        rec: Record,
         disk: u16,
         range: Option<(u64, u64)>,
         force: bool,
-    ) -> (Pushed, Option<Encoded>) {
+    ) -> (Pushed, Option<Record>) {
         let mut st = self.state();
         if !st.live {
             if let Some((off, len)) = range {
@@ -307,10 +302,10 @@ impl Capture {
             }
             return (Pushed::Dirty(st.sync_gen), None);
         }
-        let len = enc.len() as u64;
+        let len = rec.mem_bytes();
         if !force && self.log_bytes.load(Ordering::Acquire) + len > self.capacity {
             match self.on_full {
-                OnFull::Block => return (Pushed::Full, Some(enc)),
+                OnFull::Block => return (Pushed::Full, Some(rec)),
                 OnFull::Bitmap => {
                     st.live = false;
                     if let Some((off, len)) = range {
@@ -329,16 +324,16 @@ impl Capture {
             }
         }
         let epoch = st.drops;
-        (Pushed::Queued(self.queue(&mut st, enc), epoch), None)
+        (Pushed::Queued(self.queue(&mut st, rec), epoch), None)
     }
 
     /// Numbers a record and hands it to the shipper; the caller holds the sequencer lock.
-    fn queue(&self, st: &mut SeqState, enc: Encoded) -> u64 {
-        let len = enc.len() as u64;
+    fn queue(&self, st: &mut SeqState, mut rec: Record) -> u64 {
+        let len = rec.mem_bytes();
         let seq = st.next_seq;
         st.next_seq += 1;
         let now = journal::now_ns();
-        let bytes = enc.seal(seq, now);
+        (rec.seq, rec.time_ns) = (seq, now);
         // The log was empty: this record is now the oldest one not yet durable.
         let _ = self.stats.oldest_unacked_ns.compare_exchange(
             0,
@@ -349,11 +344,7 @@ impl Capture {
         self.log_bytes.fetch_add(len, Ordering::AcqRel);
         self.stats.records.fetch_add(1, Ordering::Relaxed);
         // The shipper holds the receiver for the life of the process.
-        let _ = self.tx.send(Sealed {
-            seq,
-            bytes,
-            at: Instant::now(),
-        });
+        let _ = self.tx.send(rec);
         seq
     }
 
@@ -361,68 +352,92 @@ impl Capture {
     /// With `--on-full block` (or `wait`), waits for room.
     pub(crate) async fn push(
         &self,
-        mut enc: Encoded,
+        rec: Record,
         disk: u16,
         range: Option<(u64, u64)>,
         wait: bool,
     ) -> Captured {
+        match self.push_now(rec, disk, range, wait) {
+            Ok(captured) => captured,
+            Err(rec) => self.push_when_room(rec, disk, range, wait).await,
+        }
+    }
+
+    /// [`Capture::push`] without waiting: gives the record back when the log is full and the
+    /// change has to wait for room ([`Capture::push_when_room`]). A guest write calls this
+    /// and boxes the rare wait, so the future of every write stays small.
+    #[allow(clippy::result_large_err)] // the Err is the record itself, handed back to wait
+    pub(crate) fn push_now(
+        &self,
+        rec: Record,
+        disk: u16,
+        range: Option<(u64, u64)>,
+        wait: bool,
+    ) -> Result<Captured, Record> {
         // Sync mode never trades a guest write for a dirty mark while records are kept: a
         // full log makes the write wait, as --on-full block does.
         let wait = wait || self.on_full == OnFull::Block || self.sync_waits();
+        let (pushed, back) = if wait {
+            self.try_push_waiting(rec, disk, range)
+        } else {
+            self.try_push(rec, disk, range, false)
+        };
+        match pushed {
+            Pushed::Queued(seq, epoch) => Ok(Captured::Seq { seq, epoch }),
+            Pushed::Dirty(generation) => Ok(Captured::Dirty(generation)),
+            Pushed::Full => match back {
+                Some(rec) => Err(rec),
+                None => Ok(Captured::None),
+            },
+        }
+    }
+
+    /// Waits for room in the log, then hands the change to it.
+    pub(crate) async fn push_when_room(
+        &self,
+        mut rec: Record,
+        disk: u16,
+        range: Option<(u64, u64)>,
+        wait: bool,
+    ) -> Captured {
         loop {
+            // Registered before the second look, so a release in between is not missed.
             let room = self.space.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            let (pushed, back) = if wait {
-                self.try_push_waiting(enc, disk, range)
-            } else {
-                self.try_push(enc, disk, range, false)
+            rec = match self.push_now(rec, disk, range, wait) {
+                Ok(captured) => return captured,
+                Err(rec) => rec,
             };
-            match pushed {
-                Pushed::Queued(seq, epoch) => return Captured::Seq { seq, epoch },
-                Pushed::Dirty(generation) => return Captured::Dirty(generation),
-                Pushed::Full => {
-                    let Some(e) = back else {
-                        return Captured::None;
-                    };
-                    enc = e;
-                    room.await;
-                }
-            }
+            room.await;
         }
     }
 
     fn try_push_waiting(
         &self,
-        enc: Encoded,
+        rec: Record,
         disk: u16,
         range: Option<(u64, u64)>,
-    ) -> (Pushed, Option<Encoded>) {
-        let len = enc.len() as u64;
+    ) -> (Pushed, Option<Record>) {
+        let len = rec.mem_bytes();
         let full = self.log_bytes.load(Ordering::Acquire) + len > self.capacity
             && self.log_bytes.load(Ordering::Acquire) > 0;
         if full && self.state().live {
-            return (Pushed::Full, Some(enc));
+            return (Pushed::Full, Some(rec));
         }
-        self.try_push(enc, disk, range, true)
+        self.try_push(rec, disk, range, true)
     }
 
     /// A chunk read by a sync: waits for room in the log rather than dropping it.
-    pub async fn push_sync(
-        &self,
-        enc: Encoded,
-        disk: u16,
-        offset: u64,
-        length: u64,
-    ) -> Option<u64> {
-        self.push(enc, disk, Some((offset, length)), true)
+    pub async fn push_sync(&self, rec: Record, disk: u16, offset: u64, length: u64) -> Option<u64> {
+        self.push(rec, disk, Some((offset, length)), true)
             .await
             .seq()
     }
 
     /// A small record (flush, bookmark, sync marker): queued past the byte budget when live.
-    pub fn push_control(&self, enc: Encoded) -> Option<u64> {
-        match self.try_push(enc, 0, None, true).0 {
+    pub fn push_control(&self, rec: Record) -> Option<u64> {
+        match self.try_push(rec, 0, None, true).0 {
             Pushed::Queued(seq, _) => Some(seq),
             _ => None,
         }
@@ -529,8 +544,8 @@ impl Capture {
         durable: u64,
         known: bool,
         ours: bool,
-        rx: &crossbeam_channel::Receiver<Sealed>,
-        unacked: &mut VecDeque<Sealed>,
+        rx: &crossbeam_channel::Receiver<Record>,
+        unacked: &mut VecDeque<Record>,
         have_hashes: bool,
     ) -> Handshake {
         let mut st = self.state();
@@ -557,7 +572,7 @@ impl Capture {
         let mut freed = 0u64;
         while ours && unacked.front().is_some_and(|r| r.seq <= durable) {
             if let Some(r) = unacked.pop_front() {
-                freed += r.bytes.len() as u64;
+                freed += r.mem_bytes();
             }
         }
         let continues = unacked
@@ -576,7 +591,7 @@ impl Capture {
                     self.note_dropped(&mut st, from);
                 }
                 for r in unacked.drain(..) {
-                    freed += r.bytes.len() as u64;
+                    freed += r.mem_bytes();
                 }
                 st.next_seq = durable + 1;
                 st.live = false;
@@ -645,7 +660,7 @@ impl Capture {
         }
         // Queued under the same lock that turns the log live: no change can be numbered
         // between the last consistent point and this marker.
-        self.queue(&mut st, Encoded::control(Kind::SyncBegin, 0, 0, 0, reason));
+        self.queue(&mut st, Record::control(Kind::SyncBegin, 0, 0, 0, reason));
         dirty
     }
 
@@ -656,8 +671,8 @@ impl Capture {
     pub fn refused(
         &self,
         seq: u64,
-        rx: &crossbeam_channel::Receiver<Sealed>,
-        log: &mut VecDeque<Sealed>,
+        rx: &crossbeam_channel::Receiver<Record>,
+        log: &mut VecDeque<Record>,
     ) -> u64 {
         let mut st = self.state();
         while let Ok(r) = rx.try_recv() {
@@ -667,16 +682,10 @@ impl Capture {
         let mut freed = 0u64;
         let mut dropped = 0u64;
         for r in log.drain(keep..) {
-            freed += r.bytes.len() as u64;
+            freed += r.mem_bytes();
             dropped += 1;
-            let (disk, offset, length) = journal::record::range_of(&r.bytes);
-            let changes = r
-                .bytes
-                .get(4)
-                .copied()
-                .and_then(Kind::from_u8)
-                .is_some_and(Kind::changes_data);
-            if changes && length > 0 {
+            let (disk, offset, length) = r.range();
+            if r.kind().changes_data() && length > 0 {
                 if let Some(d) = st.dirty.get_mut(usize::from(disk)) {
                     d.mark(offset, length);
                 }

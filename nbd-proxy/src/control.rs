@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use journal::metrics::{mib_per_s, Windows};
-use journal::record::{Encoded, Kind};
+use journal::record::Kind;
 use journal::units::human_bytes;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -200,10 +200,13 @@ impl Control {
                 .await
                 .map_err(|e| format!("flush disk {disk}: {e}"))?;
         }
-        let Some(seq) = self
-            .capture
-            .push_control(Encoded::control(Kind::Bookmark, 0, 0, 0, name))
-        else {
+        let Some(seq) = self.capture.push_control(crate::record::Record::control(
+            Kind::Bookmark,
+            0,
+            0,
+            0,
+            name,
+        )) else {
             return Err("replication stopped being live while flushing; retry".into());
         };
         info!(bookmark = name, seq, "bookmark placed");

@@ -5,11 +5,12 @@
 use std::io;
 use std::sync::Arc;
 
-use journal::record::{Encoded, Kind};
-use nbd_server::{BlockBackend, Capabilities, Extent, FileBackend, ZeroError, ZeroMode};
+use journal::record::Kind;
+use nbd_server::{BlockBackend, Buffer, Capabilities, Extent, FileBackend, ZeroError, ZeroMode};
 
 use crate::capture::{Capture, Captured};
 use crate::rangelock::RangeLocks;
+use crate::record::Record;
 
 /// One disk of a replicated group: the image, its range locks, and the group's capture.
 #[derive(Debug)]
@@ -36,36 +37,46 @@ impl CaptureBackend {
     }
 
     /// One change to the image, captured: under the range lock, mark the activity log, apply
-    /// (`apply`, not yet polled), and number the record; then, in sync mode, wait until the
-    /// replicator has it. A failed apply records nothing.
-    async fn change<E: From<io::Error>>(
+    /// (`apply`, not yet polled), and number the record `record` makes of what the apply
+    /// handed back (a write's buffer); then, in sync mode, wait until the replicator has it. A
+    /// failed apply records nothing.
+    async fn change<E: From<io::Error>, T>(
         &self,
         offset: u64,
         length: u64,
-        enc: Encoded,
-        apply: impl std::future::Future<Output = Result<(), E>>,
+        apply: impl std::future::Future<Output = (Result<(), E>, T)>,
+        record: impl FnOnce(T) -> Record,
     ) -> Result<(), E> {
         if length == 0 {
             // Changes nothing: nothing to lock, mark or record (a record would be refused).
-            return apply.await;
+            return apply.await.0;
         }
         let seq = {
             let _range = self.locks.lock(offset, length).await;
             self.begin(offset, length)?;
-            let applied = apply.await;
+            let (applied, kept) = apply.await;
+            let range = Some((offset, length));
             let captured = match applied {
-                Ok(()) => {
-                    self.capture
-                        .push(enc, self.disk, Some((offset, length)), false)
-                        .await
-                }
+                Ok(()) => match self.capture.push_now(record(kept), self.disk, range, false) {
+                    Ok(captured) => captured,
+                    // A full log (--on-full block, sync mode): boxed, so the future of every
+                    // write carries only a pointer to the state of this rare wait.
+                    Err(rec) => {
+                        let push = self.capture.push_when_room(rec, self.disk, range, false);
+                        Box::pin(push).await
+                    }
+                },
                 Err(_) => Captured::None,
             };
             self.changed(offset, length, captured.seq());
             applied?;
             captured
         };
-        self.after_change(seq).await;
+        if self.capture.sync_waits() {
+            // Boxed: the future of every write carries only a pointer to the state of this
+            // wait (it was half the size of a write's future, copied with it at each spawn).
+            Box::pin(self.after_change(seq)).await;
+        }
         Ok(())
     }
 
@@ -110,7 +121,7 @@ impl CaptureBackend {
         self.file.flush().await?;
         Ok(self
             .capture
-            .push_control(Encoded::control(Kind::Flush, self.disk, 0, 0, "")))
+            .push_control(Record::control(Kind::Flush, self.disk, 0, 0, "")))
     }
 }
 
@@ -128,21 +139,25 @@ impl BlockBackend for CaptureBackend {
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let mut buf = Buffer::take(data.len());
+        buf.copy_from_slice(data);
+        self.write_owned(offset, buf, fua).await
+    }
+
+    /// The record keeps `data` (the connection's buffer) until the replicator has it.
+    async fn write_owned(&self, offset: u64, data: Buffer, fua: bool) -> io::Result<()> {
         if data.is_empty() {
-            return self.file.write(offset, data, fua).await;
+            return self.file.write(offset, &data, fua).await;
         }
-        let enc = self
-            .capture
-            .compress
-            .encode(Kind::Write, self.disk, offset, data);
-        self.change(
-            offset,
-            data.len() as u64,
-            enc,
-            self.file.write(offset, data, fua),
-        )
-        .await?;
-        self.capture.stats.guest_write(data.len() as u64);
+        let length = data.len() as u64;
+        let apply = async {
+            let written = self.file.write(offset, &data, fua).await;
+            (written, data)
+        };
+        let disk = self.disk;
+        let record = |data| Record::data(Kind::Write, disk, offset, data);
+        self.change(offset, length, apply, record).await?;
+        self.capture.stats.guest_write(length);
         Ok(())
     }
 
@@ -153,15 +168,17 @@ impl BlockBackend for CaptureBackend {
         mode: ZeroMode,
         fua: bool,
     ) -> Result<(), ZeroError> {
-        let enc = Encoded::control(Kind::Zero, self.disk, offset, length, "");
-        let zeroed = self.file.write_zeroes(offset, length, mode, fua);
-        self.change(offset, length, enc, zeroed).await
+        let zeroed = async { (self.file.write_zeroes(offset, length, mode, fua).await, ()) };
+        let disk = self.disk;
+        let record = |()| Record::control(Kind::Zero, disk, offset, length, "");
+        self.change(offset, length, zeroed, record).await
     }
 
     async fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
-        let enc = Encoded::control(Kind::Trim, self.disk, offset, length, "");
-        self.change(offset, length, enc, self.file.trim(offset, length, fua))
-            .await
+        let trimmed = async { (self.file.trim(offset, length, fua).await, ()) };
+        let disk = self.disk;
+        let record = |()| Record::control(Kind::Trim, disk, offset, length, "");
+        self.change(offset, length, trimmed, record).await
     }
 
     async fn flush(&self) -> io::Result<()> {

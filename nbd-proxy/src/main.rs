@@ -8,6 +8,7 @@ mod control;
 mod disk;
 mod metrics;
 mod rangelock;
+mod record;
 mod resync;
 mod ship;
 

@@ -2,6 +2,7 @@
 //! in which they reach the image is the order of their seqs (invariant 1). Ranges that do not
 //! overlap proceed at once.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -9,7 +10,10 @@ use tokio::sync::Notify;
 #[derive(Debug, Default)]
 pub struct RangeLocks {
     held: Mutex<Vec<(u64, u64, u64)>>,
-    next_id: std::sync::atomic::AtomicU64,
+    next_id: AtomicU64,
+    /// Lockers waiting for a range: a release wakes them only when there are some (a wake-up
+    /// takes the Notify's own lock, on every write's path otherwise).
+    waiting: AtomicUsize,
     released: Notify,
 }
 
@@ -23,22 +27,46 @@ impl RangeLocks {
     /// Waits until no held range overlaps `start..start+len`, then holds it.
     pub async fn lock(&self, start: u64, len: u64) -> RangeGuard<'_> {
         let end = start.saturating_add(len.max(1));
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if self.try_hold(start, end, id) {
+            return RangeGuard { locks: self, id };
+        }
+        // Boxed: the future of every change holds only a pointer to the waiting state.
+        Box::pin(self.wait_for(start, end, id)).await
+    }
+
+    async fn wait_for(&self, start: u64, end: u64, id: u64) -> RangeGuard<'_> {
+        // Counted before the waiter is registered and the ranges looked at again: a release
+        // that sees no waiter removed its range before that second look, so it is not missed.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
         loop {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            {
-                let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-                if !held.iter().any(|&(s, e, _)| s < end && start < e) {
-                    held.push((start, end, id));
-                    return RangeGuard { locks: self, id };
-                }
+            if self.try_hold(start, end, id) {
+                return RangeGuard { locks: self, id };
             }
             released.await;
         }
+    }
+
+    fn try_hold(&self, start: u64, end: u64, id: u64) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.iter().any(|&(s, e, _)| s < end && start < e) {
+            return false;
+        }
+        held.push((start, end, id));
+        true
+    }
+}
+
+/// A locker waiting; uncounted when it holds its range or gives up (its future dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -49,7 +77,9 @@ impl Drop for RangeGuard<'_> {
             held.swap_remove(i);
         }
         drop(held);
-        self.locks.released.notify_waiters();
+        if self.locks.waiting.load(Ordering::SeqCst) > 0 {
+            self.locks.released.notify_waiters();
+        }
     }
 }
 

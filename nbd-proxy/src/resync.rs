@@ -10,13 +10,14 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use journal::record::{Encoded, Kind};
+use journal::record::Kind;
 use journal::wire::{chunk_hash, HASH_CHUNK};
-use nbd_server::BlockBackend;
+use nbd_server::{BlockBackend, Buffer};
 use tracing::info;
 
 use crate::capture::Capture;
 use crate::disk::CaptureBackend;
+use crate::record::Record;
 
 #[derive(Debug)]
 pub struct Plan {
@@ -52,7 +53,6 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
             "send"
         }
     );
-    let mut buf = vec![0u8; HASH_CHUNK as usize];
     let mut unread = 0u64;
     for (d, set) in sets.iter().enumerate() {
         let disk = &disks[d];
@@ -74,7 +74,9 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
             let off = c * HASH_CHUNK;
             let len = HASH_CHUNK.min(size - off) as usize;
             let range = disk.locks.lock(off, len as u64).await;
-            if let Err(e) = disk.file.read(off, &mut buf[..len]).await {
+            // Pooled: a chunk sent stays in the change log in this buffer, not a copy of it.
+            let mut buf = Buffer::take(len);
+            if let Err(e) = disk.file.read(off, &mut buf).await {
                 tracing::error!(
                     "{}: read of disk {d} at {off} failed: {e}; the chunk stays dirty and the \
                      sync's window stays open (not consistent) until it is read",
@@ -90,14 +92,12 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
                 .as_ref()
                 .and_then(|h| h.get(d))
                 .and_then(|h| h.get(c as usize))
-                .is_some_and(|&h| h == chunk_hash(&buf[..len]));
+                .is_some_and(|&h| h == chunk_hash(&buf));
             if same {
                 stats.sync_chunks_skipped.fetch_add(1, Ordering::Relaxed);
             } else {
-                let enc = capture
-                    .compress
-                    .encode(Kind::SyncData, d as u16, off, &buf[..len]);
-                capture.push_sync(enc, d as u16, off, len as u64).await;
+                let rec = Record::data(Kind::SyncData, d as u16, off, buf);
+                capture.push_sync(rec, d as u16, off, len as u64).await;
                 stats
                     .sync_bytes_sent
                     .fetch_add(len as u64, Ordering::Relaxed);
@@ -124,7 +124,7 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
         capture.syncing.store(false, Ordering::Release);
         return;
     }
-    let end = capture.push_control(Encoded::control(Kind::SyncEnd, 0, 0, 0, plan.reason));
+    let end = capture.push_control(Record::control(Kind::SyncEnd, 0, 0, 0, plan.reason));
     if let Some(end) = end {
         capture.sync_ended(generation, end);
         stats.syncs_completed.fetch_add(1, Ordering::Relaxed);
@@ -155,16 +155,8 @@ mod tests {
     use crate::capture::{Mode, OnFull};
     use nbd_server::FileBackend;
 
-    fn kinds(rx: &crossbeam_channel::Receiver<crate::capture::Sealed>) -> Vec<Kind> {
-        rx.try_iter()
-            .map(|r| {
-                journal::record::parse(&r.bytes)
-                    .unwrap()
-                    .unwrap()
-                    .header
-                    .kind
-            })
-            .collect()
+    fn kinds(rx: &crossbeam_channel::Receiver<Record>) -> Vec<Kind> {
+        rx.try_iter().map(|r| r.kind()).collect()
     }
 
     /// A chunk that cannot be read keeps the sync's window open: no SyncEnd until a retry has

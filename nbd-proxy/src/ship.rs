@@ -20,8 +20,9 @@ use journal::wire::{self, FrameType, Hello, Volume, Welcome, FRAME_HEADER_LEN};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::capture::{Capture, Handshake, Sealed};
+use crate::capture::{Capture, Handshake};
 use crate::disk::CaptureBackend;
+use crate::record::Record;
 use crate::resync::{self, Plan};
 
 /// Largest batch body sent in one frame.
@@ -81,7 +82,7 @@ enum FromReplicator {
 }
 
 impl Shipper {
-    pub fn run(self, rx: Receiver<Sealed>) {
+    pub fn run(self, rx: Receiver<Record>) {
         let mut log = VecDeque::new();
         let mut backoff = Duration::from_millis(100);
         let mut want_hashes = self.capture.full_sync_needed();
@@ -138,7 +139,7 @@ impl Shipper {
 
     /// Sleeps between attempts, taking new records into the log meanwhile (so the lag keeps
     /// counting from the oldest one) and starting a resync if the log overflowed.
-    fn wait(&self, total: Duration, rx: &Receiver<Sealed>, log: &mut VecDeque<Sealed>) {
+    fn wait(&self, total: Duration, rx: &Receiver<Record>, log: &mut VecDeque<Record>) {
         let until = Instant::now() + total;
         loop {
             while let Ok(r) = rx.try_recv() {
@@ -154,10 +155,8 @@ impl Shipper {
     }
 
     /// Keeps the capture time of the oldest record not yet durable where status finds it.
-    fn note_oldest(&self, log: &VecDeque<Sealed>) {
-        let oldest = log
-            .front()
-            .map_or(0, |r| journal::record::time_of(&r.bytes));
+    fn note_oldest(&self, log: &VecDeque<Record>) {
+        let oldest = log.front().map_or(0, |r| r.time_ns);
         self.capture
             .stats
             .oldest_unacked_ns
@@ -185,8 +184,8 @@ impl Shipper {
 
     fn session(
         &self,
-        rx: &Receiver<Sealed>,
-        log: &mut VecDeque<Sealed>,
+        rx: &Receiver<Record>,
+        log: &mut VecDeque<Record>,
         want_hashes: bool,
     ) -> anyhow::Result<Ended> {
         let addr = self
@@ -338,60 +337,66 @@ impl Shipper {
     fn stream_records(
         &self,
         stream: &mut Link,
-        rx: &Receiver<Sealed>,
-        log: &mut VecDeque<Sealed>,
+        rx: &Receiver<Record>,
+        log: &mut VecDeque<Record>,
         from: &Receiver<anyhow::Result<FromReplicator>>,
         sync: Option<Plan>,
         keepalive: Duration,
     ) -> anyhow::Result<Ended> {
         // Resend what the replicator does not have yet: everything in the log.
+        let mut batch = Batch::default();
         let mut sent = 0;
         while sent < log.len() {
-            sent += send_batch(stream, log.range(sent..), &self.capture.stats.bytes_shipped)?;
+            sent += batch.send(stream, log, sent, &self.capture)?;
         }
         let mut last_sent = Instant::now();
         if let Some(plan) = sync {
             self.start_sync(plan);
         }
         let mut last_sync = Instant::now();
+        // Async mode, records arriving: the shipper looks for them every COALESCE instead of
+        // waiting on the channel, so the guest's writes never have to wake it (a futex call and
+        // a context switch on their reply path, twice per batch with the sleep after it).
+        let mut polling = false;
         loop {
-            select! {
-                recv(rx) -> r => {
-                    let Ok(r) = r else { bail!("capture ended") };
-                    let mut bytes = r.bytes.len();
-                    log.push_back(r);
-                    if !self.capture.sync_waits() {
-                        // Async: no guest write waits for this batch, so let it fill for a
-                        // moment; a shipper woken for every record costs each write a wake-up
-                        // (a futex call on the guest's reply path) and the link a frame.
-                        std::thread::sleep(COALESCE);
-                    }
-                    while bytes < BATCH_BYTES {
-                        match rx.try_recv() {
-                            Ok(r) => { bytes += r.bytes.len(); log.push_back(r); }
-                            Err(_) => break,
+            if polling && !self.capture.sync_waits() {
+                std::thread::sleep(COALESCE);
+                loop {
+                    match from.try_recv() {
+                        Ok(a) => self.on_reply(Ok(a), log, &mut sent)?,
+                        Err(crossbeam_channel::TryRecvError::Empty) => break,
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                            bail!("replicator link closed")
                         }
                     }
-                    if sent == 0 {
-                        self.note_oldest(log);
-                    }
-                    while sent < log.len() {
-                        sent += send_batch(stream, log.range(sent..), &self.capture.stats.bytes_shipped)
-                            .context("send records")?;
-                    }
+                }
+                let before = log.len();
+                log.extend(rx.try_iter());
+                polling = log.len() > before;
+                if polling {
+                    self.send_unsent(stream, log, &mut sent, &mut batch)?;
                     last_sent = Instant::now();
                 }
-                recv(from) -> a => {
-                    match a {
-                        Ok(Ok(FromReplicator::Ack(seq))) => {
-                            sent -= self.acked(log, seq).min(sent);
+            } else {
+                polling = false;
+                select! {
+                    recv(rx) -> r => {
+                        let Ok(r) = r else { bail!("capture ended") };
+                        log.push_back(r);
+                        if !self.capture.sync_waits() {
+                            // Async: no guest write waits for this batch, so let it fill for a
+                            // moment (a shipper woken for every record costs each write a
+                            // wake-up, and the link a frame), then poll while records come.
+                            std::thread::sleep(COALESCE);
+                            polling = true;
                         }
-                        Ok(Ok(FromReplicator::Refused(r))) => return Err(r.into()),
-                        Ok(Err(e)) => return Err(e.context("replicator link")),
-                        Err(_) => bail!("replicator link closed"),
+                        log.extend(rx.try_iter());
+                        self.send_unsent(stream, log, &mut sent, &mut batch)?;
+                        last_sent = Instant::now();
                     }
+                    recv(from) -> a => self.on_reply(a, log, &mut sent)?,
+                    default(keepalive.min(Duration::from_millis(100))) => {}
                 }
-                default(keepalive.min(Duration::from_millis(100))) => {}
             }
             if last_sent.elapsed() >= keepalive {
                 stream
@@ -403,15 +408,52 @@ impl Shipper {
         }
     }
 
+    /// Sends every record of the log not sent yet (`log[sent..]`), in batches.
+    fn send_unsent(
+        &self,
+        stream: &mut Link,
+        log: &mut VecDeque<Record>,
+        sent: &mut usize,
+        batch: &mut Batch,
+    ) -> anyhow::Result<()> {
+        if *sent == 0 {
+            self.note_oldest(log);
+        }
+        while *sent < log.len() {
+            *sent += batch
+                .send(stream, log, *sent, &self.capture)
+                .context("send records")?;
+        }
+        Ok(())
+    }
+
+    /// An ack frees the log up to its seq; a refusal or a broken link ends the session.
+    fn on_reply(
+        &self,
+        got: Result<anyhow::Result<FromReplicator>, crossbeam_channel::RecvError>,
+        log: &mut VecDeque<Record>,
+        sent: &mut usize,
+    ) -> anyhow::Result<()> {
+        match got {
+            Ok(Ok(FromReplicator::Ack(seq))) => {
+                *sent -= self.acked(log, seq).min(*sent);
+                Ok(())
+            }
+            Ok(Ok(FromReplicator::Refused(r))) => Err(r.into()),
+            Ok(Err(e)) => Err(e.context("replicator link")),
+            Err(_) => bail!("replicator link closed"),
+        }
+    }
+
     /// Frees the records up to `seq`; returns how many left the log.
-    fn acked(&self, log: &mut VecDeque<Sealed>, seq: u64) -> usize {
+    fn acked(&self, log: &mut VecDeque<Record>, seq: u64) -> usize {
         let mut freed = 0u64;
         let mut newest = None;
         let mut count = 0;
         while log.front().is_some_and(|r| r.seq <= seq) {
             if let Some(r) = log.pop_front() {
-                freed += r.bytes.len() as u64;
-                newest = Some(r.at);
+                freed += r.mem_bytes();
+                newest = Some(r.time_ns);
                 count += 1;
             }
         }
@@ -424,7 +466,7 @@ impl Shipper {
                 if lags.len() >= 4096 {
                     lags.pop_front();
                 }
-                lags.push_back(at.elapsed().as_micros() as u64);
+                lags.push_back(journal::now_ns().saturating_sub(at) / 1000);
             }
         }
         self.note_oldest(log);
@@ -460,40 +502,66 @@ impl Shipper {
     }
 }
 
-/// Sends records from the front of `records` as one batch frame of about [`BATCH_BYTES`]
-/// (at least one record), without copying them; returns how many it sent. The frame's bytes
-/// are added to `shipped`.
-fn send_batch<'a>(
-    stream: &mut Link,
-    records: impl Iterator<Item = &'a Sealed>,
-    shipped: &std::sync::atomic::AtomicU64,
-) -> std::io::Result<usize> {
-    let mut len = 0usize;
-    let mut head = [0u8; FRAME_HEADER_LEN];
-    let mut slices: Vec<IoSlice<'_>> = vec![IoSlice::new(&[])];
-    for r in records {
-        if slices.len() > 1 && len + r.bytes.len() > BATCH_BYTES {
-            break;
+/// What sending batches reuses: lz4's scratch space for sealing records.
+#[derive(Default)]
+struct Batch {
+    scratch: Vec<u8>,
+}
+
+impl Batch {
+    /// Sends records from `log[from..]` as one batch frame of about [`BATCH_BYTES`] (at least
+    /// one record), sealing those not sealed yet and copying none; returns how many it sent.
+    /// The frame's bytes are added to the shipped count.
+    fn send(
+        &mut self,
+        stream: &mut Link,
+        log: &mut VecDeque<Record>,
+        from: usize,
+        capture: &Capture,
+    ) -> std::io::Result<usize> {
+        let mut len = 0usize;
+        let mut count = 0;
+        let mut freed = 0;
+        for r in log.range_mut(from..) {
+            // Sealing may compress: the length that counts is the sealed one.
+            freed += r.seal(&capture.compress, &mut self.scratch);
+            if count > 0 && len + r.wire_len() > BATCH_BYTES {
+                break;
+            }
+            len += r.wire_len();
+            count += 1;
         }
-        len += r.bytes.len();
-        slices.push(IoSlice::new(&r.bytes));
-    }
-    let count = slices.len() - 1;
-    head[0..4].copy_from_slice(&wire::MAGIC.to_le_bytes());
-    head[4] = FrameType::Batch as u8;
-    // No crc of the body: each record carries its own ([`wire`]).
-    head[8..12].copy_from_slice(&(len as u32).to_le_bytes());
-    slices[0] = IoSlice::new(&head);
-    let mut slices = &mut slices[..];
-    while !slices.is_empty() {
-        let n = stream.write_vectored(slices)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+        if freed > 0 {
+            capture.log_bytes.fetch_sub(freed, Ordering::AcqRel);
         }
-        IoSlice::advance_slices(&mut slices, n);
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        head[0..4].copy_from_slice(&wire::MAGIC.to_le_bytes());
+        head[4] = FrameType::Batch as u8;
+        // No crc of the body: each record carries its own ([`wire`]).
+        head[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(1 + 2 * count);
+        slices.push(IoSlice::new(&head));
+        for r in log.range(from..from + count) {
+            let (header, payload) = r
+                .sealed()
+                .ok_or_else(|| std::io::Error::other("a record was not sealed"))?;
+            slices.push(IoSlice::new(header));
+            slices.push(IoSlice::new(payload));
+        }
+        let mut slices = &mut slices[..];
+        while !slices.is_empty() {
+            let n = stream.write_vectored(slices)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut slices, n);
+        }
+        capture
+            .stats
+            .bytes_shipped
+            .fetch_add((FRAME_HEADER_LEN + len) as u64, Ordering::Relaxed);
+        Ok(count)
     }
-    shipped.fetch_add((FRAME_HEADER_LEN + len) as u64, Ordering::Relaxed);
-    Ok(count)
 }
 
 /// Reads a frame; a read that times out means the replicator fell silent.

@@ -7,6 +7,8 @@
 use std::future::Future;
 use std::io;
 
+use crate::buffer::Buffer;
+
 /// What a backend can do; the server turns it into transmission flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
@@ -63,6 +65,18 @@ pub trait BlockBackend: Send + Sync + 'static {
         data: &[u8],
         fua: bool,
     ) -> impl Future<Output = io::Result<()>> + Send;
+    /// Writes `data` at `offset`, taking the server's payload buffer: a backend that keeps the
+    /// bytes after the write (the proxy's change log) keeps the buffer instead of copying it.
+    /// The buffer's memory then leaves the connection's in-flight budget and is the backend's
+    /// to bound. By default, [`BlockBackend::write`].
+    fn write_owned(
+        &self,
+        offset: u64,
+        data: Buffer,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        async move { self.write(offset, &data, fua).await }
+    }
     fn write_zeroes(
         &self,
         offset: u64,

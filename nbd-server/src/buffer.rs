@@ -1,6 +1,10 @@
 //! Payload buffers reused across requests. A fresh 1 MiB buffer costs a memset and page faults on
 //! every request (a fifth of the CPU time of 1 MiB reads, measured with perf); a pooled one costs
-//! neither. Buffers come in power-of-two classes and the pool keeps at most [`POOLED_BYTES_MAX`].
+//! neither. Buffers come in power-of-two classes and the pool keeps at most [`POOLED_BYTES_MAX`];
+//! when a returned buffer finds it full, the class holding the most bytes gives way, so buffers
+//! of a size no longer in use (a seed's chunks, one large read) do not keep the sizes in use
+//! from being pooled. A backend may keep a buffer after its request (the proxy's change log
+//! holds a write's buffer until the replicator has it); it comes back when that drops it.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Mutex;
@@ -59,6 +63,11 @@ impl Buffer {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Bytes of memory the buffer holds (its power-of-two class, at least its length).
+    pub fn capacity(&self) -> usize {
+        self.vec.len()
+    }
 }
 
 impl Deref for Buffer {
@@ -74,19 +83,46 @@ impl DerefMut for Buffer {
     }
 }
 
+impl Pool {
+    /// Takes `vec` if there is room for it, making room by evicting buffers of the class that
+    /// holds the most bytes, unless that is `vec`'s own class. Evicted buffers go to `out`.
+    fn put(&mut self, vec: Vec<u8>, out: &mut Vec<Vec<u8>>) {
+        let capacity = vec.len();
+        let class = class_of(capacity);
+        if class >= CLASSES || capacity > POOLED_BYTES_MAX {
+            return;
+        }
+        while self.pooled_bytes + capacity > POOLED_BYTES_MAX {
+            let bytes = |c: usize| self.free[c].len() << (c as u32 + CLASS_MIN_BITS);
+            let Some(fullest) = (0..CLASSES).max_by_key(|&c| bytes(c)) else {
+                return;
+            };
+            if fullest == class || bytes(fullest) <= bytes(class) {
+                return;
+            }
+            let Some(evicted) = self.free[fullest].pop() else {
+                return;
+            };
+            self.pooled_bytes -= evicted.len();
+            out.push(evicted);
+        }
+        self.pooled_bytes += capacity;
+        self.free[class].push(vec);
+    }
+}
+
 impl Drop for Buffer {
     fn drop(&mut self) {
         let vec = std::mem::take(&mut self.vec);
-        let capacity = vec.len();
-        if capacity == 0 {
+        if vec.is_empty() {
             return;
         }
-        let class = class_of(capacity);
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if class < CLASSES && pool.pooled_bytes + capacity <= POOLED_BYTES_MAX {
-            pool.pooled_bytes += capacity;
-            pool.free[class].push(vec);
-        }
+        let mut evicted = Vec::new();
+        POOL.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(vec, &mut evicted);
+        // Freed outside the pool's lock.
+        drop(evicted);
     }
 }
 
@@ -115,6 +151,37 @@ mod tests {
             "same class: the pooled buffer comes back"
         );
         assert_eq!(Buffer::take(0).len(), 0);
+    }
+
+    #[test]
+    fn a_class_that_fills_the_pool_gives_way_to_another() {
+        let mut pool = Pool {
+            free: [const { Vec::new() }; CLASSES],
+            pooled_bytes: 0,
+        };
+        let mut out = Vec::new();
+        for _ in 0..POOLED_BYTES_MAX >> 18 {
+            pool.put(vec![0; 1 << 18], &mut out);
+        }
+        assert_eq!(pool.pooled_bytes, POOLED_BYTES_MAX);
+        assert!(out.is_empty());
+        // Full of 256 KiB buffers: a 4 KiB one still gets in (a 256 KiB one leaves) ...
+        pool.put(vec![0; 4096], &mut out);
+        assert_eq!(pool.free[0].len(), 1);
+        assert_eq!(out.len(), 1);
+        assert!(pool.pooled_bytes <= POOLED_BYTES_MAX);
+        // ... and so do many, until the two classes hold about as much.
+        for _ in 0..POOLED_BYTES_MAX >> 12 {
+            pool.put(vec![0; 4096], &mut out);
+        }
+        let bytes = |c: usize| pool.free[c].len() << (c as u32 + CLASS_MIN_BITS);
+        assert!(pool.pooled_bytes <= POOLED_BYTES_MAX);
+        assert!(bytes(0) >= POOLED_BYTES_MAX / 2 - (1 << 18), "{}", bytes(0));
+        assert!(bytes(6) >= POOLED_BYTES_MAX / 2 - (1 << 18), "{}", bytes(6));
+        // A class holding the most does not evict itself: the buffer is not pooled.
+        let before = pool.pooled_bytes;
+        pool.put(vec![0; 4096], &mut out);
+        assert!(pool.pooled_bytes <= before.max(POOLED_BYTES_MAX));
     }
 
     #[test]

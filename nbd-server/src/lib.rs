@@ -15,6 +15,7 @@ pub mod server;
 pub mod tls;
 
 pub use backend::{BlockBackend, Capabilities, Extent, ZeroError, ZeroMode};
+pub use buffer::Buffer;
 pub use file::FileBackend;
 pub use server::{run, shutdown_signal, Export, Listener};
 pub use tls::Tls;

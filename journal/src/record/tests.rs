@@ -149,3 +149,75 @@ proptest! {
         prop_assert_eq!(payload.as_ref(), &data[..]);
     }
 }
+
+/// The bytes of sealed records are the format's (the replicator and stored journals read
+/// them): fingerprints taken from the code before `store`/`Header::seal` existed.
+#[test]
+fn sealed_bytes_are_unchanged() {
+    let pattern: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761u32) >> 24) as u8)
+        .collect();
+    let cases = [
+        Encoded::data(Kind::Write, 3, 1 << 30, &pattern, true)
+            .seal(12345, 1_700_000_000_000_000_001),
+        Encoded::data(Kind::Write, 3, 4096, &pattern, false).seal(7, 8),
+        Encoded::data(Kind::SyncData, 0, 0, &[5u8; 65536], true).seal(u64::MAX, 1),
+        Encoded::data(Kind::Write, 1, 9, &[1, 2, 3], true).seal(2, 3),
+        Encoded::control(Kind::Bookmark, 0, 0, 0, "before-upgrade").seal(5, 6),
+        Encoded::control(Kind::Trim, 1, 4096, 1 << 40, "").seal(6, 7),
+    ];
+    let got: Vec<(usize, u32, String)> = cases
+        .iter()
+        .map(|b| {
+            let head: String = b[..HEADER_LEN].iter().map(|x| format!("{x:02x}")).collect();
+            (b.len(), crc32c::crc32c(b), head)
+        })
+        .collect();
+    let want = [
+        (2397, 1630567631, "4344505201010300393000000000000001002a36fe9c971700000040000000000010000000000000250900005315d84a00000000cd0ac877"),
+        (4152, 2065130947, "43445052010003000700000000000000080000000000000000100000000000000010000000000000001000005315d84a00000000e83e7999"),
+        (324, 2030376300, "4344505207010000ffffffffffffffff0100000000000000000000000000000000000100000000000c0100003e2b5e28000000005ac8cef5"),
+        (59, 3795868306, "43445052010001000200000000000000030000000000000009000000000000000300000000000000030000001ef230f1000000001e71e33f"),
+        (70, 737545708, "434450520500000005000000000000000600000000000000000000000000000000000000000000000e0000003be6365000000000a3717fa9"),
+        (56, 1214729159, "43445052030001000600000000000000070000000000000000100000000000000000000000010000000000000000000000000000a51e9dec"),
+    ];
+    let want: Vec<(usize, u32, String)> = want
+        .iter()
+        .map(|&(len, crc, head)| (len, crc, head.to_owned()))
+        .collect();
+    assert_eq!(got, want);
+}
+
+/// A header sealed apart from its payload ([`Header::seal`] over [`store`]'s result) is the
+/// record [`Encoded::seal`] makes, header then stored payload, compressed or not.
+#[test]
+fn a_header_sealed_apart_from_its_payload_makes_the_same_record() {
+    let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+    let mut noise = vec![0u8; 5000];
+    let mut x = 0x1234_5678_9abc_def1u64;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let mut scratch = Vec::new();
+    for data in [&pattern[..], &noise[..], &[9u8][..]] {
+        for compress in [true, false] {
+            let stored = store(data, compress, &mut scratch);
+            let payload = match stored.compressed {
+                Some(n) => &scratch[..n],
+                None => data,
+            };
+            let header = Header {
+                seq: 41,
+                time_ns: 42,
+                ..Header::data(Kind::SyncData, 2, 1 << 20, data.len() as u64, &stored)
+            };
+            let mut apart = header.seal(stored.stored_crc).to_vec();
+            apart.extend_from_slice(payload);
+            let whole = Encoded::data(Kind::SyncData, 2, 1 << 20, data, compress).seal(41, 42);
+            assert_eq!(apart, whole);
+        }
+    }
+}
