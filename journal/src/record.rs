@@ -211,29 +211,6 @@ impl<'a> RecordRef<'a> {
         Ok(Cow::Owned(raw))
     }
 
-    /// Checks the payload as [`RecordRef::payload`] does, decompressing into `scratch` (reused
-    /// between calls, so a stream of records allocates nothing).
-    pub fn check_payload(&self, scratch: &mut Vec<u8>) -> Result<(), FormatError> {
-        let h = &self.header;
-        if !h.compressed {
-            return Ok(());
-        }
-        let len = usize::try_from(h.length)
-            .map_err(|_| FormatError::Decompress("wrong decompressed length".into()))?;
-        if scratch.len() < len {
-            scratch.resize(len, 0);
-        }
-        let n = lz4_flex::block::decompress_into(self.stored, &mut scratch[..len])
-            .map_err(|e| FormatError::Decompress(e.to_string()))?;
-        if n != len {
-            return Err(FormatError::Decompress("wrong decompressed length".into()));
-        }
-        if crc32c::crc32c(&scratch[..len]) != h.data_crc {
-            return Err(FormatError::DataChecksum);
-        }
-        Ok(())
-    }
-
     /// The payload read as text (bookmark names, sync reasons).
     pub fn text(&self) -> String {
         String::from_utf8_lossy(self.stored).into_owned()
@@ -466,7 +443,9 @@ pub struct CompressGate {
 impl CompressGate {
     pub const MAX_SKIP: u32 = 256;
 
-    /// A data record, compressed if the gate says an attempt is worth it.
+    /// A data record, compressed if the gate says an attempt is worth it (the proxy seals
+    /// records itself with [`CompressGate::attempt`]; this is the gate's behaviour in one call).
+    #[cfg(test)]
     pub fn encode(&self, kind: Kind, disk: u16, offset: u64, data: &[u8]) -> Encoded {
         if !self.attempt() {
             return Encoded::data(kind, disk, offset, data, false);
