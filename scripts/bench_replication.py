@@ -13,7 +13,9 @@ Servers, each over its own copy of one 1 GiB random image, all on unix sockets:
   nbdkit         nbdkit's file plugin
 Rows (fio nbd engine, 1 and 4 connections = fio jobs): 4k randwrite QD32, 4k randwrite QD1
 (IOPS and fio's p50/p99 completion latency), 1M write QD8; 4k randread QD32 and 1M read QD8 on
-one connection. Then: the proxies' CPU seconds per GiB written (utime+stime of the process from
+one connection. After each write row, every file the server wrote is fsynced and the fsync
+timed, so that servers that acknowledge from the page cache and replicators that fsync before
+they acknowledge are also compared on durable terms. Then: the proxies' CPU seconds per GiB written (utime+stime of the process from
 /proc/PID/stat around each write row; for +async read after it caught up, so shipping counts;
 also the +async replicator's), the replication lag at half the plain proxy's 4k rate for
 --lag-seconds, the end-to-end rate of a compressible stream, the proxy's memory under a stalled
@@ -43,7 +45,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import (BIN, Qmp, caught_up, cold_cache, cpu_seconds, free_port, listening,
+from benchlib import (BIN, Qmp, caught_up, cold_cache, cpu_seconds, free_port, fsync_files, listening,
                       peak_rss_mib, proxy_status, wait, warm_cache)
 
 GIB = 1 << 30
@@ -84,6 +86,7 @@ def fio(uri, rw, bs, qd, conns, runtime, out, extra=()):
     d = job["write"] if rw.endswith("write") else job["read"]
     pct = d["clat_ns"].get("percentile", {})
     return {"iops": d["iops"], "mib": d["bw"] / 1024, "bytes": job["write"]["io_bytes"],
+            "seconds": d["runtime"] / 1000,
             "p50": pct.get("50.000000", 0) / 1000, "p99": pct.get("99.000000", 0) / 1000}
 
 
@@ -91,6 +94,7 @@ class Servers:
     def __init__(self, work):
         self.work, self.procs, self.uri, self.ctl, self.rep, self.pid = work, [], {}, {}, {}, {}
         self.files = []  # what the servers write, for cold_cache
+        self.owned = {}  # the same, per server: what it leaves to fsync after a row
         self.images = []  # what fio reads through them, for warm_cache
 
     def spawn(self, cmd, name):
@@ -106,7 +110,7 @@ class Servers:
         if rep.poll() is not None:
             sys.exit(f"{name}'s replicator exited: see {self.work}/{name}-replicator.log")
         self.rep[name] = rep
-        self.files.append(store)
+        self.own(name, store)
         return addr
 
     def proxy(self, name, img, extra=()):
@@ -117,7 +121,7 @@ class Servers:
                     "--insecure", *extra]
         p = self.spawn(cmd, name)
         self.listen(name, p, sock, img)
-        self.files.append(f"{img}.cdp-al")  # its activity log
+        self.own(name, f"{img}.cdp-al")  # its activity log
         if name != "proxy":
             self.ctl[name] = ctl
             wait(lambda: caught_up(ctl), f"{name}'s seed", 600)
@@ -129,7 +133,7 @@ class Servers:
             sys.exit(f"{name} exited: see {self.work}/{name}.log")
         self.uri[name] = f"nbd+unix:///{export}?socket={sock}"
         self.pid[name] = p.pid
-        self.files.append(img)
+        self.own(name, img)
         self.images.append(img)
 
     def nbdkit(self, img):
@@ -152,7 +156,7 @@ class Servers:
         self.qsd("blklogwrites", img, [f"driver=file,node-name=log,filename={log}",
                                        "driver=blklogwrites,node-name=blw,file=disk,log=log,log-sector-size=4096"],
                  "blw")
-        self.files.append(log)
+        self.own("blklogwrites", log)
 
     def mirror(self, img):
         target, tsock, qmp = f"{self.work}/mirror-target.img", f"{self.work}/target.sock", f"{self.work}/qmp.sock"
@@ -164,13 +168,17 @@ class Servers:
         self.qsd("mirror", img,
                  [f"driver=nbd,node-name=tgt,server.type=unix,server.path={tsock},export=t"], "disk",
                  ["--chardev", f"socket,id=qmp,path={qmp},server=on,wait=off", "--monitor", "chardev=qmp"])
-        self.files.append(target)
+        self.own("mirror", target)
         m = Qmp(qmp)
         m.cmd("blockdev-mirror", **{"job-id": "m", "device": "disk", "target": "tgt", "sync": "full",
                                     "copy-mode": "write-blocking"})
         wait(lambda: any(j["device"] == "m" and j.get("ready") for j in m.cmd("query-block-jobs")),
              "the mirror job to be ready", 600)
         self.qmp = m
+
+    def own(self, name, path):
+        self.files.append(path)
+        self.owned.setdefault(name, []).append(path)
 
     def stop(self):
         for p in reversed(self.procs):
@@ -190,7 +198,12 @@ def pct(samples, q):
 
 def measure_rows(s, a, out):
     """Every row against every server; per (row, conns, server) the best value of each metric
-    over the rounds, and per (row, conns) the CPU seconds and bytes written of the proxies."""
+    over the rounds, and per (row, conns) the CPU seconds and bytes written of the proxies.
+    After a write row, every file the server wrote is fsynced at once and the fsync timed
+    (`fsync` in seconds, the least over the rounds): a server that acknowledges from the page
+    cache (the plain proxy, nbdkit, blklogwrites, the mirror's target) leaves the writes there,
+    a replicator has fsynced them before it acknowledged. `durable` is the row's throughput
+    over fio's run plus that fsync."""
     best, cpu = {}, {}
     for rnd in range(a.rounds):
         warm = False
@@ -210,15 +223,21 @@ def measure_rows(s, a, out):
                 r = fio(s.uri[name], rw, bs, qd, conns, a.runtime, out)
                 if name in s.ctl:
                     wait(lambda: caught_up(s.ctl[name]), f"{name} to catch up", 600)
+                if rw.endswith("write"):
+                    r["fsync"] = fsync_files(s.owned[name])
+                    r["durable"] = r[THROUGHPUT[bs][0]] * r["seconds"] / (r["seconds"] + r["fsync"])
                 for k, pid in watched.items():
                     c = cpu.setdefault((label, conns, k), [0.0, 0])
                     c[0] += cpu_seconds(pid) - before[k]
                     c[1] += r["bytes"]
-                for m, unit, higher in metrics(label):
+                kept = metrics(label) + ([("fsync", "", False), ("durable", "", True)] if "fsync" in r else [])
+                for m, unit, higher in kept:
                     key = (label, conns, name, m)
                     v = r[m]
                     best[key] = v if key not in best else (max if higher else min)(best[key], v)
                 shown = "  ".join(f"{r[m]:.0f} {unit}" for m, unit, _ in metrics(label))
+                if "fsync" in r:
+                    shown += f"  fsync after {r['fsync'] * 1000:.0f} ms"
                 print(f"round {rnd + 1} {label:18} conns={conns} {name:12} {shown}", file=sys.stderr)
     return best, cpu
 
@@ -279,6 +298,22 @@ def table(best, cpu, lag, ingest, mem, rss, alone):
             lines.append(f"| {label} | {conns} | {unit} | " + " | ".join(f"{v[n]:.0f}" for n in SERVERS) +
                          f" | {ratio('proxy-async', 'proxy')} | {ratio('proxy-sync', 'proxy')} | "
                          f"{ratio('proxy-async', 'blklogwrites')} | {ratio('proxy-sync', 'mirror')} |")
+    lines += ["", "Made durable: right after a write row (for +async and +sync once caught up), every file the "
+              "server wrote is fsynced and the fsync timed (ms). The plain proxy, nbdkit, blklogwrites and the "
+              "mirror's target acknowledge from the page cache unless the guest flushes (fio sends no flush here); "
+              "a replicator has fsynced its journal before it acknowledges, but the proxies' own images are "
+              "still written through the page cache. `durable` is the row's rate over fio's run plus that fsync.",
+              "",
+              f"| workload | conns | unit | fsync ms: {cols} | durable: {cols} | async / proxy | sync / active mirror |",
+              "|---|---|---|" + "---|" * (2 * len(SERVERS) + 2)]
+    for label, rw, bs, _, conns in ROWS:
+        if rw.endswith("write"):
+            f = [best[(label, conns, n, "fsync")] * 1000 for n in SERVERS]
+            d = dict(zip(SERVERS, (best[(label, conns, n, "durable")] for n in SERVERS)))
+            ratio = lambda x, y: f"{d[x] / d[y]:.2f}x" if d[y] else "-"
+            lines.append(f"| {label} | {conns} | {THROUGHPUT[bs][1]} | " + " | ".join(f"{x:.0f}" for x in f) + " | "
+                         + " | ".join(f"{d[n]:.0f}" for n in SERVERS) +
+                         f" | {ratio('proxy-async', 'proxy')} | {ratio('proxy-sync', 'mirror')} |")
     lines += ["", "CPU seconds per GiB written (utime+stime of the process over the row's fio run; for "
               "+async until it caught up):", "",
               "| workload | conns | proxy | +async | async / proxy | +async's replicator |", "|---|---|---|---|---|---|"]

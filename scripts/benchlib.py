@@ -54,24 +54,39 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def files_in(paths):
+    """Every regular file of `paths` (files, or directories walked)."""
+    for top in paths:
+        if os.path.isfile(top):
+            yield top
+        else:
+            yield from (os.path.join(d, n) for d, _, names in os.walk(top) for n in names)
+
+
+def fsync_files(paths, drop=False):
+    """fsyncs every file of `paths` (with `drop`, then POSIX_FADV_DONTNEED); returns the
+    seconds it took."""
+    t0 = time.monotonic()
+    for path in files_in(paths):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile (a segment retired), or not ours to open
+        try:
+            os.fsync(fd)
+            if drop:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return time.monotonic() - t0
+
+
 def cold_cache(paths):
     """fsync, then POSIX_FADV_DONTNEED, every regular file in `paths` (files, or directories
     walked), so that each starts from an empty page cache. Why it matters: a file whose pages
     sit in the page cache in large folios (freshly written by dd or cp, or read by a seed) makes
     4k writes several times slower for any server on this machine's kernel."""
-    for top in paths:
-        files = [top] if os.path.isfile(top) else \
-            [os.path.join(d, n) for d, _, names in os.walk(top) for n in names]
-        for path in files:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue  # gone meanwhile (a segment retired), or not ours to open
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    fsync_files(paths, drop=True)
 
 
 def warm_cache(paths):
