@@ -32,6 +32,9 @@ slower for any server, and each server's earlier fio writes warm its cache diffe
 the read rows the images are dropped the same way and then read once whole, so that every
 server reads from a fully cached image (a cold one would measure the disk, the same for all).
 
+Disk: about 30 GiB free under $BENCH_DIR (default /var/tmp) at the peak of a full run (six 1 GiB
+images, the replicators' journals, the blklogwrites log), removed at the end.
+
 Usage: scripts/bench_replication.py [--runtime 5] [--rounds 1] [--lag-seconds 60] [--out FILE]
        [--quick]   (--quick: 2 s rows, 10 s lag, smaller ingest runs; a few minutes)
 """
