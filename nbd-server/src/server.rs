@@ -206,28 +206,33 @@ fn spawn_connection<S: SplitStream, B: BlockBackend>(
     );
 }
 
-/// Resolves at the first SIGTERM or SIGINT; a second one exits at once.
-pub async fn shutdown_signal() {
+/// Resolves at the first SIGTERM or SIGINT; a second one exits at once. The handlers are
+/// installed when this is called, not when the future is first polled: called as [`run`]'s
+/// argument, before any connection is served, a signal that arrives once a client has been
+/// answered is always a clean stop (it was fatal while the accept loops ran and the future
+/// had not been polled yet). Must be called within the runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!(
-        "stopping: finishing requests in flight, then flushing (signal again to exit at once)"
-    );
-    tokio::spawn(async move {
+    let handlers = signal(SignalKind::terminate())
+        .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)));
+    async move {
+        let Ok((mut term, mut int)) = handlers else {
+            tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        std::process::exit(130);
-    });
+        tracing::info!(
+            "stopping: finishing requests in flight, then flushing (signal again to exit at once)"
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            std::process::exit(130);
+        });
+    }
 }
