@@ -17,6 +17,7 @@ pub mod record;
 pub mod segment;
 pub mod store;
 pub mod sums;
+pub mod testdata;
 pub mod units;
 pub mod wire;
 pub mod writer;

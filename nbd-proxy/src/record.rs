@@ -48,22 +48,20 @@ impl Record {
     /// A data record (`Write` or `SyncData`) holding `data`: not copied, not summed yet.
     pub fn data(kind: Kind, disk: u16, offset: u64, data: Buffer) -> Record {
         debug_assert!(kind.carries_data() && !data.is_empty());
-        Record {
-            seq: 0,
-            time_ns: 0,
-            kind,
-            disk,
-            offset,
-            length: data.len() as u64,
-            payload: Payload::Raw(data),
-            head: None,
-        }
+        let length = data.len() as u64;
+        Record::new(kind, disk, offset, length, Payload::Raw(data))
     }
 
     /// A record without data: zero, trim (with a range) or flush, bookmark, sync markers (with a
     /// text payload such as a bookmark's name).
     pub fn control(kind: Kind, disk: u16, offset: u64, length: u64, text: &str) -> Record {
         debug_assert!(!kind.carries_data());
+        let text = Payload::Bytes(text.as_bytes().to_vec());
+        Record::new(kind, disk, offset, length, text)
+    }
+
+    /// Not numbered (seq and time 0) and not sealed.
+    fn new(kind: Kind, disk: u16, offset: u64, length: u64, payload: Payload) -> Record {
         Record {
             seq: 0,
             time_ns: 0,
@@ -71,7 +69,7 @@ impl Record {
             disk,
             offset,
             length,
-            payload: Payload::Bytes(text.as_bytes().to_vec()),
+            payload,
             head: None,
         }
     }
@@ -157,14 +155,7 @@ mod tests {
         let gate = CompressGate::default();
         let mut scratch = Vec::new();
         let pattern: Vec<u8> = (0..4096u32).map(|i| (i % 7) as u8).collect();
-        let mut noise = vec![0u8; 4096];
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for b in noise.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
+        let noise = journal::testdata::pattern(1, 4096);
         for (data, kind) in [(&pattern, Kind::Write), (&noise, Kind::SyncData)] {
             let mut buf = Buffer::take(data.len());
             buf.copy_from_slice(data);

@@ -120,17 +120,7 @@ pub fn make_image(path: &Path, size: u64, data: &[(u64, &[u8])]) -> anyhow::Resu
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so failures can be reproduced.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+pub use journal::testdata::pattern;
 
 /// A running `nbd-proxy`, killed when dropped.
 #[derive(Debug)]

@@ -1,6 +1,8 @@
 use super::*;
 use proptest::prelude::*;
 
+use crate::testdata::pattern;
+
 #[test]
 fn data_record_round_trips_compressed_and_not() {
     for (data, compress) in [
@@ -83,16 +85,9 @@ fn lying_headers_are_refused() {
 #[test]
 fn the_compress_gate_backs_off_on_incompressible_data_and_returns() {
     let gate = CompressGate::default();
-    let mut noise = vec![0u8; 4096];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut attempts = Vec::new();
     for i in 0..2000 {
-        for b in noise.iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
+        let noise = pattern(i, 4096);
         let skip_before = gate.skip.load(std::sync::atomic::Ordering::Relaxed);
         let enc = gate.encode(Kind::Write, 0, 0, &noise);
         assert!(!enc.is_compressed());
@@ -192,17 +187,10 @@ fn sealed_bytes_are_unchanged() {
 /// record [`Encoded::seal`] makes, header then stored payload, compressed or not.
 #[test]
 fn a_header_sealed_apart_from_its_payload_makes_the_same_record() {
-    let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
-    let mut noise = vec![0u8; 5000];
-    let mut x = 0x1234_5678_9abc_def1u64;
-    for b in noise.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    let repeating: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+    let noise = pattern(1, 5000);
     let mut scratch = Vec::new();
-    for data in [&pattern[..], &noise[..], &[9u8][..]] {
+    for data in [&repeating[..], &noise[..], &[9u8][..]] {
         for compress in [true, false] {
             let stored = store(data, compress, &mut scratch);
             let payload = match stored.compressed {
