@@ -2,9 +2,10 @@
 //! socket, and option haggling going on inside TLS), then the transmission phase over the
 //! plain or the TLS stream.
 //!
-//! In transmission a reader loop parses requests and spawns one task per request; tasks run
-//! concurrently and hand their replies to a writer task, which sends whatever is ready in one
-//! vectored write. So replies leave in completion order, many requests are in flight, and a
+//! In transmission a reader loop parses requests and hands each to a task: WRITEs without FUA
+//! to one task per connection that carries them out concurrently ([`run_writes`]), the others
+//! to a task of their own. They run concurrently and hand their replies to a writer task,
+//! which sends whatever is ready in one vectored write. So replies leave in completion order, many requests are in flight, and a
 //! payload is never copied on its way out. A byte budget bounds the memory of requests in flight.
 //! Payloads longer than [`PIECE_BYTES`] stream through in pieces of that size: a WRITE is read
 //! and applied piece by piece, a READ read and sent piece by piece.
@@ -242,6 +243,8 @@ where
     let (replies, queue) = mpsc::unbounded_channel::<Reply>();
     let executing = Arc::new(AtomicUsize::new(0));
     let writer = tokio::spawn(write_replies(write, queue, executing.clone()));
+    let (writes, pending) = mpsc::unbounded_channel::<Job>();
+    let writing = tokio::spawn(run_writes(pending));
     let budget = Arc::new(Semaphore::new(IN_FLIGHT_BUDGET_BYTES));
     let structured = limits.structured_replies;
     let result = loop {
@@ -312,13 +315,22 @@ where
         let replies = replies.clone();
         let executing = executing.clone();
         executing.fetch_add(1, Ordering::AcqRel);
-        tokio::spawn(async move {
+        let inline = matches!(command, Command::Write { fua: false, .. }) && pieces.is_none();
+        let task = async move {
             let mut reply = execute(&backend, command, header.cookie, payload, structured).await;
             reply.budget = Some(permit);
             // Before the send: the writer that takes this reply counts only the others.
             executing.fetch_sub(1, Ordering::AcqRel);
             let _ = replies.send(reply);
-        });
+        };
+        if inline {
+            // Only gone if a write panicked: the rest still get a task each.
+            if let Err(lost) = writes.send(Box::pin(task)) {
+                tokio::spawn(lost.0);
+            }
+        } else {
+            tokio::spawn(task);
+        }
         if let Some((tx, length)) = pieces {
             // After the spawn: each piece is applied while the next one arrives.
             if let Err(e) = read_pieces(&mut reader, &budget, length, tx).await {
@@ -327,9 +339,36 @@ where
         }
     };
     // Requests already read finish and are answered before the socket closes.
+    drop(writes);
+    let _ = writing.await;
     drop(replies);
     let written = writer.await.map_err(io::Error::other)?;
     result.and(written)
+}
+
+/// A request carried out by [`run_writes`].
+type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Carries out a connection's WRITEs (without FUA) concurrently within one task. Such a write
+/// only copies into the page cache (and, in the proxy, hands its buffer to the change log): a
+/// task of its own per write made the runtime wake an idle worker for most of them, and two
+/// workers, the client and the proxy's shipper woke each other instead of working (4k random
+/// writes at QD32 on one connection, with replication: 1.6x the IOPS this way). Requests that
+/// may wait on the device (reads, flushes, FUA) keep a task each, so one that blocks its
+/// thread does not hold up the others.
+async fn run_writes(mut pending: mpsc::UnboundedReceiver<Job>) {
+    use futures::StreamExt;
+    let mut running = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            job = pending.recv() => match job {
+                Some(job) => running.push(job),
+                None => break,
+            },
+            Some(()) = running.next(), if !running.is_empty() => {}
+        }
+    }
+    while running.next().await.is_some() {}
 }
 
 /// Bytes of budget a command holds from its start until its reply is on the wire.

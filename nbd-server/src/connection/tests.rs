@@ -21,13 +21,15 @@ enum Call {
     Write(u64, usize, bool),
 }
 
-/// A disk in memory. A call that touches `fail_at` fails with EIO; writes wait at `gate` while
-/// it has no permits; `hole` reads as zeroes and is reported as one.
+/// A disk in memory. A call that touches `fail_at` fails with EIO; writes (only those at
+/// `gated` when set) wait at `gate` while it has no permits; `hole` reads as zeroes and is
+/// reported as one.
 struct Mem {
     data: Mutex<Vec<u8>>,
     calls: Mutex<Vec<Call>>,
     fail_at: Option<u64>,
     gate: Semaphore,
+    gated: Option<u64>,
     hole: Option<std::ops::Range<u64>>,
 }
 
@@ -38,6 +40,7 @@ impl Mem {
             calls: Mutex::default(),
             fail_at: None,
             gate: Semaphore::new(Semaphore::MAX_PERMITS),
+            gated: None,
             hole: None,
         }
     }
@@ -95,7 +98,10 @@ impl BlockBackend for Mem {
         Ok(())
     }
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        let _pass = self.gate.acquire().await.unwrap();
+        let _pass = match self.gated {
+            Some(at) if at != offset => None,
+            _ => Some(self.gate.acquire().await.unwrap()),
+        };
         self.calls
             .lock()
             .unwrap()
@@ -540,4 +546,36 @@ async fn a_long_write_cut_short_is_not_acknowledged() {
         "the payload was truncated"
     );
     assert_eq!(backend.calls(), [Call::Write(0, PIECE_BYTES, false)]);
+}
+
+/// WRITEs without FUA share one task per connection ([`run_writes`]): one that waits must not
+/// hold up the next write, nor any other request.
+#[tokio::test(start_paused = true)]
+async fn a_write_that_waits_holds_up_no_other_request_of_its_connection() {
+    let backend = Arc::new(Mem {
+        gate: Semaphore::new(0),
+        gated: Some(0),
+        ..Mem::new()
+    });
+    let mut c = connect(&backend, false);
+    for (cookie, offset, flags) in [(1, 0, 0), (2, 8192, 0), (3, 16384, CMD_FLAG_FUA)] {
+        c.request(CMD_WRITE, flags, cookie, offset, 4096).await;
+        c.write
+            .write_all(&pattern(4096, cookie as u8))
+            .await
+            .unwrap();
+    }
+    // The clock is paused: the timeout fires as soon as nothing can run any more.
+    let both = async { vec![c.simple().await, c.simple().await] };
+    let mut answered = tokio::time::timeout(std::time::Duration::from_secs(60), both)
+        .await
+        .expect("the writes after the waiting one were held up");
+    answered.sort_unstable();
+    assert_eq!(answered, [(0, 2), (0, 3)]);
+    c.still_serves(&backend, false).await;
+    backend.gate.add_permits(1);
+    assert_eq!(c.simple().await, (0, 1));
+    for (cookie, offset) in [(1, 0), (2, 8192), (3, 16384)] {
+        assert!(backend.bytes(offset, 4096) == pattern(4096, cookie as u8));
+    }
 }
