@@ -423,6 +423,7 @@ def main():
         text = table(best, cpu, lag, ingest, mem, rss, alone)
         print(text)
         if a.out:
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
             with open(a.out, "w") as f:
                 f.write(text + "\n")
     finally:
