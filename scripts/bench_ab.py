@@ -1,10 +1,11 @@
 #!/usr/bin/python3
 """Replication with two builds side by side (A/B, alternating rounds ABBA), to measure what one
-change costs: each build runs its own replicator and proxy (sync and async) over a copy of one
-1 GiB random image, fio writes through it, and the table gives each row's IOPS and p99
-completion latency per build and the ratio after/before.
+change costs: each build runs its own replicator and proxy (sync and async; plain: the proxy
+alone, no replicator) over a copy of one 1 GiB random image, fio writes through it, and the
+table gives each row's IOPS and p99 completion latency per build and the ratio after/before.
 
 Usage: scripts/bench_ab.py --before DIR --after DIR [--runtime 5] [--rounds 2]
+                           [--modes plain,sync,async] [--conns 1]
        (DIR: a target/release directory holding nbd-proxy and replicator)
 Example: git worktree add /tmp/old REV && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target \\
          cargo build --release --bins) && scripts/bench_ab.py --before /tmp/old-target/release \\
@@ -45,30 +46,44 @@ def insecure(bin_dir):
     return ["--insecure"] if "--insecure" in out.stdout else []
 
 
-def run(bin_dir, tag, mode, work, port, runtime):
+def run(bin_dir, tag, mode, work, port, runtime, conns):
+    """One build in one mode (plain: the proxy alone; sync, async: with its own replicator) over
+    a fresh copy of the image: each row's IOPS and p99 completion latency. The image and the
+    store are removed after, so rounds do not add up on disk."""
     img = f"{work}/{tag}-{mode}.img"
+    store = f"{work}/{tag}-{mode}-store"
     subprocess.run(["cp", "--sparse=always", f"{work}/src.img", img], check=True)
-    rep = subprocess.Popen([f"{bin_dir}/replicator", "serve", "--listen", f"127.0.0.1:{port}",
-                            "--store", f"{work}/{tag}-{mode}-store", *insecure(bin_dir)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.3)
     sock, ctl = f"{work}/{tag}-{mode}.sock", f"{work}/{tag}-{mode}.ctl"
+    rep = None
+    if mode == "plain":
+        replicate = []
+    else:
+        rep = subprocess.Popen([f"{bin_dir}/replicator", "serve", "--listen", f"127.0.0.1:{port}",
+                                "--store", store, *insecure(bin_dir)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        replicate = ["--replicate", f"127.0.0.1:{port}", "--group", "g", "--control", ctl,
+                     "--mode", mode, *insecure(bin_dir)]
     proxy = subprocess.Popen([f"{bin_dir}/nbd-proxy", "--disk", f"d={img}", "--socket", sock,
-                              "--replicate", f"127.0.0.1:{port}", "--group", "g", "--control", ctl,
-                              "--mode", mode, *insecure(bin_dir)],
+                              *replicate],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(1200):
-        s = status(bin_dir, ctl)
-        if s and s["link"] == "connected" and s["lag_seq"] == 0 and s["syncs_completed"] >= 1 \
-                and not s["sync_running"]:
-            break
+        if mode == "plain":
+            if os.path.exists(sock):
+                break
+        else:
+            s = status(bin_dir, ctl)
+            if s and s["link"] == "connected" and s["lag_seq"] == 0 \
+                    and s["syncs_completed"] >= 1 and not s["sync_running"]:
+                break
         time.sleep(0.1)
     res = {}
     for name, rw, bs, qd in ROWS:
         cold(img)
         out = f"{work}/fio.json"
         subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd+unix:///d?socket={sock}",
-                        f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", "--size=1g", "--time_based",
+                        f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--numjobs={conns}",
+                        "--group_reporting", "--size=1g", "--time_based",
                         f"--runtime={runtime}", "--output-format=json", f"--output={out}"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         text = open(out).read()
@@ -76,8 +91,10 @@ def run(bin_dir, tag, mode, work, port, runtime):
         res[name] = (w["iops"], w["clat_ns"]["percentile"].get("99.000000", 0) / 1000)
     proxy.terminate()
     proxy.wait()
-    rep.terminate()
-    rep.wait()
+    if rep:
+        rep.terminate()
+        rep.wait()
+    subprocess.run(["rm", "-rf", img, store], check=True)
     return res
 
 
@@ -87,7 +104,9 @@ def main():
     ap.add_argument("--after", required=True)
     ap.add_argument("--runtime", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--modes", default="sync,async", help="comma-separated: sync, async")
+    ap.add_argument("--modes", default="sync,async",
+                    help="comma-separated: plain (the proxy alone), sync, async")
+    ap.add_argument("--conns", type=int, default=1, help="fio jobs, each its own connection")
     args = ap.parse_args()
     builds = {"before": args.before, "after": args.after}
     modes = args.modes.split(",")
@@ -101,7 +120,7 @@ def main():
             for mode in modes:
                 for tag in order:
                     port += 1
-                    for k, v in run(builds[tag], tag, mode, work, port, args.runtime).items():
+                    for k, v in run(builds[tag], tag, mode, work, port, args.runtime, args.conns).items():
                         results.setdefault((mode, k, tag), []).append(v)
     print("| mode | row | before IOPS | after IOPS | after/before | before p99 µs | after p99 µs |")
     print("|---|---|---|---|---|---|---|")
