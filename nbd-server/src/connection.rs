@@ -4,9 +4,9 @@
 //!
 //! In transmission a reader loop parses requests and hands each to a task: WRITEs without FUA
 //! to one task per connection that carries them out concurrently ([`run_writes`]), the others
-//! to a task of their own. They run concurrently and hand their replies to a writer task,
-//! which sends whatever is ready in one vectored write. So replies leave in completion order, many requests are in flight, and a
-//! payload is never copied on its way out. A byte budget bounds the memory of requests in flight.
+//! to a task of their own. They hand their replies to a writer task, which sends whatever is
+//! ready in one vectored write. So replies leave in completion order, many requests are in
+//! flight, and a payload is never copied on its way out. A byte budget bounds the memory of requests in flight.
 //! Payloads longer than [`PIECE_BYTES`] stream through in pieces of that size: a WRITE is read
 //! and applied piece by piece, a READ read and sent piece by piece.
 
@@ -353,9 +353,9 @@ type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 /// only copies into the page cache (and, in the proxy, hands its buffer to the change log): a
 /// task of its own per write made the runtime wake an idle worker for most of them, and two
 /// workers, the client and the proxy's shipper woke each other instead of working (4k random
-/// writes at QD32 on one connection, with replication: 1.6x the IOPS this way). Requests that
-/// may wait on the device (reads, flushes, FUA) keep a task each, so one that blocks its
-/// thread does not hold up the others.
+/// writes at QD32 on one connection, with replication: 1.4x-1.7x the IOPS this way, measured
+/// in BENCHMARKS.md). Requests that may wait on the device (reads, flushes, FUA) keep a task
+/// each, so one that blocks its thread does not hold up the others.
 async fn run_writes(mut pending: mpsc::UnboundedReceiver<Job>) {
     use futures::StreamExt;
     let mut running = futures::stream::FuturesUnordered::new();
