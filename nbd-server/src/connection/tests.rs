@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::backend::Capabilities;
+use tokio::io::AsyncWriteExt;
 
 const MIB: usize = 1 << 20;
 const SIZE: usize = 80 * MIB;

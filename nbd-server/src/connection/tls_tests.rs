@@ -13,6 +13,7 @@ use tokio_rustls::TlsConnector;
 
 use super::*;
 use crate::file::FileBackend;
+use tokio::io::AsyncWriteExt;
 
 impl SplitStream for DuplexStream {
     type Read = tokio::io::ReadHalf<DuplexStream>;
