@@ -223,15 +223,14 @@ def measure_rows(s, a, out):
                            "proxy-async": {"proxy-async": s.pid["proxy-async"],
                                            "replicator": s.rep["proxy-async"].pid}}.get(name, {})
                 before = {k: cpu_seconds(pid) for k, pid in watched.items()}
-                syncs = proxy_status(s.ctl[name])["syncs_completed"] if name in s.ctl else 0
+                overflows = proxy_status(s.ctl[name])["log_overflows"] if name in s.ctl else 0
                 r = fio(s.uri[name], rw, bs, qd, conns, a.runtime, out)
                 if name in s.ctl:
                     wait(lambda: caught_up(s.ctl[name]), f"{name} to catch up", 600)
-                    # A resync during the row: the change log filled and the writes of that
-                    # interval were kept as dirty chunks, not each as a record.
-                    resyncs = proxy_status(s.ctl[name])["syncs_completed"] - syncs
-                    key = (label, conns, name, "resyncs")
-                    best[key] = max(best.get(key, 0), resyncs)
+                    # The change log filled during the row: writes from then until a resync
+                    # were kept as dirty chunks, not each as a record.
+                    key = (label, conns, name, "overflows")
+                    best[key] = max(best.get(key, 0), proxy_status(s.ctl[name])["log_overflows"] - overflows)
                 if rw.endswith("write"):
                     r["fsync"] = fsync_files(s.owned[name])
                     r["durable"] = r[THROUGHPUT[bs][0]] * r["seconds"] / (r["seconds"] + r["fsync"])
@@ -247,8 +246,8 @@ def measure_rows(s, a, out):
                 shown = "  ".join(f"{r[m]:.0f} {unit}" for m, unit, _ in metrics(label))
                 if "fsync" in r:
                     shown += f"  fsync after {r['fsync'] * 1000:.0f} ms"
-                if best.get((label, conns, name, "resyncs")):
-                    shown += f"  log overflowed ({best[(label, conns, name, 'resyncs')]} resyncs)"
+                if best.get((label, conns, name, "overflows")):
+                    shown += f"  change log overflowed ({best[(label, conns, name, 'overflows')]}x)"
                 print(f"round {rnd + 1} {label:18} conns={conns} {name:12} {shown}", file=sys.stderr)
     return best, cpu
 
@@ -325,12 +324,13 @@ def table(best, cpu, lag, ingest, mem, rss, alone):
             lines.append(f"| {label} | {conns} | {THROUGHPUT[bs][1]} | " + " | ".join(f"{x:.0f}" for x in f) + " | "
                          + " | ".join(f"{d[n]:.0f}" for n in SERVERS) +
                          f" | {ratio('proxy-async', 'proxy')} | {ratio('proxy-sync', 'mirror')} |")
-    overflowed = [(label, conns, n, best[(label, conns, n, "resyncs")]) for label, rw, _, _, conns in ROWS
-                  for n in ("proxy-async", "proxy-sync") if best.get((label, conns, n, "resyncs"))]
-    lines += ["", "Change log overflows: rows where the proxy's change log (--log-capacity, 256 MiB) filled, "
-              "so that writes were kept as dirty chunks and sent by a resync, not each as a record "
-              "(history of that interval coalesced; the row's rate is not that of keeping every write):", ""]
-    lines += [f"* {label}, {conns} conn(s), {n}: {k} resync(s) in a round" for label, conns, n, k in overflowed] \
+    overflowed = [(label, conns, n, best[(label, conns, n, "overflows")]) for label, rw, _, _, conns in ROWS
+                  for n in ("proxy-async", "proxy-sync") if best.get((label, conns, n, "overflows"))]
+    lines += ["", "Change log overflows (`log_overflows` of `nbd-proxy status`): rows where the proxy's change "
+              "log (--log-capacity, 256 MiB) filled, so that writes were kept as dirty chunks and sent by a "
+              "resync, not each as a record (history of that interval coalesced; the row's rate is not that "
+              "of keeping every write):", ""]
+    lines += [f"* {label}, {conns} conn(s), {n}: filled {k} time(s) in a round" for label, conns, n, k in overflowed] \
         or ["* none"]
     lines += ["", "CPU seconds per GiB written (utime+stime of the process over the row's fio run; for "
               "+async until it caught up, a resync after an overflow included):", "",

@@ -191,7 +191,11 @@ pub struct Capture {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub records: AtomicU64,
+    /// Changes marked in the dirty chunks instead of numbered as records (log full, before the
+    /// first contact, after a refusal).
     pub dirty_marked: AtomicU64,
+    /// Times the change log filled and recording stopped for dirty tracking (--on-full bitmap).
+    pub log_overflows: AtomicU64,
     pub sync_chunks_total: AtomicU64,
     pub sync_chunks_done: AtomicU64,
     pub sync_bytes_sent: AtomicU64,
@@ -308,6 +312,7 @@ impl Capture {
                 OnFull::Block => return (Pushed::Full, Some(rec)),
                 OnFull::Bitmap => {
                     st.live = false;
+                    self.stats.log_overflows.fetch_add(1, Ordering::Relaxed);
                     if let Some((off, len)) = range {
                         st.dirty[usize::from(disk)].mark(off, len);
                         self.stats.dirty_marked.fetch_add(1, Ordering::Relaxed);

@@ -61,6 +61,12 @@ pub struct Status {
     pub log_capacity: u64,
     pub log_used: u64,
     pub tracking: String,
+    /// Times the change log filled since the start, and the changes since then kept only as
+    /// dirty chunks (their ranges resent by a resync, not each its own point in history).
+    #[serde(default)]
+    pub log_overflows: u64,
+    #[serde(default)]
+    pub changes_not_recorded: u64,
     pub dirty_chunks: u64,
     pub dirty_bytes: u64,
     pub sync_running: bool,
@@ -140,6 +146,8 @@ impl Control {
             log_capacity: c.capacity,
             log_used: c.log_bytes.load(Ordering::Relaxed),
             tracking: if c.is_live() { "live" } else { "dirty-chunks" }.into(),
+            log_overflows: c.stats.log_overflows.load(Ordering::Relaxed),
+            changes_not_recorded: c.stats.dirty_marked.load(Ordering::Relaxed),
             dirty_chunks: dirty,
             dirty_bytes: dirty * journal::wire::HASH_CHUNK,
             sync_running: c.syncing.load(Ordering::Relaxed),
@@ -313,10 +321,19 @@ pub fn print_status(s: &Status) {
         s.captured_seq, s.durable_seq
     );
     println!(
-        "change log  {} of {} ({:.0}% full)",
+        "change log  {} of {} ({:.0}% full){}",
         human_bytes(s.log_used),
         human_bytes(s.log_capacity),
-        s.log_used as f64 * 100.0 / s.log_capacity.max(1) as f64
+        s.log_used as f64 * 100.0 / s.log_capacity.max(1) as f64,
+        match s.log_overflows {
+            0 => String::new(),
+            n => format!(
+                "; filled {n} time{} since the start ({} changes in all kept only as dirty \
+                 chunks: a resync sends their ranges, history has no point between them)",
+                if n == 1 { "" } else { "s" },
+                s.changes_not_recorded
+            ),
+        }
     );
     if s.tracking != "live" {
         println!(

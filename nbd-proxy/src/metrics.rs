@@ -232,6 +232,18 @@ pub fn render(s: &Status) -> String {
         g,
         s.tracking == "live",
     );
+    e.counter(
+        "nbd_proxy_change_log_overflows_total",
+        "Times the change log filled and changes went to dirty chunks (--on-full bitmap).",
+        g,
+        s.log_overflows,
+    );
+    e.counter(
+        "nbd_proxy_changes_not_recorded_total",
+        "Changes kept only as dirty chunks (resent by a resync, not each a point in history).",
+        g,
+        s.changes_not_recorded,
+    );
     e.gauge(
         "nbd_proxy_dirty_chunks",
         "256 KiB chunks changed without a record, waiting for a resync.",
