@@ -61,10 +61,11 @@ pub struct Status {
     pub log_capacity: u64,
     pub log_used: u64,
     pub tracking: String,
-    /// Times the change log filled since the start, and the changes since then kept only as
-    /// dirty chunks (their ranges resent by a resync, not each its own point in history).
+    /// Times the change log filled since the start (`--on-full bitmap`).
     #[serde(default)]
     pub log_overflows: u64,
+    /// Changes since the start kept only as dirty chunks (log full, before the first contact,
+    /// after a refusal): a resync sends their ranges, none is its own point in history.
     #[serde(default)]
     pub changes_not_recorded: u64,
     pub dirty_chunks: u64,
