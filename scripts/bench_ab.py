@@ -19,25 +19,10 @@ import subprocess
 import tempfile
 import time
 
+from benchlib import caught_up, cold_cache, wait
+
 ROWS = [("4k randwrite QD1", "randwrite", "4k", 1), ("4k randwrite QD32", "randwrite", "4k", 32),
         ("1M write QD8", "write", "1M", 8)]
-
-
-def status(bin_dir, ctl):
-    out = subprocess.run([f"{bin_dir}/nbd-proxy", "status", "--json", "--control", ctl],
-                         capture_output=True, text=True)
-    return json.loads(out.stdout) if out.returncode == 0 else None
-
-
-def cold(path):
-    """Drops the file's pages from the page cache: every build and row starts alike (pages the
-    seed read in sit in large folios, which makes 4k writes several times slower here)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def insecure(bin_dir):
@@ -67,19 +52,15 @@ def run(bin_dir, tag, mode, work, port, runtime, conns):
     proxy = subprocess.Popen([f"{bin_dir}/nbd-proxy", "--disk", f"d={img}", "--socket", sock,
                               *replicate],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(1200):
-        if mode == "plain":
-            if os.path.exists(sock):
-                break
-        else:
-            s = status(bin_dir, ctl)
-            if s and s["link"] == "connected" and s["lag_seq"] == 0 \
-                    and s["syncs_completed"] >= 1 and not s["sync_running"]:
-                break
-        time.sleep(0.1)
+    if mode == "plain":
+        wait(lambda: os.path.exists(sock), f"{tag}'s proxy to listen", 120)
+    else:
+        wait(lambda: caught_up(ctl, bin_dir), f"{tag}'s {mode} proxy to be seeded", 120)
     res = {}
     for name, rw, bs, qd in ROWS:
-        cold(img)
+        # Every build and row starts from an empty page cache (pages the seed read in sit in
+        # large folios, which makes 4k writes several times slower here).
+        cold_cache([img])
         out = f"{work}/fio.json"
         subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd+unix:///d?socket={sock}",
                         f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--numjobs={conns}",

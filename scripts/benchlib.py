@@ -23,16 +23,16 @@ def wait(cond, what, timeout_s):
     sys.exit(f"timed out waiting for {what}")
 
 
-def proxy_status(ctl):
-    """`nbd-proxy status --json` of a running proxy, or None."""
-    out = subprocess.run([f"{BIN}/nbd-proxy", "status", "--control", ctl, "--json"],
+def proxy_status(ctl, bin_dir=BIN):
+    """`nbd-proxy status --json` of a running proxy (asked with `bin_dir`'s nbd-proxy), or None."""
+    out = subprocess.run([f"{bin_dir}/nbd-proxy", "status", "--control", ctl, "--json"],
                          capture_output=True, text=True)
     return json.loads(out.stdout) if out.returncode == 0 else None
 
 
-def caught_up(ctl):
+def caught_up(ctl, bin_dir=BIN):
     """Everything captured is durable at the replicator and no seed or resync runs."""
-    s = proxy_status(ctl)
+    s = proxy_status(ctl, bin_dir)
     return s and s["link"] == "connected" and s["lag_seq"] == 0 and not s["sync_running"] \
         and s["tracking"] == "live" and s["syncs_completed"] >= 1
 
