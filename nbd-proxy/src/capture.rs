@@ -353,35 +353,21 @@ impl Capture {
         seq
     }
 
-    /// Hands a change to the log: its seq, or None when it was recorded as a dirty chunk.
-    /// With `--on-full block` (or `wait`), waits for room.
-    pub(crate) async fn push(
-        &self,
-        rec: Record,
-        disk: u16,
-        range: Option<(u64, u64)>,
-        wait: bool,
-    ) -> Captured {
-        match self.push_now(rec, disk, range, wait) {
-            Ok(captured) => captured,
-            Err(rec) => self.push_when_room(rec, disk, range, wait).await,
-        }
-    }
-
-    /// [`Capture::push`] without waiting: gives the record back when the log is full and the
-    /// change has to wait for room ([`Capture::push_when_room`]). A guest write calls this
-    /// and boxes the rare wait, so the future of every write stays small.
+    /// Hands a guest's change to the log: its seq, or a dirty mark when records are not kept
+    /// (`--on-full bitmap`). Never waits: gives the record back when the log is full and the
+    /// change has to wait for room ([`Capture::push_when_room`]: `--on-full block`, sync
+    /// mode). A guest write calls this and boxes the rare wait, so the future of every write
+    /// stays small.
     #[allow(clippy::result_large_err)] // the Err is the record itself, handed back to wait
     pub(crate) fn push_now(
         &self,
         rec: Record,
         disk: u16,
         range: Option<(u64, u64)>,
-        wait: bool,
     ) -> Result<Captured, Record> {
         // Sync mode never trades a guest write for a dirty mark while records are kept: a
         // full log makes the write wait, as --on-full block does.
-        let wait = wait || self.on_full == OnFull::Block || self.sync_waits();
+        let wait = self.on_full == OnFull::Block || self.sync_waits();
         let (pushed, back) = if wait {
             self.try_push_waiting(rec, disk, range)
         } else {
@@ -403,18 +389,14 @@ impl Capture {
         mut rec: Record,
         disk: u16,
         range: Option<(u64, u64)>,
-        wait: bool,
     ) -> Captured {
         loop {
-            // Registered before the second look, so a release in between is not missed.
-            let room = self.space.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            rec = match self.push_now(rec, disk, range, wait) {
+            self.room_for(rec.mem_bytes()).await;
+            // Another change may have taken the room meanwhile: then wait again.
+            rec = match self.push_now(rec, disk, range) {
                 Ok(captured) => return captured,
                 Err(rec) => rec,
             };
-            room.await;
         }
     }
 
@@ -424,25 +406,50 @@ impl Capture {
         disk: u16,
         range: Option<(u64, u64)>,
     ) -> (Pushed, Option<Record>) {
-        let len = rec.mem_bytes();
-        let full = self.log_bytes.load(Ordering::Acquire) + len > self.capacity
-            && self.log_bytes.load(Ordering::Acquire) > 0;
-        if full && self.state().live {
+        if self.full_for(rec.mem_bytes()) {
             return (Pushed::Full, Some(rec));
         }
         self.try_push(rec, disk, range, true)
     }
 
-    /// A chunk read by a sync: waits for room in the log rather than dropping it.
-    pub async fn push_sync(&self, rec: Record, disk: u16, offset: u64, length: u64) -> Option<u64> {
-        self.push(rec, disk, Some((offset, length)), true)
-            .await
-            .seq()
+    /// Whether a record of `len` bytes has to wait for room: the log is live and it would pass
+    /// the budget (an empty log takes any record).
+    fn full_for(&self, len: u64) -> bool {
+        let used = self.log_bytes.load(Ordering::Acquire);
+        used > 0 && used + len > self.capacity && self.state().live
+    }
+
+    /// Waits until a record of `len` bytes fits in the log, or records are not kept (it would
+    /// be a dirty mark). A sync waits here before it takes a chunk's range lock, so that a
+    /// guest write to that chunk never waits on the replicator behind the sync.
+    pub async fn room_for(&self, len: u64) {
+        loop {
+            // Registered before the look, so a release in between is not missed.
+            let room = self.space.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if !self.full_for(len) {
+                return;
+            }
+            room.await;
+        }
+    }
+
+    /// A chunk read by a sync under its range lock: queued without waiting, even past the
+    /// budget (by this one chunk: the sync waited in [`Capture::room_for`] before it took the
+    /// lock, and a guest write may have filled the log since), or marked dirty when records
+    /// are not kept.
+    pub fn push_sync(&self, rec: Record, disk: u16, offset: u64, length: u64) -> Option<u64> {
+        self.push_forced(rec, disk, Some((offset, length)))
     }
 
     /// A small record (flush, bookmark, sync marker): queued past the byte budget when live.
     pub fn push_control(&self, rec: Record) -> Option<u64> {
-        match self.try_push(rec, 0, None, true).0 {
+        self.push_forced(rec, 0, None)
+    }
+
+    fn push_forced(&self, rec: Record, disk: u16, range: Option<(u64, u64)>) -> Option<u64> {
+        match self.try_push(rec, disk, range, true).0 {
             Pushed::Queued(seq, _) => Some(seq),
             _ => None,
         }

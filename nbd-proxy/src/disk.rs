@@ -57,12 +57,12 @@ impl CaptureBackend {
             let (applied, kept) = apply.await;
             let range = Some((offset, length));
             let captured = match applied {
-                Ok(()) => match self.capture.push_now(record(kept), self.disk, range, false) {
+                Ok(()) => match self.capture.push_now(record(kept), self.disk, range) {
                     Ok(captured) => captured,
                     // A full log (--on-full block, sync mode): boxed, so the future of every
                     // write carries only a pointer to the state of this rare wait.
                     Err(rec) => {
-                        let push = self.capture.push_when_room(rec, self.disk, range, false);
+                        let push = self.capture.push_when_room(rec, self.disk, range);
                         Box::pin(push).await
                     }
                 },

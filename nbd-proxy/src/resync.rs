@@ -1,7 +1,9 @@
 //! Seeding and resync: sends the current content of chunks the replicator may lack, between a
 //! `SyncBegin` and a `SyncEnd` record. Each chunk is read under its range lock and numbered
 //! like a write, so it lands in the stream in order with the guest's own writes (invariant 1);
-//! restore treats the points between the two markers as not consistent (invariant 6).
+//! restore treats the points between the two markers as not consistent (invariant 6). A chunk
+//! waits for room in the change log before its lock is taken, never while holding it: a guest
+//! write to that chunk must not wait on the replicator behind a sync.
 //!
 //! With hashes from the replicator (a full sync: first contact, or after a proxy restart), a
 //! chunk whose hash equals the replicator's is skipped, so re-seeding an unchanged disk moves
@@ -73,6 +75,10 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
             }
             let off = c * HASH_CHUNK;
             let len = HASH_CHUNK.min(size - off) as usize;
+            // Room first, then the lock: a guest write to this chunk must not wait behind a
+            // sync that waits for the replicator (with --on-full bitmap it would otherwise
+            // never wait at all).
+            capture.room_for(len as u64).await;
             let range = disk.locks.lock(off, len as u64).await;
             // Pooled: a chunk sent stays in the change log in this buffer, not a copy of it.
             let mut buf = Buffer::take(len);
@@ -97,7 +103,7 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
                 stats.sync_chunks_skipped.fetch_add(1, Ordering::Relaxed);
             } else {
                 let rec = Record::data(Kind::SyncData, d as u16, off, buf);
-                capture.push_sync(rec, d as u16, off, len as u64).await;
+                capture.push_sync(rec, d as u16, off, len as u64);
                 stats
                     .sync_bytes_sent
                     .fetch_add(len as u64, Ordering::Relaxed);
@@ -159,29 +165,42 @@ mod tests {
         rx.try_iter().map(|r| r.kind()).collect()
     }
 
-    /// A chunk that cannot be read keeps the sync's window open: no SyncEnd until a retry has
-    /// sent it. (Before the fix, a failed read still ended the window: a point missing that
-    /// chunk was marked consistent.)
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_chunk_that_cannot_be_read_keeps_the_window_open() {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("d.img");
+    /// An image of four chunks of 7s at `path`, captured async with `--on-full bitmap`.
+    fn four_chunk_disk(
+        path: &std::path::Path,
+        capacity: u64,
+    ) -> (
+        Arc<Capture>,
+        crossbeam_channel::Receiver<Record>,
+        Arc<CaptureBackend>,
+    ) {
         let size = 4 * HASH_CHUNK;
-        std::fs::write(&path, vec![7u8; size as usize]).unwrap();
+        std::fs::write(path, vec![7u8; size as usize]).unwrap();
         let (capture, rx) = Capture::new(
             vec![size],
-            64 << 20,
+            capacity,
             Mode::Async,
             OnFull::Bitmap,
             None,
             None,
         );
         let disk = Arc::new(CaptureBackend {
-            file: FileBackend::open(&path, false).unwrap(),
+            file: FileBackend::open(path, false).unwrap(),
             locks: Default::default(),
             capture: capture.clone(),
             disk: 0,
         });
+        (capture, rx, disk)
+    }
+
+    /// A chunk that cannot be read keeps the sync's window open: no SyncEnd until a retry has
+    /// sent it. (Before the fix, a failed read still ended the window: a point missing that
+    /// chunk was marked consistent.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_that_cannot_be_read_keeps_the_window_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (path, size) = (tmp.path().join("d.img"), 4 * HASH_CHUNK);
+        let (capture, rx, disk) = four_chunk_disk(&path, 64 << 20);
         // The image loses its second half under the proxy: those chunks fail to read.
         std::fs::OpenOptions::new()
             .write(true)
@@ -222,5 +241,66 @@ mod tests {
         assert_eq!(got.iter().filter(|k| **k == Kind::SyncData).count(), 2);
         assert_eq!(got.last(), Some(&Kind::SyncEnd));
         assert_eq!(capture.dirty_chunks(), 0);
+    }
+
+    /// A sync waits for room in the log before it takes a chunk's range lock. With the log
+    /// full, a guest write to the very chunk the sync is about to send completes at once
+    /// (`--on-full bitmap`: the change becomes a dirty mark). Before, the sync held the chunk's
+    /// lock while it waited, and the guest's write waited for the replicator with it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sync_waiting_for_room_does_not_hold_its_chunks_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("d.img");
+        let chunk = HASH_CHUNK as usize;
+        let one = Record::data(Kind::Write, 0, 0, Buffer::take(chunk)).mem_bytes();
+        // Room for two chunk-sized records, not three.
+        let (capture, rx, disk) = four_chunk_disk(&path, 2 * one + one / 2);
+        // Live (as after the first contact); two writes fill the log, the third overflows it
+        // and marks chunk 2 dirty.
+        capture.begin_sync(false, "test");
+        for c in 0..3u64 {
+            disk.write(c * HASH_CHUNK, &vec![1u8; chunk], false)
+                .await
+                .unwrap();
+        }
+        assert!(!capture.is_live());
+        assert_eq!(capture.dirty_chunks(), 1);
+
+        // The resync turns the log live again and waits for room to send chunk 2.
+        capture.syncing.store(true, Ordering::Release);
+        let plan = Plan {
+            full: false,
+            hashes: None,
+            reason: "resync",
+        };
+        let sync = tokio::spawn(run(capture.clone(), vec![disk.clone()], plan));
+        while !capture.is_live() {
+            tokio::task::yield_now().await;
+        }
+        // Time for a sync that holds the lock while it waits to get that far.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+
+        // The guest rewrites chunk 2: the lock is free, the full log makes it a dirty mark.
+        // (The timeout only turns the old behaviour, a write stuck until the replicator
+        // frees room, into a failure instead of a hang.)
+        let twos = vec![2u8; chunk];
+        let write = disk.write(2 * HASH_CHUNK, &twos, false);
+        tokio::time::timeout(std::time::Duration::from_secs(60), write)
+            .await
+            .expect("a guest write waited behind a sync waiting for room")
+            .unwrap();
+        assert_eq!(capture.stats.log_overflows.load(Ordering::Relaxed), 2);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(on_disk[2 * chunk..3 * chunk].iter().all(|&b| b == 2));
+
+        // The replicator frees the log: the sync goes on, finds records not kept any more,
+        // and leaves chunk 2 dirty for the next one; its window stays open (no SyncEnd).
+        let queued: Vec<Record> = rx.try_iter().collect();
+        let bytes = queued.iter().map(Record::mem_bytes).sum();
+        capture.release(bytes, capture.last_seq());
+        sync.await.unwrap();
+        assert_eq!(capture.dirty_chunks(), 1);
+        assert!(!kinds(&rx).contains(&Kind::SyncEnd));
+        assert!(!capture.syncing.load(Ordering::Acquire));
     }
 }
