@@ -171,7 +171,7 @@ pub struct Capture {
     /// When the group's data records are worth compressing (skips lz4 on data that is not);
     /// the shipper consults it as it seals records.
     pub compress: journal::record::CompressGate,
-    pub activity: Option<crate::activity::ActivityLog>,
+    pub activity: Option<Arc<crate::activity::ActivityLog>>,
     /// Sync mode: how long a write waits for the replicator before sync mode degrades to
     /// async (None: wait for as long as it takes).
     pub sync_timeout: Option<std::time::Duration>,
@@ -241,7 +241,7 @@ impl Capture {
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut dirty: Vec<Dirty> = sizes.iter().map(|&s| Dirty::new(s)).collect();
         let (activity, recovered) = match activity {
-            Some((log, recovered)) => (Some(log), recovered),
+            Some((log, recovered)) => (Some(Arc::new(log)), recovered),
             None => (None, None),
         };
         let adopt_seq = recovered.as_ref().map(|r| r.acked_seq);

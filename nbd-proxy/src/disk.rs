@@ -23,9 +23,9 @@ pub struct CaptureBackend {
 
 impl CaptureBackend {
     /// Marks the range in the activity log before it changes on the image.
-    fn begin(&self, offset: u64, length: u64) -> io::Result<()> {
+    async fn begin(&self, offset: u64, length: u64) -> io::Result<()> {
         match &self.capture.activity {
-            Some(al) => al.begin(usize::from(self.disk), offset, length),
+            Some(al) => al.begin(usize::from(self.disk), offset, length).await,
             None => Ok(()),
         }
     }
@@ -53,7 +53,7 @@ impl CaptureBackend {
         }
         let seq = {
             let _range = self.locks.lock(offset, length).await;
-            self.begin(offset, length)?;
+            self.begin(offset, length).await?;
             let (applied, kept) = apply.await;
             let range = Some((offset, length));
             let captured = match applied {
