@@ -60,6 +60,7 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
         let disk = &disks[d];
         let size = disk.size_bytes();
         let chunks: Vec<u64> = set.chunks().collect();
+        let mut uncache = Uncache::default();
         for (i, &c) in chunks.iter().enumerate() {
             if !capture.is_live() {
                 capture.requeue(d, chunks[i..].iter().copied());
@@ -93,6 +94,7 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
                 unread += 1;
                 continue;
             }
+            uncache.read(off, len as u64, |o, l| disk.file.uncache(o, l));
             let same = plan
                 .hashes
                 .as_ref()
@@ -111,6 +113,7 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
             drop(range);
             stats.sync_chunks_done.fetch_add(1, Ordering::Relaxed);
         }
+        uncache.finish(|o, l| disk.file.uncache(o, l));
     }
     if total == 0 && !plan.full {
         // Nothing to resend (begin_sync placed no markers).
@@ -153,6 +156,48 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
         stats.sync_chunks_skipped.load(Ordering::Relaxed),
     );
     capture.syncing.store(false, Ordering::Release);
+}
+
+/// What a sync reads is sent once and not worth keeping in the page cache: it is dropped
+/// ([`nbd_server::FileBackend::uncache`]) a window at a time once the sync has moved past it, whole windows
+/// because the kernel drops only folios entirely inside the range (read ahead, they are up to
+/// 2 MiB here). Left cached, a seed's read of the image made the guest's 4k writes 3-4x slower
+/// afterwards (BENCHMARKS.md, sixth pass).
+#[derive(Default)]
+struct Uncache {
+    /// The windows read and not dropped yet (the last one is still being read).
+    pending: Option<(u64, u64)>,
+}
+
+/// Bytes the page cache is dropped in, aligned.
+const UNCACHE_WINDOW: u64 = 8 << 20;
+
+impl Uncache {
+    /// `offset..offset+length` was read; `drop` is given each range to drop now.
+    fn read(&mut self, offset: u64, length: u64, mut drop: impl FnMut(u64, u64)) {
+        let start = offset / UNCACHE_WINDOW * UNCACHE_WINDOW;
+        let end = (offset + length).div_ceil(UNCACHE_WINDOW) * UNCACHE_WINDOW;
+        self.pending = match self.pending {
+            // Moved on within a run of windows: drop those behind.
+            Some((s, e)) if start <= e => {
+                if start > s {
+                    drop(s, start - s);
+                }
+                Some((start.max(s), e.max(end)))
+            }
+            _ => {
+                self.finish(drop);
+                Some((start, end))
+            }
+        };
+    }
+
+    /// The sync is done with this disk: drop what is left.
+    fn finish(&mut self, mut drop: impl FnMut(u64, u64)) {
+        if let Some((s, e)) = self.pending.take() {
+            drop(s, e - s);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -302,5 +347,27 @@ mod tests {
         assert_eq!(capture.dirty_chunks(), 1);
         assert!(!kinds(&rx).contains(&Kind::SyncEnd));
         assert!(!capture.syncing.load(Ordering::Acquire));
+    }
+
+    /// A sync's reads are dropped from the page cache a whole window at a time, each window
+    /// once, and only once the sync has moved past it (or is done with the disk).
+    #[test]
+    fn a_sync_drops_whole_windows_behind_it() {
+        let w = UNCACHE_WINDOW;
+        let c = HASH_CHUNK;
+        let mut dropped = Vec::new();
+        let mut u = Uncache::default();
+        // A run of chunks through two windows and into a third.
+        for i in 0..(2 * w / c + 1) {
+            u.read(i * c, c, |o, l| dropped.push((o, l)));
+        }
+        assert_eq!(dropped, [(0, w), (w, w)], "the window being read stays");
+        // A gap: the pending window goes, the next one starts.
+        u.read(10 * w + c, c, |o, l| dropped.push((o, l)));
+        assert_eq!(dropped[2..], [(2 * w, w)]);
+        // A chunk across a window boundary, then the end of the disk.
+        u.read(11 * w - c / 2, c, |o, l| dropped.push((o, l)));
+        u.finish(|o, l| dropped.push((o, l)));
+        assert_eq!(dropped[3..], [(10 * w, 2 * w)]);
     }
 }
