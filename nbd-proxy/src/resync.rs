@@ -159,10 +159,10 @@ pub async fn run(capture: Arc<Capture>, disks: Vec<Arc<CaptureBackend>>, plan: P
 }
 
 /// What a sync reads is sent once and not worth keeping in the page cache: it is dropped
-/// ([`nbd_server::FileBackend::uncache`]) a window at a time once the sync has moved past it, whole windows
-/// because the kernel drops only folios entirely inside the range (read ahead, they are up to
-/// 2 MiB here). Left cached, a seed's read of the image made the guest's 4k writes 3-4x slower
-/// afterwards (BENCHMARKS.md, sixth pass).
+/// ([`nbd_server::FileBackend::uncache`]) a window at a time once the sync has moved past it.
+/// Whole windows, because the kernel drops only folios entirely inside the range (read ahead,
+/// they are up to 2 MiB here). Left cached, a seed's read of the image made the guest's 4k
+/// writes 3-4x slower afterwards (BENCHMARKS.md, sixth pass).
 #[derive(Default)]
 struct Uncache {
     /// The windows read and not dropped yet (the last one is still being read).
@@ -173,29 +173,29 @@ struct Uncache {
 const UNCACHE_WINDOW: u64 = 8 << 20;
 
 impl Uncache {
-    /// `offset..offset+length` was read; `drop` is given each range to drop now.
-    fn read(&mut self, offset: u64, length: u64, mut drop: impl FnMut(u64, u64)) {
+    /// `offset..offset+length` was read; `evict` is given each range to drop now.
+    fn read(&mut self, offset: u64, length: u64, mut evict: impl FnMut(u64, u64)) {
         let start = offset / UNCACHE_WINDOW * UNCACHE_WINDOW;
         let end = (offset + length).div_ceil(UNCACHE_WINDOW) * UNCACHE_WINDOW;
         self.pending = match self.pending {
             // Moved on within a run of windows: drop those behind.
             Some((s, e)) if start <= e => {
                 if start > s {
-                    drop(s, start - s);
+                    evict(s, start - s);
                 }
                 Some((start.max(s), e.max(end)))
             }
             _ => {
-                self.finish(drop);
+                self.finish(evict);
                 Some((start, end))
             }
         };
     }
 
     /// The sync is done with this disk: drop what is left.
-    fn finish(&mut self, mut drop: impl FnMut(u64, u64)) {
+    fn finish(&mut self, mut evict: impl FnMut(u64, u64)) {
         if let Some((s, e)) = self.pending.take() {
-            drop(s, e - s);
+            evict(s, e - s);
         }
     }
 }

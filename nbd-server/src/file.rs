@@ -101,7 +101,7 @@ impl FileBackend {
     }
 
     /// Drops the range's clean pages from the page cache (`POSIX_FADV_DONTNEED`; dirty ones
-    /// stay). A scan of the whole image (the proxy's seed and resync) calls it after each read,
+    /// stay). A scan of the whole image (the proxy's seed and resync) calls it behind its reads,
     /// so that it does not leave the image cached: read ahead in large folios, such pages make
     /// the guest's 4k writes several times slower on kernels whose ext4 uses large folios.
     pub fn uncache(&self, offset: u64, length: u64) {
