@@ -561,9 +561,12 @@ async fn clean_activity_log(capture: Arc<capture::Capture>) {
     loop {
         tick.tick().await;
         let acked = *capture.acked.borrow();
-        if let Some(al) = &capture.activity {
-            if let Err(e) = al.clean(acked) {
-                tracing::error!("write activity log {}: {e}", al.path().display());
+        if let Some(al) = capture.activity.clone() {
+            // A file sync (each second while writes flow): on a blocking thread, not on a
+            // worker that also runs connections' writes.
+            let path = al.path().to_owned();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || al.clean(acked)).await {
+                tracing::error!("write activity log {}: {e}", path.display());
             }
         }
     }

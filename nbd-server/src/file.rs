@@ -11,6 +11,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::PosixFadviseAdvice;
+
 use crate::backend::{BlockBackend, Capabilities, Extent, ZeroError, ZeroMode};
 
 #[derive(Debug)]
@@ -105,10 +107,13 @@ impl FileBackend {
     /// so that it does not leave the image cached: read ahead in large folios, such pages make
     /// the guest's 4k writes several times slower on kernels whose ext4 uses large folios.
     pub fn uncache(&self, offset: u64, length: u64) {
-        let advice = nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED;
         // Advice only: a failure leaves the pages cached.
-        let _ =
-            nix::fcntl::posix_fadvise(self.file.as_raw_fd(), offset as i64, length as i64, advice);
+        let _ = self.advise(offset, length, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    }
+
+    fn advise(&self, offset: u64, length: u64, advice: PosixFadviseAdvice) -> io::Result<()> {
+        nix::fcntl::posix_fadvise(self.file.as_raw_fd(), offset as i64, length as i64, advice)?;
+        Ok(())
     }
 
     fn sync_if(&self, fua: bool) -> io::Result<()> {
@@ -179,9 +184,7 @@ impl BlockBackend for FileBackend {
     }
 
     async fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
-        let advice = nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED;
-        nix::fcntl::posix_fadvise(self.file.as_raw_fd(), offset as i64, length as i64, advice)?;
-        Ok(())
+        self.advise(offset, length, PosixFadviseAdvice::POSIX_FADV_WILLNEED)
     }
 
     async fn extents(
