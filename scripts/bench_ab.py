@@ -5,7 +5,7 @@ alone, no replicator) over a copy of one 1 GiB random image, fio writes through 
 table gives each row's IOPS and p99 completion latency per build and the ratio after/before.
 
 Usage: scripts/bench_ab.py --before DIR --after DIR [--runtime 5] [--rounds 2]
-                           [--modes plain,sync,async] [--conns 1]
+                           [--modes plain,sync,async] [--conns 1] [--rows QD32,1M]
        (DIR: a target/release directory holding nbd-proxy and replicator)
 Example: git worktree add /tmp/old REV && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target \\
          cargo build --release --bins) && scripts/bench_ab.py --before /tmp/old-target/release \\
@@ -88,7 +88,11 @@ def main():
     ap.add_argument("--modes", default="sync,async",
                     help="comma-separated: plain (the proxy alone), sync, async")
     ap.add_argument("--conns", type=int, default=1, help="fio jobs, each its own connection")
+    ap.add_argument("--rows", help="comma-separated: only the rows whose name has one of these "
+                    "(e.g. 'QD32,1M'); a row alone gets more rounds in the same time")
     args = ap.parse_args()
+    if args.rows:
+        ROWS[:] = [r for r in ROWS if any(k in r[0] for k in args.rows.split(","))]
     builds = {"before": args.before, "after": args.after}
     modes = args.modes.split(",")
     results = {}
@@ -111,6 +115,11 @@ def main():
             bi, ai = sum(x[0] for x in b) / len(b), sum(x[0] for x in a) / len(a)
             bp, ap_ = sum(x[1] for x in b) / len(b), sum(x[1] for x in a) / len(a)
             print(f"| {mode} | {name} | {bi:.0f} | {ai:.0f} | {ai / bi:.2f}x | {bp:.0f} | {ap_:.0f} |")
+    print("\nEach round's IOPS, before / after:")
+    for mode in modes:
+        for name, *_ in ROWS:
+            b, a = results[(mode, name, "before")], results[(mode, name, "after")]
+            print(f"* {mode} {name}: " + ", ".join(f"{x[0]:.0f} / {y[0]:.0f}" for x, y in zip(b, a)))
 
 
 if __name__ == "__main__":

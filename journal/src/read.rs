@@ -452,10 +452,11 @@ fn read_up_to(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
 }
 
 /// Starts writing a file's dirty pages to disk without waiting for them
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Not a durability step (fsync is): called every
-/// second on files written through the page cache while a journal fsyncs on the same disk, so
-/// that the kernel's writeback (an fsync's, or dirty pages expiring after 30 s) does not send
-/// many seconds of writes to the disk at once, with the journal's fsync queued behind them.
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Not a durability step (fsync is): called often
+/// on files written through the page cache while a journal writes and fsyncs on the same disk
+/// (the proxy's disks, after each few MiB of guest writes), so that the kernel's writeback (an
+/// fsync's, or dirty pages expiring after 30 s) does not send many seconds of writes to the
+/// disk at once, with the journal's writes queued behind them.
 pub fn start_writeback(files: &[File]) {
     use std::os::fd::AsRawFd;
     for f in files {

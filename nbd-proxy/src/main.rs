@@ -11,6 +11,7 @@ mod rangelock;
 mod record;
 mod resync;
 mod ship;
+mod writeback;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -506,11 +507,9 @@ fn start_replication(
         .context("open the disks for writeback")?;
     std::thread::Builder::new()
         .name("writeback".into())
-        .spawn(move || loop {
-            // The guest's writes reach the disk a second at a time, not 30 s at once when
-            // they expire, with the replicator's journal fsyncs waiting behind them.
-            std::thread::sleep(Duration::from_secs(1));
-            journal::read::start_writeback(&images);
+        .spawn({
+            let capture = capture.clone();
+            move || writeback::run(capture, images)
         })?;
     info!(
         "replicating group {group} to {addr} (mode {:?}{}, change log {}, on full: {:?}, link timeout {:?})",
