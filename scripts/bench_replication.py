@@ -312,7 +312,11 @@ def measure_ingest_alone(work, records):
             c0 = cpu_seconds(pid)
             out = subprocess.run(["taskset", "-c", "0", f"{BIN}/ingest-bench", "--addr", addr,
                                   "--workload", workload, "--records", str(n), "--group", f"g{workload}"],
-                                 check=True, capture_output=True, text=True)
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                log = open(f"{s.work}/ingest-replicator.log").read().splitlines()[-10:]
+                sys.exit(f"ingest-bench --workload {workload} failed: {out.stderr.strip()}\n"
+                         "the replicator's log ends:\n" + "\n".join(log))
             r = json.loads(out.stdout)
             r["replicator_cpu_s"] = cpu_seconds(pid) - c0
             results[workload] = r
@@ -373,7 +377,7 @@ def table(best, cpu, lag, ingest, mem, rss, alone, large):
               f"rate) for {lag['seconds']} s, `lag_ms` polled every 50 ms ({lag['n']} samples): p50 {lag['p50']:.0f} ms, "
               f"p99 {lag['p99']:.0f} ms, max {lag['max']:.0f} ms; p99 of the first third {lag['first_p99']:.0f} ms, "
               f"of the last third {lag['last_p99']:.0f} ms: {'it grows' if grows else 'it does not grow'}. "
-              f"The proxy's own record-to-durable-ack samples (last 4096 acks): p50 {lag['acks_p50']:.1f} ms, "
+              f"The proxy's own capture-to-durable-ack samples (the oldest record of each of the last 4096 acks): p50 {lag['acks_p50']:.1f} ms, "
               f"p99 {lag['acks_p99']:.1f} ms, max {lag['acks_max']:.1f} ms.",
               "",
               f"Compressible stream through +async (fio 1M writes, 2 GiB, 75% compressible): durable at "
@@ -440,6 +444,7 @@ def main():
         best, cpu = measure_rows(s, a, out)
         cold_cache(s.files)
         lag = measure_lag(s, int(best[("4k randwrite QD32", 1, "proxy", "iops")] / 2), a.lag_seconds)
+        print(f"lag: {json.dumps(lag)}", file=sys.stderr)
 
         # Ingest: a compressible stream, from fio's start until all of it is durable.
         ctl = s.ctl["proxy-async"]

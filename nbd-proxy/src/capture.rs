@@ -207,7 +207,8 @@ pub struct Stats {
     pub last_refusal: Mutex<Option<String>>,
     /// Chunks a sync could not read (it left its window open and will retry).
     pub sync_read_failures: AtomicU64,
-    /// Replication lag samples in microseconds (record sealed → durable ack), most recent last.
+    /// Replication lag samples in microseconds, most recent last: per ack, from the capture of
+    /// the oldest record it freed to the ack.
     pub lag_us: Mutex<VecDeque<u64>>,
     /// Guest WRITE requests completed, and their bytes (status rates, `--metrics`).
     pub guest_writes: AtomicU64,

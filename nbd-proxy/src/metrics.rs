@@ -178,7 +178,8 @@ pub fn render(s: &Status) -> String {
         e.gauge(
             name,
             &format!(
-                "Capture-to-durable-ack time of recent acknowledgements (the last 4096), {q}."
+                "Capture-to-durable-ack time of the oldest record of each recent acknowledgement \
+                 (the last 4096), {q}."
             ),
             g,
             v / 1000.0,

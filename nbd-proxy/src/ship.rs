@@ -448,12 +448,13 @@ impl Shipper {
     /// Frees the records up to `seq`; returns how many left the log.
     fn acked(&self, log: &mut VecDeque<Record>, seq: u64) -> usize {
         let mut freed = 0u64;
-        let mut newest = None;
+        // The lag sample is the record that waited longest for this ack (its first), so a
+        // stall shows in the percentiles as long as it lasted.
+        let oldest = log.front().filter(|r| r.seq <= seq).map(|r| r.time_ns);
         let mut count = 0;
         while log.front().is_some_and(|r| r.seq <= seq) {
             if let Some(r) = log.pop_front() {
                 freed += r.mem_bytes();
-                newest = Some(r.time_ns);
                 count += 1;
             }
         }
@@ -461,7 +462,7 @@ impl Shipper {
             .stats
             .records_acked
             .fetch_add(count as u64, Ordering::Relaxed);
-        if let Some(at) = newest {
+        if let Some(at) = oldest {
             if let Ok(mut lags) = self.capture.stats.lag_us.lock() {
                 if lags.len() >= 4096 {
                     lags.pop_front();
