@@ -451,23 +451,6 @@ fn read_up_to(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
     Ok(done)
 }
 
-/// Starts writing a file's dirty pages to disk without waiting for them
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Not a durability step (fsync is): called often
-/// on files written through the page cache while a journal writes and fsyncs on the same disk
-/// (the proxy's disks, after each few MiB of guest writes), so that the kernel's writeback (an
-/// fsync's, or dirty pages expiring after 30 s) does not send many seconds of writes to the
-/// disk at once, with the journal's writes queued behind them.
-pub fn start_writeback(files: &[File]) {
-    use std::os::fd::AsRawFd;
-    for f in files {
-        // SAFETY: a valid open fd; no memory is passed. A failure only leaves the writeback
-        // to the kernel.
-        unsafe {
-            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-        }
-    }
-}
-
 /// Zeroes a range by punching a hole; writes zeroes where the file system cannot.
 pub fn punch(file: &File, offset: u64, length: u64) -> io::Result<()> {
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
