@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = r.payload();
     }) {
         assert!(s.valid_len as usize <= data.len());
-        // A clean end: nothing after the records, or less than a block of zero padding.
+        // A clean end: nothing after the records, or zeros to the end.
         assert_eq!(s.stop.is_none(), is_padding(&data[s.valid_len as usize..]));
         let mut end = SEGMENT_HEADER_LEN as u64;
         for e in &s.entries {

@@ -259,10 +259,11 @@ pub fn scan(
     })
 }
 
-/// Whether what follows the last record is the end: nothing, or the zeros a direct write
-/// pads its last block with ([`crate::append`]), less than a block of them.
+/// Whether what follows the last record is the end: nothing, or zeros to the end of the file
+/// (a direct write pads its last block with them, and small commits keep some written ahead,
+/// see [`crate::append`]). Zeros with anything after them are not an end.
 pub fn is_padding(rest: &[u8]) -> bool {
-    rest.len() < crate::append::BLOCK && rest.iter().all(|&b| b == 0)
+    rest.iter().all(|&b| b == 0)
 }
 
 fn le32(b: &[u8]) -> u32 {

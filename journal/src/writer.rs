@@ -139,7 +139,20 @@ pub struct JournalWriter {
     first_at: Option<std::time::Instant>,
     /// Why the writer may not be used any more (a failed fsync or an unrepaired write).
     failed: Option<String>,
+    /// Bytes appended since the last sync, and the size of the last commit.
+    pending: u64,
+    last_commit: u64,
 }
+
+/// Commits of at most this many bytes (a few 4 KiB records: a guest waiting on each write)
+/// are latency-bound: zeros are written ahead of them (sync 4k QD1 ran 1.13x faster; sync 4k
+/// QD32, with larger commits, neither faster nor slower).
+pub const SMALL_COMMIT: u64 = 16 << 10;
+/// Zeros are written ahead, [`ZEROS_PIECE`] at a time, when fewer than this many are left.
+pub const ZEROS_LOW: u64 = 256 << 10;
+/// A commit that arrives while zeros are written waits for them: at 1 MiB (under a
+/// millisecond here) that is one commit in about 250 of 4 KiB, out of the 99th percentile.
+pub const ZEROS_PIECE: u64 = 1 << 20;
 
 impl JournalWriter {
     /// Opens the newest segment for appending (creating the first one if there is none), after
@@ -190,6 +203,8 @@ impl JournalWriter {
                 seal_after: None,
                 first_at: None,
                 failed: None,
+                pending: 0,
+                last_commit: 0,
             };
             w.put_checkpoint()?;
             let report = OpenReport {
@@ -248,8 +263,8 @@ impl JournalWriter {
             .write(true)
             .open(&newest.path)?;
         let mut cut = None;
-        // Past the records there may be zero padding to the block's end (direct writes):
-        // it is not a record, and the next write covers it.
+        // Past the records there may be zeros to the end of the file (a direct write's padding,
+        // zeros written ahead): they are not records, and the next writes cover them.
         if scan.valid_len < file_len && scan.stop.is_some() {
             let why = scan
                 .stop
@@ -290,6 +305,8 @@ impl JournalWriter {
             seal_after: None,
             first_at: None,
             failed: None,
+            pending: 0,
+            last_commit: 0,
         };
         if !w.entries.is_empty() {
             w.first_at = Some(std::time::Instant::now());
@@ -365,9 +382,45 @@ impl JournalWriter {
             self.last_seq = r.header.seq;
             self.last_time_ns = r.header.time_ns;
         }
+        self.pending += pos - self.len;
         self.len = pos;
         self.first_at.get_or_insert_with(std::time::Instant::now);
         Ok(())
+    }
+
+    /// Between commits, when nothing waits: if the last commit was small, keeps zeros written
+    /// ahead of the end (see [`crate::append`]), so the next commits overwrite blocks instead
+    /// of growing the file. Returns whether it wrote any. Never past the segment's size limit;
+    /// a failure is only logged (the zeros are an optimization, and the next append or sync
+    /// meets a failing disk itself).
+    pub fn zero_ahead(&mut self) -> bool {
+        if self.failed.is_some()
+            || !self.out.is_direct()
+            || self.pending > 0
+            || self.last_commit > SMALL_COMMIT
+            || self.out.zeros_ahead(self.len) >= ZEROS_LOW
+        {
+            return false;
+        }
+        let limit = self
+            .segment_limit
+            .next_multiple_of(crate::append::BLOCK as u64);
+        let from =
+            self.len.next_multiple_of(crate::append::BLOCK as u64) + self.out.zeros_ahead(self.len);
+        let n = limit.saturating_sub(from).min(ZEROS_PIECE);
+        if n == 0 {
+            return false;
+        }
+        match self.out.write_zeros(n as usize) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(
+                    "writing zeros ahead in {}: {e}",
+                    self.current.path.display()
+                );
+                false
+            }
+        }
     }
 
     /// Seals segments whose first record is older than `age` (at a sync, or
@@ -400,6 +453,7 @@ impl JournalWriter {
     /// segment if it is full. Records may be acknowledged once this returns Ok.
     pub fn sync(&mut self) -> io::Result<()> {
         self.usable()?;
+        self.last_commit = std::mem::take(&mut self.pending);
         if let Err(e) = self.out.sync_data() {
             self.fail_sync(&e);
             return Err(e);

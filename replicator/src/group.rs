@@ -216,6 +216,12 @@ impl Group {
         Ok(self.durable_seq)
     }
 
+    /// Between commits, when no batch waits: zeros ahead of small commits (see
+    /// [`journal::writer::JournalWriter::zero_ahead`]).
+    pub fn zero_ahead(&mut self) -> bool {
+        self.journal.zero_ahead()
+    }
+
     fn durable_mark(&self) -> SeqMark {
         SeqMark {
             seq: self.durable_seq,

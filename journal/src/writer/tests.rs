@@ -26,6 +26,16 @@ fn sealed(seqs: std::ops::RangeInclusive<u64>) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Appends the records in one write, not synced (one commit's worth, or a crash before its sync).
+fn append(w: &mut JournalWriter, seqs: std::ops::RangeInclusive<u64>) {
+    let bytes = sealed(seqs);
+    let refs: Vec<_> = bytes
+        .iter()
+        .map(|b| crate::record::parse(b).unwrap().unwrap())
+        .collect();
+    w.append(&refs).unwrap();
+}
+
 /// Appends and syncs each record on its own (one commit each), as acknowledged records are.
 fn commit(w: &mut JournalWriter, seqs: std::ops::RangeInclusive<u64>) {
     for bytes in sealed(seqs) {
@@ -101,12 +111,7 @@ fn a_torn_tail_past_the_durable_position_is_cut_and_reported() {
     let (mut w, _) = open(&g, 1 << 20).unwrap();
     commit(&mut w, 1..=5);
     // Records 6..8 written but never synced, the last one cut short (a crash mid-commit).
-    let more = sealed(6..=8);
-    let refs: Vec<_> = more
-        .iter()
-        .map(|b| crate::record::parse(b).unwrap().unwrap())
-        .collect();
-    w.append(&refs).unwrap();
+    append(&mut w, 6..=8);
     let seg = w.current_segment().clone();
     // The records' end (a direct write pads the file to its block's end with zeros).
     let len = w.current_len();
@@ -285,4 +290,81 @@ fn begin_after_copied_segments() {
     drop(w);
     let (_, report) = open(&g, 1024).unwrap();
     assert_eq!(report.last_seq, last + 3);
+}
+
+/// Small commits keep zeros written ahead of the end, so the next ones overwrite blocks instead
+/// of growing the file. Reopening reads the zeros as the segment's clean end, a torn commit
+/// among them is still cut, large commits write none, and sealing cuts them off.
+#[test]
+fn zeros_ahead_of_small_commits_read_as_the_end_and_are_cut_at_sealing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = group(&tmp);
+    let limit = 3 << 20;
+    let (mut w, _) = open(&g, limit).unwrap();
+    commit(&mut w, 1..=3);
+    if !w.out.is_direct() {
+        return; // buffered writes (tmpfs): no zeros are written ahead
+    }
+    let seg = w.current_segment().clone();
+    let size = |p: &std::path::Path| fs::metadata(p).unwrap().len();
+    assert!(w.zero_ahead());
+    assert!(!w.zero_ahead(), "a piece ahead is enough");
+    let grown = size(&seg.path);
+    assert!(grown >= w.current_len() + ZEROS_PIECE, "{grown}");
+    commit(&mut w, 4..=10);
+    assert_eq!(size(&seg.path), grown, "the commits overwrote the zeros");
+    drop(w);
+
+    let (mut w, report) = open(&g, limit).unwrap();
+    assert_eq!((report.last_seq, report.durable_seq), (10, 10));
+    assert!(report.cut.is_none(), "zeros to the end are the clean end");
+    // A commit torn by a crash: two records landed, and a block further on.
+    append(&mut w, 11..=12);
+    let end = w.current_len();
+    drop(w);
+    let f = OpenOptions::new().write(true).open(&seg.path).unwrap();
+    f.write_all_at(&sealed(14..=14)[0], end + 8192).unwrap();
+    let (mut w, report) = open(&g, limit).unwrap();
+    assert_eq!((report.last_seq, report.durable_seq), (12, 10));
+    assert_eq!(report.cut.unwrap().at, end);
+    assert_eq!(size(&seg.path), end, "the cut takes the zeros with it");
+
+    // A large commit (a fast stream) writes no zeros.
+    let big = Encoded::data(
+        Kind::Write,
+        0,
+        0,
+        &crate::testdata::pattern(1, 100 << 10),
+        true,
+    )
+    .seal(13, 13);
+    w.append(&[crate::record::parse(&big).unwrap().unwrap()])
+        .unwrap();
+    w.sync().unwrap();
+    assert!(!w.zero_ahead());
+
+    // Near the limit in one commit, then small commits until the segment is sealed: never
+    // zeros past its limit, none left in it once sealed.
+    let fill = (limit - 64 * 1024 - w.current_len()) / sealed(14..=14)[0].len() as u64;
+    append(&mut w, 14..=13 + fill);
+    w.sync().unwrap();
+    let mut seq = 14 + fill;
+    while g.segments().unwrap().len() == 1 {
+        commit(&mut w, seq..=seq);
+        w.zero_ahead();
+        if g.segments().unwrap().len() == 1 {
+            assert!(
+                size(&seg.path) <= limit.next_multiple_of(4096),
+                "zeros past the limit"
+            );
+        }
+        seq += 1;
+    }
+    let (entries, _) = g.segments().unwrap()[0].load_index().unwrap();
+    let last = entries.last().unwrap();
+    let bytes = fs::read(&seg.path).unwrap();
+    let r = crate::record::parse(&bytes[last.pos as usize..])
+        .unwrap()
+        .unwrap();
+    assert_eq!(bytes.len() as u64, last.pos + r.header.record_len() as u64);
 }
