@@ -12,12 +12,13 @@
 //! the segment's clean end, and the writer's length (the checkpoint's) never includes it.
 //!
 //! **Zeros written ahead.** An append that grows the file makes its commit's `fdatasync` write
-//! the inode too (block allocation and size). On the disk measured here a whole commit (a 4 KiB
-//! direct write and its `fdatasync`, the checkpoint's write and `fdatasync`) took p50 235-293 µs
-//! when it grew the file, 173 µs over zeros written before. So while commits are small
-//! (latency-bound: sync mode, a guest waiting on each write), the writer writes zeros past the
-//! end between commits ([`Appender::write_zeros`], after the ack, when no batch waits), and
-//! appends overwrite them. Large commits (a fast stream) write none: that would write the
+//! the inode too (block allocation and size). On the disk measured here a whole commit (an 8 KiB
+//! direct write, a 4 KiB record with the block holding the previous end; its `fdatasync`; the
+//! checkpoint's write and `fdatasync`) took p50 235-293 µs when it grew the file, 173 µs over
+//! zeros written before. So while commits are small (latency-bound: sync mode, a guest waiting
+//! on each write), the writer writes zeros past the end between commits
+//! ([`Appender::write_zeros`], after the ack, when no batch waits), and appends overwrite them.
+//! Large commits (a fast stream) write none: that would write the
 //! stream twice. Where `O_DIRECT` is refused (tmpfs; a file system that
 //! fails the first direct write with `EINVAL`), the appender writes through the page cache, as
 //! before. Durability is the caller's `sync_data` either way: a direct write may still sit in
