@@ -186,21 +186,23 @@ impl Appender {
             .saturating_sub(len.next_multiple_of(BLOCK as u64))
     }
 
-    /// Writes `n` bytes of zeros (a multiple of [`BLOCK`]) after what the file holds, direct
-    /// mode only. Not synced: the first commit that overwrites them makes their allocation
-    /// durable, once for all of them. A failure leaves at most zeros behind, which read as the
-    /// segment's end like the rest.
-    pub fn write_zeros(&mut self, n: usize) -> io::Result<()> {
+    /// Writes up to `max` bytes of zeros after what the file holds, never past byte `limit`,
+    /// in whole blocks, direct mode only; returns how many. Not synced: the first commit that
+    /// overwrites them makes their allocation durable, once for all of them. A failure leaves
+    /// at most zeros behind, which read as the segment's end like the rest.
+    pub fn write_zeros(&mut self, max: u64, limit: u64) -> io::Result<u64> {
         let Some(direct) = &self.direct else {
-            return Ok(());
+            return Ok(0);
         };
-        if n == 0 || !n.is_multiple_of(BLOCK) || !self.written.is_multiple_of(BLOCK as u64) {
-            return Ok(());
+        let n = limit.saturating_sub(self.written).min(max);
+        let n = n - n % BLOCK as u64;
+        if n == 0 || !self.written.is_multiple_of(BLOCK as u64) {
+            return Ok(0);
         }
-        self.zeros.reserve(n);
-        write_all_at(direct, &self.zeros.as_mut()[..n], self.written)?;
-        self.written += n as u64;
-        Ok(())
+        self.zeros.reserve(n as usize);
+        write_all_at(direct, &self.zeros.as_mut()[..n as usize], self.written)?;
+        self.written += n;
+        Ok(n)
     }
 }
 

@@ -395,24 +395,14 @@ impl JournalWriter {
     /// meets a failing disk itself).
     pub fn zero_ahead(&mut self) -> bool {
         if self.failed.is_some()
-            || !self.out.is_direct()
             || self.pending > 0
             || self.last_commit > SMALL_COMMIT
             || self.out.zeros_ahead(self.len) >= ZEROS_LOW
         {
             return false;
         }
-        let limit = self
-            .segment_limit
-            .next_multiple_of(crate::append::BLOCK as u64);
-        let from =
-            self.len.next_multiple_of(crate::append::BLOCK as u64) + self.out.zeros_ahead(self.len);
-        let n = limit.saturating_sub(from).min(ZEROS_PIECE);
-        if n == 0 {
-            return false;
-        }
-        match self.out.write_zeros(n as usize) {
-            Ok(()) => true,
+        match self.out.write_zeros(ZEROS_PIECE, self.segment_limit) {
+            Ok(n) => n > 0,
             Err(e) => {
                 tracing::debug!(
                     "writing zeros ahead in {}: {e}",
