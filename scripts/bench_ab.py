@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 
-from benchlib import caught_up, cold_cache, wait
+from benchlib import caught_up, cold_cache, proxy_status, wait
 
 ROWS = [("4k randwrite QD1", "randwrite", "4k", 1), ("4k randwrite QD32", "randwrite", "4k", 32),
         ("1M write QD8", "write", "1M", 8)]
@@ -61,6 +61,8 @@ def run(bin_dir, tag, mode, work, port, runtime, conns):
         # Every build and row starts from an empty page cache (pages the seed read in sit in
         # large folios, which makes 4k writes several times slower here).
         cold_cache([img])
+        overflows = (lambda: proxy_status(ctl, bin_dir)["log_overflows"]) if rep else (lambda: 0)
+        before = overflows()
         out = f"{work}/fio.json"
         subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd+unix:///d?socket={sock}",
                         f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--numjobs={conns}",
@@ -69,7 +71,8 @@ def run(bin_dir, tag, mode, work, port, runtime, conns):
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         text = open(out).read()
         w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
-        res[name] = (w["iops"], w["clat_ns"]["percentile"].get("99.000000", 0) / 1000)
+        res[name] = (w["iops"], w["clat_ns"]["percentile"].get("99.000000", 0) / 1000,
+                     overflows() - before)
     proxy.terminate()
     proxy.wait()
     if rep:
@@ -115,11 +118,13 @@ def main():
             bi, ai = sum(x[0] for x in b) / len(b), sum(x[0] for x in a) / len(a)
             bp, ap_ = sum(x[1] for x in b) / len(b), sum(x[1] for x in a) / len(a)
             print(f"| {mode} | {name} | {bi:.0f} | {ai:.0f} | {ai / bi:.2f}x | {bp:.0f} | {ap_:.0f} |")
-    print("\nEach round's IOPS, before / after:")
+    print("\nEach round's IOPS, before / after (`!` marks a round whose change log overflowed: "
+          "writes kept as dirty chunks and resynced, not each as a record):")
     for mode in modes:
         for name, *_ in ROWS:
             b, a = results[(mode, name, "before")], results[(mode, name, "after")]
-            print(f"* {mode} {name}: " + ", ".join(f"{x[0]:.0f} / {y[0]:.0f}" for x, y in zip(b, a)))
+            mark = lambda x: f"{x[0]:.0f}" + ("!" if x[2] else "")
+            print(f"* {mode} {name}: " + ", ".join(f"{mark(x)} / {mark(y)}" for x, y in zip(b, a)))
 
 
 if __name__ == "__main__":
