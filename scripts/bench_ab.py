@@ -31,6 +31,16 @@ def insecure(bin_dir):
     return ["--insecure"] if "--insecure" in out.stdout else []
 
 
+def overflows(ctl, bin_dir):
+    """The proxy's `log_overflows` so far (0 from a build whose status lacks it)."""
+    return (proxy_status(ctl, bin_dir) or {}).get("log_overflows", 0)
+
+
+def marked(x):
+    """A round's IOPS, with `!` when its change log overflowed."""
+    return f"{x[0]:.0f}" + ("!" if x[2] else "")
+
+
 def run(bin_dir, tag, mode, work, port, runtime, conns):
     """One build in one mode (plain: the proxy alone; sync, async: with its own replicator) over
     a fresh copy of the image: each row's IOPS and p99 completion latency. The image and the
@@ -61,8 +71,7 @@ def run(bin_dir, tag, mode, work, port, runtime, conns):
         # Every build and row starts from an empty page cache (pages the seed read in sit in
         # large folios, which makes 4k writes several times slower here).
         cold_cache([img])
-        overflows = (lambda: proxy_status(ctl, bin_dir)["log_overflows"]) if rep else (lambda: 0)
-        before = overflows()
+        before = overflows(ctl, bin_dir) if rep else 0
         out = f"{work}/fio.json"
         subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri=nbd+unix:///d?socket={sock}",
                         f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--numjobs={conns}",
@@ -72,7 +81,7 @@ def run(bin_dir, tag, mode, work, port, runtime, conns):
         text = open(out).read()
         w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
         res[name] = (w["iops"], w["clat_ns"]["percentile"].get("99.000000", 0) / 1000,
-                     overflows() - before)
+                     overflows(ctl, bin_dir) - before if rep else 0)
     proxy.terminate()
     proxy.wait()
     if rep:
@@ -123,8 +132,7 @@ def main():
     for mode in modes:
         for name, *_ in ROWS:
             b, a = results[(mode, name, "before")], results[(mode, name, "after")]
-            mark = lambda x: f"{x[0]:.0f}" + ("!" if x[2] else "")
-            print(f"* {mode} {name}: " + ", ".join(f"{mark(x)} / {mark(y)}" for x, y in zip(b, a)))
+            print(f"* {mode} {name}: " + ", ".join(f"{marked(x)} / {marked(y)}" for x, y in zip(b, a)))
 
 
 if __name__ == "__main__":

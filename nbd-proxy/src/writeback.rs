@@ -19,11 +19,12 @@
 //! written back at most one pass after it was dirtied, after the guest's later writes to it have
 //! been absorbed and together with the dirty pages around it.
 //!
-//! What the sweep cannot prevent: `sync_file_range` never marks the inode clean, so while the
-//! guest keeps writing, the kernel's flusher still finds the image's inode dirty for 30 s and
-//! writes back all its dirty pages then, every 30 s or so (seen as `Dirty:` in /proc/meminfo
-//! falling from about 250 MB to 10–90 MB at 60,000 IOPS). The sweep bounds what it finds to
-//! about a pass's worth, in file order; `lag_ms` max 55–245 ms at half the plain rate.
+//! What the sweep cannot prevent: `sync_file_range` never marks the inode clean (as we read the
+//! kernel), so while the guest keeps writing, the kernel's flusher still finds the image's inode
+//! dirty for 30 s and writes back all its dirty pages then, every 30 s or so (seen as `Dirty:`
+//! in /proc/meminfo falling from about 250 MB to 10–90 MB at 60,000 IOPS). The sweep bounds
+//! what it finds to about a pass's worth, in file order; `lag_ms` max 55–245 ms at half the
+//! plain rate.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
