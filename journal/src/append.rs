@@ -18,11 +18,11 @@
 //! zeros written before. So while commits are small (latency-bound: sync mode, a guest waiting
 //! on each write), the writer writes zeros past the end between commits
 //! ([`Appender::write_zeros`], after the ack, when no batch waits), and appends overwrite them.
-//! Large commits (a fast stream) write none: that would write the
-//! stream twice. Where `O_DIRECT` is refused (tmpfs; a file system that
-//! fails the first direct write with `EINVAL`), the appender writes through the page cache, as
-//! before. Durability is the caller's `sync_data` either way: a direct write may still sit in
-//! the device's volatile cache.
+//! Large commits (a fast stream) write none: that would write the stream twice.
+//!
+//! Where `O_DIRECT` is refused (tmpfs; a file system that fails the first direct write with
+//! `EINVAL`), the appender writes through the page cache, as before. Durability is the caller's
+//! `sync_data` either way: a direct write may still sit in the device's volatile cache.
 
 use std::fs::{File, OpenOptions};
 use std::io;

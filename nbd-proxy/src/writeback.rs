@@ -36,7 +36,7 @@ use crate::capture::Capture;
 
 /// A full pass over each image takes at most this long while the guest writes: within the
 /// kernel's 30 s expiry of dirty data, so a trickle is written back in slices too.
-pub const PASS: Duration = Duration::from_secs(15);
+const PASS: Duration = Duration::from_secs(15);
 /// Bounds of the guest bytes written during one pass (see [`pass_bytes`]).
 const PASS_BYTES_MIN: u64 = 32 << 20;
 const PASS_BYTES_MAX: u64 = 512 << 20;
@@ -47,7 +47,7 @@ const PAGE: u64 = 4096;
 /// The guest bytes one pass may take at most: a quarter of the dirty memory at which the kernel
 /// starts writing back in the background (`vm.dirty_background_bytes`, or
 /// `vm.dirty_background_ratio` of the available memory), within 32 MiB..=512 MiB. Read once.
-pub fn pass_bytes() -> u64 {
+fn pass_bytes() -> u64 {
     let read = |p: &str| std::fs::read_to_string(p).ok();
     let number = |s: Option<String>| s.and_then(|s| s.trim().parse::<u64>().ok());
     let available = || {
@@ -70,7 +70,7 @@ pub fn pass_bytes() -> u64 {
 
 /// The share of a pass due now: `elapsed` since the last slice and `written` guest bytes since
 /// then, whichever asks for more; at most a whole pass.
-pub fn share(elapsed: Duration, written: u64, pass_bytes: u64) -> f64 {
+fn share(elapsed: Duration, written: u64, pass_bytes: u64) -> f64 {
     let by_time = elapsed.as_secs_f64() / PASS.as_secs_f64();
     let by_bytes = written as f64 / pass_bytes.max(1) as f64;
     by_time.max(by_bytes).min(1.0)
@@ -78,20 +78,20 @@ pub fn share(elapsed: Duration, written: u64, pass_bytes: u64) -> f64 {
 
 /// Where a sweep over one image stands.
 #[derive(Debug)]
-pub struct Sweep {
+struct Sweep {
     len: u64,
     /// Where the next slice starts, below `len`.
     pos: u64,
 }
 
 impl Sweep {
-    pub fn new(len: u64) -> Sweep {
+    fn new(len: u64) -> Sweep {
         Sweep { len, pos: 0 }
     }
 
     /// The next slice, `share` of the image rounded up to whole pages (one page at least), as
     /// one range (offset, length) or two when it wraps past the end.
-    pub fn next(&mut self, share: f64) -> Vec<(u64, u64)> {
+    fn next(&mut self, share: f64) -> Vec<(u64, u64)> {
         if self.len == 0 {
             return Vec::new();
         }

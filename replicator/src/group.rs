@@ -218,8 +218,8 @@ impl Group {
 
     /// Between commits, when no batch waits: zeros ahead of small commits (see
     /// [`journal::writer::JournalWriter::zero_ahead`]).
-    pub fn zero_ahead(&mut self) -> bool {
-        self.journal.zero_ahead()
+    pub fn zero_ahead(&mut self) {
+        self.journal.zero_ahead();
     }
 
     fn durable_mark(&self) -> SeqMark {
