@@ -5,7 +5,7 @@ alone, no replicator) over a copy of one 1 GiB random image, fio writes through 
 table gives each row's IOPS and p99 completion latency per build and the ratio after/before.
 
 Usage: scripts/bench_ab.py --before DIR --after DIR [--runtime 5] [--rounds 2]
-                           [--modes plain,sync,async] [--conns 1] [--rows QD32,1M]
+                           [--modes plain,sync,async] [--conns 1] [--rows QD32,1M] [--store-dir DIR]
        (DIR: a target/release directory holding nbd-proxy and replicator)
 Example: git worktree add /tmp/old REV && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target \\
          cargo build --release --bins) && scripts/bench_ab.py --before /tmp/old-target/release \\
@@ -41,12 +41,12 @@ def marked(x):
     return f"{x[0]:.0f}" + ("!" if x[2] else "")
 
 
-def run(bin_dir, tag, mode, work, port, runtime, conns):
+def run(bin_dir, tag, mode, work, port, runtime, conns, store_dir=None):
     """One build in one mode (plain: the proxy alone; sync, async: with its own replicator) over
     a fresh copy of the image: each row's IOPS and p99 completion latency. The image and the
     store are removed after, so rounds do not add up on disk."""
     img = f"{work}/{tag}-{mode}.img"
-    store = f"{work}/{tag}-{mode}-store"
+    store = f"{store_dir or work}/{tag}-{mode}-store"
     subprocess.run(["cp", "--sparse=always", f"{work}/src.img", img], check=True)
     sock, ctl = f"{work}/{tag}-{mode}.sock", f"{work}/{tag}-{mode}.ctl"
     rep = None
@@ -100,6 +100,8 @@ def main():
     ap.add_argument("--modes", default="sync,async",
                     help="comma-separated: plain (the proxy alone), sync, async")
     ap.add_argument("--conns", type=int, default=1, help="fio jobs, each its own connection")
+    ap.add_argument("--store-dir", help="where the replicators' stores go (default: with the images; "
+                    "e.g. /dev/shm for a store on another disk than the images)")
     ap.add_argument("--rows", help="comma-separated: only the rows whose name has one of these "
                     "(e.g. 'QD32,1M'); a row alone gets more rounds in the same time")
     args = ap.parse_args()
@@ -117,7 +119,8 @@ def main():
             for mode in modes:
                 for tag in order:
                     port += 1
-                    for k, v in run(builds[tag], tag, mode, work, port, args.runtime, args.conns).items():
+                    for k, v in run(builds[tag], tag, mode, work, port, args.runtime, args.conns,
+                                      args.store_dir).items():
                         results.setdefault((mode, k, tag), []).append(v)
     print("| mode | row | before IOPS | after IOPS | after/before | before p99 µs | after p99 µs |")
     print("|---|---|---|---|---|---|---|")

@@ -9,6 +9,7 @@
 
 pub mod append;
 pub mod checkpoint;
+pub mod disks;
 pub mod metrics;
 pub mod names;
 pub mod pit;

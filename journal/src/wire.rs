@@ -18,7 +18,7 @@
 //!        want_hashes, stream,
 //!        link_timeout_ms}
 //!                                   ◀───  Welcome {protocol, known, durable_seq, stream,
-//!                                                  link_timeout_ms}
+//!                                                  link_timeout_ms, store_disks}
 //!                                   ◀───  Hashes {disk, first_chunk, xxh3-128 per chunk} ...
 //!                                   ◀───  HashesDone            (only if want_hashes)
 //! Batch {sealed records, seq order} ───▶
@@ -266,6 +266,10 @@ pub struct Welcome {
     pub stream: Option<String>,
     /// The replicator takes a proxy silent this long to be gone.
     pub link_timeout_ms: u64,
+    /// The disks the store lives on ([`crate::disks`]; None: unknown, or an older replicator).
+    /// The proxy writes its images back in slices only when they share one.
+    #[serde(default)]
+    pub store_disks: Option<Vec<String>>,
 }
 
 /// The replicator will not store the record at `seq` (nor anything after it in the stream):
@@ -497,6 +501,29 @@ mod tests {
             Welcome::decode(&f),
             Err(WireError::Unexpected { .. })
         ));
+    }
+
+    #[test]
+    fn a_welcome_names_the_stores_disks_and_an_older_one_does_not() {
+        let welcome = Welcome {
+            protocol: PROTOCOL,
+            known: true,
+            durable_seq: 7,
+            stream: Some("s".into()),
+            link_timeout_ms: 5000,
+            store_disks: Some(vec!["m/254:0".into()]),
+        };
+        let bytes = welcome.encode();
+        let (f, _) = parse(&bytes).unwrap().unwrap();
+        assert_eq!(Welcome::decode(&f).unwrap(), welcome);
+        // What a replicator from before the field sends.
+        let old = json(
+            FrameType::Welcome,
+            &serde_json::json!({"protocol": PROTOCOL, "known": false, "durable_seq": 0,
+                                "stream": null, "link_timeout_ms": 5000}),
+        );
+        let (f, _) = parse(&old).unwrap().unwrap();
+        assert_eq!(Welcome::decode(&f).unwrap().store_disks, None);
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub struct Control {
     pub capture: Arc<Capture>,
     pub disks: Vec<(String, String, Arc<CaptureBackend>)>,
     pub link: Arc<Mutex<LinkInfo>>,
+    pub writeback: Arc<crate::writeback::Policy>,
     /// Counter samples for rates (and the metrics endpoint's snapshot).
     pub live: crate::metrics::Live,
 }
@@ -102,6 +103,9 @@ pub struct Status {
     pub rates: Windows<Rates>,
     /// Extents the activity log marks as possibly not yet at the replicator.
     pub activity_log_extents: u64,
+    /// Who writes the disks' dirty pages back, and why (`--writeback`).
+    #[serde(default)]
+    pub writeback: String,
     pub disks: Vec<DiskStatus>,
 }
 
@@ -167,6 +171,7 @@ impl Control {
             guest_write_bytes: c.stats.guest_write_bytes.load(Ordering::Relaxed),
             rates: self.live.rates(),
             activity_log_extents: c.activity.as_ref().map_or(0, |al| al.hot_count()),
+            writeback: self.writeback.describe(),
             disks: self
                 .disks
                 .iter()
@@ -368,6 +373,9 @@ pub fn print_status(s: &Status) {
         );
     } else {
         println!("sync        none running ({} completed)", s.syncs_completed);
+    }
+    if !s.writeback.is_empty() {
+        println!("writeback   {}", s.writeback);
     }
     for d in &s.disks {
         println!(

@@ -136,6 +136,14 @@ struct Cli {
     )]
     on_full: capture::OnFull,
 
+    /// Who writes the disks' dirty pages back while replicating. auto: the proxy sweeps them
+    /// to disk a slice at a time while the replicator's store shares a disk with them (its
+    /// journal's fsyncs would otherwise queue behind the kernel's bursts), and leaves them to
+    /// the kernel, as without replication, when the store is on other disks or another
+    /// machine (cheaper for the guest). sweep, kernel: always one or the other.
+    #[arg(long, value_enum, default_value = "auto", help_heading = "Replication")]
+    writeback: writeback::Setting,
+
     /// Activity log: a small file marking the extents that may hold changes the replicator
     /// has not acknowledged, so that after a crash only those are resent
     /// [default: FIRST_DISK_PATH.cdp-al]. Without a valid one, a restarted proxy compares every
@@ -484,6 +492,13 @@ fn start_replication(
         })
         .collect();
     let link = Arc::new(Mutex::new(ship::LinkInfo::default()));
+    let writeback = Arc::new(writeback::Policy::new(
+        cli.writeback,
+        &files
+            .iter()
+            .map(|(d, _)| d.path.clone())
+            .collect::<Vec<_>>(),
+    ));
     let shipper = ship::Shipper {
         addr: addr.to_owned(),
         group: group.clone(),
@@ -495,6 +510,7 @@ fn start_replication(
         stream,
         link_timeout: cli.link_timeout.max(Duration::from_millis(200)),
         tls: link_tls(cli, addr)?,
+        writeback: writeback.clone(),
     };
     std::thread::Builder::new()
         .name("shipper".into())
@@ -508,8 +524,8 @@ fn start_replication(
     std::thread::Builder::new()
         .name("writeback".into())
         .spawn({
-            let capture = capture.clone();
-            move || writeback::run(capture, images)
+            let (capture, writeback) = (capture.clone(), writeback.clone());
+            move || writeback::run(capture, images, writeback)
         })?;
     info!(
         "replicating group {group} to {addr} (mode {:?}{}, change log {}, on full: {:?}, link timeout {:?})",
@@ -533,6 +549,7 @@ fn start_replication(
             .map(|((d, _), b)| (d.name.clone(), d.path.display().to_string(), b.clone()))
             .collect(),
         link,
+        writeback,
         live: Default::default(),
     });
     if control_listener.is_some() || metrics_listener.is_some() {

@@ -58,6 +58,8 @@ pub struct Shipper {
         Arc<tls::rustls::ClientConfig>,
         tls::rustls::pki_types::ServerName<'static>,
     )>,
+    /// Told where the replicator's store lives (each Welcome).
+    pub writeback: Arc<crate::writeback::Policy>,
 }
 
 /// The connection to the replicator: TLS, or plain TCP with --insecure.
@@ -225,6 +227,7 @@ impl Shipper {
         )?;
         let (kind, body) = read_frame(&mut stream, wire::MAX_HANDSHAKE_BODY, "the welcome")?;
         let welcome = Welcome::decode(&wire::Frame { kind, body: &body })?;
+        self.writeback.store_is_on(welcome.store_disks.as_deref());
         let hashes = if want_hashes {
             Some(self.read_hashes(&mut stream)?)
         } else {

@@ -25,10 +25,23 @@
 //! in /proc/meminfo falling from about 250 MB to 10–90 MB at 60,000 IOPS). The sweep bounds
 //! what it finds to about a pass's worth, in file order; `lag_ms` max 55–245 ms at half the
 //! plain rate.
+//!
+//! **Only when the store shares a disk with the images.** The sweep protects the journal's
+//! writes and fsyncs from the images' writeback, and the guest pays for it: a page is written
+//! back at most a pass after it was dirtied, so few rewrites are absorbed, and every page
+//! written back costs CPU. Without the byte bound (a pass per 15 s only), async 4k QD32 ran
+//! 1.29x faster here, but the kernel's 30 s flush then found the whole image dirty and the lag's
+//! p99 at half rate went from 29 to 166 ms (BENCHMARKS.md, tenth pass). The replicator's Welcome
+//! names the disks its store lives on ([`journal::disks`]); with `--writeback auto` (the
+//! default) the thread sweeps only while they share one with an image, or while that is
+//! unknown (before the first Welcome, or from a replicator too old to say), and otherwise
+//! leaves the images' writeback to the kernel, as the plain proxy does. `--writeback sweep`
+//! and `kernel` force either.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +56,82 @@ const PASS_BYTES_MAX: u64 = 512 << 20;
 /// How often the thread writes back a slice.
 const TICK: Duration = Duration::from_millis(10);
 const PAGE: u64 = 4096;
+
+/// `--writeback`: who writes the images' dirty pages back while replicating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Setting {
+    /// Sweep while the replicator's store shares a disk with an image (or nobody knows yet),
+    /// leave it to the kernel otherwise.
+    Auto,
+    /// Always sweep.
+    Sweep,
+    /// Never sweep: the kernel writes back, as without replication.
+    Kernel,
+}
+
+/// Whether the thread sweeps, from `--writeback` and what the replicator said about its store.
+#[derive(Debug)]
+pub struct Policy {
+    setting: Setting,
+    /// The disks the images live on (None: unknown).
+    images: Option<Vec<String>>,
+    /// What the last Welcome said: one of UNKNOWN, SHARED, APART.
+    store: AtomicU8,
+}
+
+const UNKNOWN: u8 = 0;
+const SHARED: u8 = 1;
+const APART: u8 = 2;
+
+impl Policy {
+    pub fn new(setting: Setting, images: &[PathBuf]) -> Policy {
+        let images = images
+            .iter()
+            .map(|p| journal::disks::disks_of(p))
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat());
+        Policy {
+            setting,
+            images,
+            store: AtomicU8::new(UNKNOWN),
+        }
+    }
+
+    /// A Welcome named the store's disks (None: the replicator did not say).
+    pub fn store_is_on(&self, store: Option<&[String]>) {
+        let state = match (store, &self.images) {
+            (Some(store), Some(images)) if !journal::disks::share_a_disk(store, images) => APART,
+            (Some(_), Some(_)) => SHARED,
+            _ => UNKNOWN,
+        };
+        self.store.store(state, Ordering::Relaxed);
+    }
+
+    pub fn sweeps(&self) -> bool {
+        match self.setting {
+            Setting::Sweep => true,
+            Setting::Kernel => false,
+            Setting::Auto => self.store.load(Ordering::Relaxed) != APART,
+        }
+    }
+
+    /// For `nbd-proxy status`: who writes back, and why.
+    pub fn describe(&self) -> String {
+        let who = if self.sweeps() {
+            "swept by the proxy"
+        } else {
+            "left to the kernel"
+        };
+        let why = match (self.setting, self.store.load(Ordering::Relaxed)) {
+            (Setting::Sweep, _) => "--writeback sweep",
+            (Setting::Kernel, _) => "--writeback kernel",
+            (Setting::Auto, SHARED) => "the replicator's store shares a disk with the images",
+            (Setting::Auto, APART) => "the replicator's store is on other disks",
+            (Setting::Auto, _) => "not known yet whether the replicator's store shares a disk",
+        };
+        format!("{who} ({why})")
+    }
+}
 
 /// The guest bytes one pass may take at most: a quarter of the dirty memory at which the kernel
 /// starts writing back in the background (`vm.dirty_background_bytes`, or
@@ -121,8 +210,8 @@ impl Sweep {
 
 /// Runs on its own thread for the life of the process. From start-up, while the guest writes, and
 /// for one pass after its last write, each tick starts the writeback of the next slice of every
-/// image.
-pub fn run(capture: Arc<Capture>, images: Vec<File>) {
+/// image, as long as the policy says to sweep.
+pub fn run(capture: Arc<Capture>, images: Vec<File>, policy: Arc<Policy>) {
     let pass_bytes = pass_bytes();
     let mut sweeps: Vec<Sweep> = images
         .iter()
@@ -140,7 +229,7 @@ pub fn run(capture: Arc<Capture>, images: Vec<File>) {
         }
         let share = share(at.elapsed(), now - seen, pass_bytes);
         (seen, at) = (now, Instant::now());
-        if last_write.elapsed() > PASS + TICK {
+        if last_write.elapsed() > PASS + TICK || !policy.sweeps() {
             continue;
         }
         for (file, sweep) in images.iter().zip(&mut sweeps) {
@@ -178,6 +267,39 @@ mod tests {
         assert_eq!(share(PASS / 10, 256 * mib, 512 * mib), 0.5);
         assert_eq!(share(PASS * 3, 0, 512 * mib), 1.0, "never more than a pass");
         assert_eq!(share(Duration::ZERO, 4096 * mib, 512 * mib), 1.0);
+    }
+
+    #[test]
+    fn it_sweeps_unless_the_store_is_known_to_be_on_other_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, b"x").unwrap();
+        let ours = journal::disks::disks_of(&image).unwrap();
+        let elsewhere = vec!["another-machine/8:0".to_string()];
+        let auto = Policy::new(Setting::Auto, std::slice::from_ref(&image));
+        assert!(auto.sweeps(), "before the first Welcome");
+        auto.store_is_on(Some(&elsewhere));
+        assert!(!auto.sweeps());
+        assert!(
+            auto.describe().starts_with("left to the kernel"),
+            "{}",
+            auto.describe()
+        );
+        auto.store_is_on(Some(&ours));
+        assert!(auto.sweeps(), "{}", auto.describe());
+        auto.store_is_on(Some(&elsewhere));
+        auto.store_is_on(None);
+        assert!(auto.sweeps(), "a replicator that does not say");
+        for (setting, sweeps) in [(Setting::Sweep, true), (Setting::Kernel, false)] {
+            let forced = Policy::new(setting, std::slice::from_ref(&image));
+            for store in [None, Some(&elsewhere), Some(&ours)] {
+                forced.store_is_on(store.map(Vec::as_slice));
+                assert_eq!(forced.sweeps(), sweeps, "{setting:?}, store {store:?}");
+            }
+        }
+        let unknown = Policy::new(Setting::Auto, &[dir.path().join("missing")]);
+        unknown.store_is_on(Some(&elsewhere));
+        assert!(unknown.sweeps(), "images whose disks are unknown");
     }
 
     #[test]

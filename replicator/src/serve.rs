@@ -428,6 +428,7 @@ fn run_session(
             durable_seq: group.durable_seq,
             stream: owner,
             link_timeout_ms,
+            store_disks: journal::disks::disks_of(&group.dir.path),
         }
         .encode(),
     )?;

@@ -489,6 +489,53 @@ fn seeding_under_load_then_proxy_kill9_and_delta_sync() {
     proxy.stop().unwrap();
 }
 
+/// `--writeback auto`: the proxy sweeps its image to disk while the replicator's store shares a
+/// disk with it, and leaves the writeback to the kernel when the store is elsewhere (here on
+/// /dev/shm, a tmpfs); `--writeback sweep` forces the sweep. Status says which, and why.
+#[test]
+fn the_image_is_swept_only_while_the_store_shares_its_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    for (store, extra, expect) in [
+        (
+            dir.path().join("store"),
+            &[][..],
+            "swept by the proxy (the replicator's store shares a disk with the images)",
+        ),
+        (
+            shm.path().join("store"),
+            &[],
+            "left to the kernel (the replicator's store is on other disks)",
+        ),
+        (
+            shm.path().join("store-forced"),
+            &["--writeback", "sweep"],
+            "swept by the proxy (--writeback sweep)",
+        ),
+    ] {
+        let run = tempfile::tempdir_in(dir.path()).unwrap();
+        let image = run.path().join("disk.img");
+        make_image(&image, 8 * MIB, &[]).unwrap();
+        let rep = Replicator::start(&store, &[]).unwrap();
+        let proxy = start_proxy(run.path(), &rep.addr, &[("disk", &image)], extra);
+        let ctl = run.path().join("ctl");
+        let s = wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+        assert_eq!(s["writeback"], expect, "{s}");
+        let (ok, text) = cli("nbd-proxy", &["status", "--control", ctl.to_str().unwrap()]);
+        assert!(
+            ok && text.contains(&format!("writeback   {expect}")),
+            "{text}"
+        );
+        // Either way every write reaches the replica.
+        qemu_io(&proxy.uri("disk"), &["write -P 0x5a 0 1M"]);
+        wait_caught_up(&ctl, CAUGHT_UP).unwrap();
+        replica_equals(&rep.store, &[("disk", &image)]);
+        proxy.assert_no_errors().unwrap();
+        drop(proxy);
+        drop(rep);
+    }
+}
+
 /// `--on-full bitmap`: with the replicator away and a small log, writes keep completing, the
 /// overflow is tracked as dirty chunks, and once the replicator is back they are resent between
 /// SyncBegin and SyncEnd records (so restore can tell that window is not consistent).
