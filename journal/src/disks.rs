@@ -6,10 +6,11 @@
 //! path's ids are its file system's device and, through sysfs, every device below it: a
 //! partition's whole disk, the members of a device-mapper or md device (`slaves/`) and the
 //! devices holding a loop device's backing file. Files on different machines never share an
-//! id; a file system without a block device (tmpfs, NFS) has only its own id.
+//! id; a file system without a block device (tmpfs, NFS) has only its own id. A path that is a
+//! block device itself (a VM disk on a raw LV or partition) stands for that device.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 /// How deep stacked devices are followed (a loop device on a partition of an md array...).
@@ -23,7 +24,13 @@ pub fn disks_of(path: &Path) -> Option<Vec<String>> {
     if machine.is_empty() {
         return None;
     }
-    let dev = std::fs::metadata(path).ok()?.dev();
+    let meta = std::fs::metadata(path).ok()?;
+    // A disk given as a block device (a raw LV, a partition) is that device, not /dev's.
+    let dev = if meta.file_type().is_block_device() {
+        meta.rdev()
+    } else {
+        meta.dev()
+    };
     let mut found = BTreeSet::new();
     below(dev_of(dev), 0, &mut found);
     Some(
@@ -116,6 +123,30 @@ mod tests {
             !share_a_disk(&ids, &elsewhere),
             "same numbers, other machine"
         );
+    }
+
+    #[test]
+    fn a_block_device_is_itself_and_the_disks_below_it() {
+        // Any block device with a node in /dev: a partition names its whole disk too.
+        let Some((node, dev)) = std::fs::read_dir("/sys/class/block")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let node = Path::new("/dev").join(e.file_name());
+                let meta = std::fs::metadata(&node).ok()?;
+                meta.file_type()
+                    .is_block_device()
+                    .then(|| (node, dev_of(meta.rdev())))
+            })
+            .next()
+        else {
+            panic!("this test needs a block device in /dev and /sys/class/block");
+        };
+        let ids = disks_of(&node).unwrap();
+        let own = format!("/{}:{}", dev.0, dev.1);
+        assert!(ids.iter().any(|id| id.ends_with(&own)), "{node:?}: {ids:?}");
+        let devfs = disks_of(Path::new("/dev/null")).unwrap();
+        assert!(!share_a_disk(&ids, &devfs), "not /dev's own device");
     }
 
     #[test]

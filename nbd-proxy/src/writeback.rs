@@ -127,7 +127,7 @@ impl Policy {
             (Setting::Kernel, _) => "--writeback kernel",
             (Setting::Auto, SHARED) => "the replicator's store shares a disk with the images",
             (Setting::Auto, APART) => "the replicator's store is on other disks",
-            (Setting::Auto, _) => "not known yet whether the replicator's store shares a disk",
+            (Setting::Auto, _) => "not known whether the replicator's store shares a disk",
         };
         format!("{who} ({why})")
     }
