@@ -106,6 +106,9 @@ pub struct Status {
     /// Who writes the disks' dirty pages back, and why (`--writeback`).
     #[serde(default)]
     pub writeback: String,
+    /// Whether the proxy sweeps them now (else the kernel writes them back).
+    #[serde(default)]
+    pub writeback_swept: bool,
     pub disks: Vec<DiskStatus>,
 }
 
@@ -172,6 +175,7 @@ impl Control {
             rates: self.live.rates(),
             activity_log_extents: c.activity.as_ref().map_or(0, |al| al.hot_count()),
             writeback: self.writeback.describe(),
+            writeback_swept: self.writeback.sweeps(),
             disks: self
                 .disks
                 .iter()

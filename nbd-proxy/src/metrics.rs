@@ -288,6 +288,13 @@ pub fn render(s: &Status) -> String {
         s.sync_read_failures,
     );
     e.gauge(
+        "nbd_proxy_writeback_swept",
+        "1 while the proxy sweeps its disks' dirty pages to disk (the replicator's store shares a \
+         disk with them, or --writeback sweep), 0 while the kernel writes them back.",
+        g,
+        s.writeback_swept,
+    );
+    e.gauge(
         "nbd_proxy_sync_degraded",
         "1 while --mode sync is degraded to async (the replicator was away longer than --sync-timeout).",
         g,

@@ -136,6 +136,8 @@ fn metrics_endpoints_parse_and_agree_with_status() {
         ("nbd_proxy_tracking_live", 1.0),
         ("nbd_proxy_sync_running", 0.0),
         ("nbd_proxy_sync_degraded", 0.0),
+        // The store shares the image's disk (both in one temporary directory).
+        ("nbd_proxy_writeback_swept", 1.0),
         ("nbd_proxy_dirty_bytes", 0.0),
         ("nbd_proxy_dirty_chunks", 0.0),
         ("nbd_proxy_lag_records", 0.0),

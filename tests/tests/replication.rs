@@ -521,6 +521,7 @@ fn the_image_is_swept_only_while_the_store_shares_its_disk() {
         let ctl = run.path().join("ctl");
         let s = wait_caught_up(&ctl, CAUGHT_UP).unwrap();
         assert_eq!(s["writeback"], expect, "{s}");
+        assert_eq!(s["writeback_swept"], expect.starts_with("swept"), "{s}");
         let (ok, text) = cli("nbd-proxy", &["status", "--control", ctl.to_str().unwrap()]);
         assert!(
             ok && text.contains(&format!("writeback   {expect}")),
