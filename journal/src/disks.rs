@@ -2,12 +2,14 @@
 //! replicator names its store's disks in its Welcome; the proxy compares them with its images'
 //! and writes its images back in slices only when they share one (nbd-proxy's `writeback.rs`).
 //!
-//! An id is `MACHINE/MAJOR:MINOR`: the machine (`/etc/machine-id`) and a device number. A
-//! path's ids are its file system's device and, through sysfs, every device below it: a
-//! partition's whole disk, the members of a device-mapper or md device (`slaves/`) and the
-//! devices holding a loop device's backing file. Files on different machines never share an
-//! id; a file system without a block device (tmpfs, NFS) has only its own id. A path that is a
-//! block device itself (a VM disk on a raw LV or partition) stands for that device.
+//! An id is `MACHINE/MAJOR:MINOR`: the machine and a device number. MACHINE is derived from
+//! `/etc/machine-id` (an HMAC-SHA256 keyed by it: machine-id(5) asks that the id itself not be
+//! shown to peers), so the host's id never crosses the link. A path's ids are its file
+//! system's device and, through sysfs, every device below it: a partition's whole disk, the
+//! members of a device-mapper or md device (`slaves/`) and the devices holding a loop device's
+//! backing file. Files on different machines never share an id; a file system without a block
+//! device (tmpfs, NFS) has only its own id. A path that is a block device itself (a VM disk on
+//! a raw LV or partition) stands for that device.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -19,11 +21,7 @@ const MAX_DEPTH: usize = 8;
 /// The ids of the disks under `path`, sorted; None when this machine has no readable machine
 /// id or `path` cannot be read (then nothing can be said about sharing).
 pub fn disks_of(path: &Path) -> Option<Vec<String>> {
-    let machine = std::fs::read_to_string("/etc/machine-id").ok()?;
-    let machine = machine.trim();
-    if machine.is_empty() {
-        return None;
-    }
+    let machine = machine()?;
     let meta = std::fs::metadata(path).ok()?;
     // A disk given as a block device (a raw LV, a partition) is that device, not /dev's.
     let dev = if meta.file_type().is_block_device() {
@@ -37,6 +35,24 @@ pub fn disks_of(path: &Path) -> Option<Vec<String>> {
         found
             .into_iter()
             .map(|(major, minor)| format!("{machine}/{major}:{minor}"))
+            .collect(),
+    )
+}
+
+/// This machine, as an id fit to show a peer: the first 16 bytes of an HMAC-SHA256 of a fixed
+/// label keyed by `/etc/machine-id`, in hex. None without a machine id.
+fn machine() -> Option<String> {
+    let id = std::fs::read_to_string("/etc/machine-id").ok()?;
+    let id = id.trim();
+    if id.is_empty() {
+        return None;
+    }
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, id.as_bytes());
+    let tag = ring::hmac::sign(&key, b"cdp: which disks a store lives on");
+    Some(
+        tag.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
             .collect(),
     )
 }
@@ -109,15 +125,16 @@ mod tests {
     }
 
     #[test]
-    fn ids_name_the_machine() {
-        let machine = std::fs::read_to_string("/etc/machine-id").unwrap();
+    fn ids_name_the_machine_without_showing_its_id() {
+        let raw = std::fs::read_to_string("/etc/machine-id").unwrap();
+        let machine = machine().unwrap();
+        assert_eq!(machine.len(), 32);
+        assert!(!machine.contains(raw.trim()) && !raw.contains(&machine));
         let ids = disks_of(Path::new("/")).unwrap();
-        assert!(ids
-            .iter()
-            .all(|id| id.starts_with(&format!("{}/", machine.trim()))));
+        assert!(ids.iter().all(|id| id.starts_with(&format!("{machine}/"))));
         let elsewhere: Vec<String> = ids
             .iter()
-            .map(|id| id.replacen(machine.trim(), "another-machine", 1))
+            .map(|id| id.replacen(&machine, "another-machine", 1))
             .collect();
         assert!(
             !share_a_disk(&ids, &elsewhere),
