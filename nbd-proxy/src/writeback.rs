@@ -27,11 +27,11 @@
 //! plain rate.
 //!
 //! **Only when the store shares a disk with the images.** The sweep protects the journal's
-//! writes and fsyncs from the images' writeback, and the guest pays for it: a page is written
-//! back at most a pass after it was dirtied, so few rewrites are absorbed, and every page
-//! written back costs CPU. Without the byte bound (a pass per 15 s only), async 4k QD32 ran
-//! 1.29x faster here, but the kernel's 30 s flush then found the whole image dirty and the lag's
-//! p99 at half rate went from 29 to 166 ms (BENCHMARKS.md, tenth pass). The replicator's Welcome
+//! writes and fsyncs from the images' writeback, and the guest pays for it: within a pass few
+//! rewrites of a page are absorbed, and every page written back costs CPU. Without the byte
+//! bound (a pass per 15 s only), async 4k QD32 ran 1.29x faster here, but the kernel's 30 s
+//! flush could then find the whole image dirty, and the lag's p99 at half rate went from 29 to
+//! 166 ms (BENCHMARKS.md, tenth pass). The replicator's Welcome
 //! names the disks its store lives on ([`journal::disks`]); with `--writeback auto` (the
 //! default) the thread sweeps only while they share one with an image, or while that is
 //! unknown (before the first Welcome, or from a replicator too old to say), and otherwise

@@ -532,8 +532,6 @@ fn the_image_is_swept_only_while_the_store_shares_its_disk() {
         wait_caught_up(&ctl, CAUGHT_UP).unwrap();
         replica_equals(&rep.store, &[("disk", &image)]);
         proxy.assert_no_errors().unwrap();
-        drop(proxy);
-        drop(rep);
     }
 }
 
