@@ -9,7 +9,11 @@ Servers, each over its own copy of one 1 GiB random image, all on unix sockets:
                  (every write logged, dm-log-writes format), exported over NBD
   active mirror  qemu-storage-daemon exporting the image while a blockdev-mirror job
                  (sync=full, copy-mode=write-blocking, driven over QMP until ready) copies every
-                 write to a qemu-nbd target before it completes
+                 write to a qemu-nbd target before it completes; the target writes into its
+                 page cache (qemu-nbd --cache=writeback), so a completed write is not durable
+  durable mirror the same with a target that makes every write durable before it answers
+                 (qemu-nbd --cache=writethrough: each write followed by a flush), which is what
+                 +sync promises (RPO 0 on disk); +sync's like-for-like peer
   nbdkit         nbdkit's file plugin
 Rows (fio nbd engine, 1 and 4 connections = fio jobs): 4k randwrite QD32, 4k randwrite QD1
 (IOPS and fio's p50/p99 completion latency), 1M write QD8; 4k randread QD32 and 1M read QD8 on
@@ -34,7 +38,7 @@ slower for any server, and each server's earlier fio writes warm its cache diffe
 the read rows the images are dropped the same way and then read once whole, so that every
 server reads from a fully cached image (a cold one would measure the disk, the same for all).
 
-Disk: about 30 GiB free under $BENCH_DIR (default /var/tmp) at the peak of a full run (six 1 GiB
+Disk: about 30 GiB free under $BENCH_DIR (default /var/tmp) at the peak of a full run (seven 1 GiB
 images, the replicators' journals, the blklogwrites log), removed at the end.
 
 Usage: scripts/bench_replication.py [--runtime 5] [--rounds 1] [--lag-seconds 60] [--out FILE]
@@ -65,8 +69,8 @@ ROWS = [
     ("4k randread QD32", "randread", "4k", 32, 1),
     ("1M read QD8", "read", "1M", 8, 1),
 ]
-SERVERS = ["proxy", "proxy-async", "proxy-sync", "blklogwrites", "mirror", "nbdkit"]
-TITLES = ["proxy", "+async", "+sync", "blklogwrites", "active mirror", "nbdkit"]
+SERVERS = ["proxy", "proxy-async", "proxy-sync", "blklogwrites", "mirror", "mirror-durable", "nbdkit"]
+TITLES = ["proxy", "+async", "+sync", "blklogwrites", "active mirror", "durable mirror", "nbdkit"]
 # (metric, unit, higher is better)
 THROUGHPUT = {"4k": ("iops", "IOPS", True), "1M": ("mib", "MiB/s", True)}
 LATENCY = [("p50", "p50 µs", False), ("p99", "p99 µs", False)]
@@ -101,6 +105,7 @@ class Servers:
         self.files = []  # what the servers write, for cold_cache
         self.owned = {}  # the same, per server: what it leaves to fsync after a row
         self.images = []  # what fio reads through them, for warm_cache
+        self.qmp = {}  # the mirrors' monitors, open for the run
 
     def spawn(self, cmd, name):
         p = subprocess.Popen(cmd, stdout=open(f"{self.work}/{name}.log", "w"), stderr=subprocess.STDOUT)
@@ -163,23 +168,25 @@ class Servers:
                  "blw")
         self.own("blklogwrites", log)
 
-    def mirror(self, img):
-        target, tsock, qmp = f"{self.work}/mirror-target.img", f"{self.work}/target.sock", f"{self.work}/qmp.sock"
+    def mirror(self, name, img, cache):
+        """An active mirror (write-blocking) of `img` to a qemu-nbd target with --cache=`cache`."""
+        w = f"{self.work}/{name}"
+        target, tsock, qmp = f"{w}-target.img", f"{w}-target.sock", f"{w}-qmp.sock"
         with open(target, "w") as f:
             f.truncate(os.path.getsize(img))
-        t = self.spawn(["qemu-nbd", "-f", "raw", "-x", "t", "-k", tsock, "--cache=writeback", target],
-                       "mirror-target")
-        wait(lambda: t.poll() is not None or os.path.exists(tsock), "the mirror's qemu-nbd target", 30)
-        self.qsd("mirror", img,
+        t = self.spawn(["qemu-nbd", "-f", "raw", "-x", "t", "-k", tsock, f"--cache={cache}", target],
+                       f"{name}-target")
+        wait(lambda: t.poll() is not None or os.path.exists(tsock), f"{name}'s qemu-nbd target", 30)
+        self.qsd(name, img,
                  [f"driver=nbd,node-name=tgt,server.type=unix,server.path={tsock},export=t"], "disk",
                  ["--chardev", f"socket,id=qmp,path={qmp},server=on,wait=off", "--monitor", "chardev=qmp"])
-        self.own("mirror", target)
+        self.own(name, target)
         m = Qmp(qmp)
         m.cmd("blockdev-mirror", **{"job-id": "m", "device": "disk", "target": "tgt", "sync": "full",
                                     "copy-mode": "write-blocking"})
         wait(lambda: any(j["device"] == "m" and j.get("ready") for j in m.cmd("query-block-jobs")),
-             "the mirror job to be ready", 600)
-        self.qmp = m
+             f"{name}'s job to be ready", 600)
+        self.qmp[name] = m
 
     def own(self, name, path):
         self.files.append(path)
@@ -232,7 +239,7 @@ def measure_rows(s, a, out):
     over the rounds, and per (row, conns) the CPU seconds and bytes written of the proxies.
     After a write row, every file the server wrote is fsynced at once and the fsync timed
     (`fsync` in seconds, the least over the rounds): a server that acknowledges from the page
-    cache (the plain proxy, nbdkit, blklogwrites, the mirror's target) leaves the writes there,
+    cache (the plain proxy, nbdkit, blklogwrites, the active mirror's target) leaves the writes there,
     a replicator has fsynced them before it acknowledged. `durable` is the row's throughput
     over fio's run plus that fsync."""
     best, cpu = {}, {}
@@ -337,23 +344,27 @@ def table(best, cpu, lag, ingest, mem, rss, alone, large):
     cols = " | ".join(TITLES)
     lines = ["Ratios are of the row's unit: for IOPS and MiB/s higher is better, for latency (µs) lower is.",
              "",
-             f"| workload | conns | unit | {cols} | async / proxy | sync / proxy | async / blklogwrites | sync / active mirror |",
-             "|---|---|---|" + "---|" * (len(SERVERS) + 4)]
+             f"| workload | conns | unit | {cols} | async / proxy | sync / proxy | async / blklogwrites | sync / active mirror "
+             "| sync / durable mirror |",
+             "|---|---|---|" + "---|" * (len(SERVERS) + 5)]
     for label, _, _, _, conns in ROWS:
         for m, unit, _ in metrics(label):
             v = dict(zip(SERVERS, (best[(label, conns, n, m)] for n in SERVERS)))
             ratio = lambda x, y: f"{v[x] / v[y]:.2f}x" if v[y] else "-"
             lines.append(f"| {label} | {conns} | {unit} | " + " | ".join(f"{v[n]:.0f}" for n in SERVERS) +
                          f" | {ratio('proxy-async', 'proxy')} | {ratio('proxy-sync', 'proxy')} | "
-                         f"{ratio('proxy-async', 'blklogwrites')} | {ratio('proxy-sync', 'mirror')} |")
+                         f"{ratio('proxy-async', 'blklogwrites')} | {ratio('proxy-sync', 'mirror')} | "
+                         f"{ratio('proxy-sync', 'mirror-durable')} |")
     lines += ["", "Made durable: right after a write row (for +async and +sync once caught up), every file the "
               "server wrote is fsynced and the fsync timed (ms). The plain proxy, nbdkit, blklogwrites and the "
-              "mirror's target acknowledge from the page cache unless the guest flushes (fio sends no flush here); "
+              "active mirror's target acknowledge from the page cache unless the guest flushes (fio sends no flush "
+              "here; the durable mirror's target flushes after every write); "
               "a replicator has fsynced its journal before it acknowledges, but the proxies' own images are "
               "still written through the page cache. `durable` is the row's rate over fio's run plus that fsync.",
               "",
-              f"| workload | conns | unit | fsync ms: {cols} | durable: {cols} | async / proxy | sync / active mirror |",
-              "|---|---|---|" + "---|" * (2 * len(SERVERS) + 2)]
+              f"| workload | conns | unit | fsync ms: {cols} | durable: {cols} | async / proxy | sync / active mirror "
+              "| sync / durable mirror |",
+              "|---|---|---|" + "---|" * (2 * len(SERVERS) + 3)]
     for label, rw, bs, _, conns in ROWS:
         if rw.endswith("write"):
             f = [best[(label, conns, n, "fsync")] * 1000 for n in SERVERS]
@@ -361,7 +372,8 @@ def table(best, cpu, lag, ingest, mem, rss, alone, large):
             ratio = lambda x, y: f"{d[x] / d[y]:.2f}x" if d[y] else "-"
             lines.append(f"| {label} | {conns} | {THROUGHPUT[bs][1]} | " + " | ".join(f"{x:.0f}" for x in f) + " | "
                          + " | ".join(f"{d[n]:.0f}" for n in SERVERS) +
-                         f" | {ratio('proxy-async', 'proxy')} | {ratio('proxy-sync', 'mirror')} |")
+                         f" | {ratio('proxy-async', 'proxy')} | {ratio('proxy-sync', 'mirror')} "
+                         f"| {ratio('proxy-sync', 'mirror-durable')} |")
     overflowed = [(label, conns, n, best[(label, conns, n, "overflows")]) for label, rw, _, _, conns in ROWS
                   for n in ("proxy-async", "proxy-sync") if best.get((label, conns, n, "overflows"))]
     lines += ["", "Change log overflows (`log_overflows` of `nbd-proxy status`): rows where the proxy's change "
@@ -453,7 +465,8 @@ def main():
         s.proxy("proxy-async", f"{work}/proxy-async.img")
         s.proxy("proxy-sync", f"{work}/proxy-sync.img", ["--mode", "sync"])
         s.blklogwrites(f"{work}/blklogwrites.img")
-        s.mirror(f"{work}/mirror.img")
+        s.mirror("mirror", f"{work}/mirror.img", "writeback")
+        s.mirror("mirror-durable", f"{work}/mirror-durable.img", "writethrough")
         s.nbdkit(f"{work}/nbdkit.img")
 
         best, cpu = measure_rows(s, a, out)
