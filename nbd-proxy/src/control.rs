@@ -133,6 +133,7 @@ impl Control {
             0
         };
         let (p50, p99, max) = lag_percentiles(c);
+        let (writeback_swept, writeback) = self.writeback.describe();
         let dirty = c.dirty_chunks();
         Status {
             group: self.group.clone(),
@@ -174,8 +175,8 @@ impl Control {
             guest_write_bytes: c.stats.guest_write_bytes.load(Ordering::Relaxed),
             rates: self.live.rates(),
             activity_log_extents: c.activity.as_ref().map_or(0, |al| al.hot_count()),
-            writeback: self.writeback.describe(),
-            writeback_swept: self.writeback.sweeps(),
+            writeback,
+            writeback_swept,
             disks: self
                 .disks
                 .iter()

@@ -108,28 +108,36 @@ impl Policy {
     }
 
     pub fn sweeps(&self) -> bool {
+        self.sweeps_if(self.store.load(Ordering::Relaxed))
+    }
+
+    fn sweeps_if(&self, store: u8) -> bool {
         match self.setting {
             Setting::Sweep => true,
             Setting::Kernel => false,
-            Setting::Auto => self.store.load(Ordering::Relaxed) != APART,
+            Setting::Auto => store != APART,
         }
     }
 
-    /// For `nbd-proxy status`: who writes back, and why.
-    pub fn describe(&self) -> String {
-        let who = if self.sweeps() {
+    /// For `nbd-proxy status`: whether the thread sweeps, and a sentence saying who writes
+    /// back and why; both from one reading of what the replicator said, so that a Welcome in
+    /// between cannot make them disagree.
+    pub fn describe(&self) -> (bool, String) {
+        let store = self.store.load(Ordering::Relaxed);
+        let sweeps = self.sweeps_if(store);
+        let who = if sweeps {
             "swept by the proxy"
         } else {
             "left to the kernel"
         };
-        let why = match (self.setting, self.store.load(Ordering::Relaxed)) {
+        let why = match (self.setting, store) {
             (Setting::Sweep, _) => "--writeback sweep",
             (Setting::Kernel, _) => "--writeback kernel",
             (Setting::Auto, SHARED) => "the replicator's store shares a disk with the images",
             (Setting::Auto, APART) => "the replicator's store is on other disks",
             (Setting::Auto, _) => "not known whether the replicator's store shares a disk",
         };
-        format!("{who} ({why})")
+        (sweeps, format!("{who} ({why})"))
     }
 }
 
@@ -281,12 +289,12 @@ mod tests {
         auto.store_is_on(Some(&elsewhere));
         assert!(!auto.sweeps());
         assert!(
-            auto.describe().starts_with("left to the kernel"),
+            auto.describe().1.starts_with("left to the kernel"),
             "{}",
-            auto.describe()
+            auto.describe().1
         );
         auto.store_is_on(Some(&ours));
-        assert!(auto.sweeps(), "{}", auto.describe());
+        assert!(auto.sweeps(), "{}", auto.describe().1);
         auto.store_is_on(Some(&elsewhere));
         auto.store_is_on(None);
         assert!(auto.sweeps(), "a replicator that does not say");
